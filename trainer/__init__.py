@@ -1,0 +1,43 @@
+"""tape-trainer: custom tf.GradientTape steps in a compiled loop, configured by Hydra.
+
+The public API is listed in ``__all__``. Names are imported lazily so that
+``python -m trainer`` can validate its config before TensorFlow starts.
+"""
+
+from importlib import import_module
+
+__all__ = [
+    "Callback",
+    "CheckpointCallback",
+    "DataModule",
+    "EarlyStopping",
+    "ProgressCallback",
+    "TapeStep",
+    "TensorBoardCallback",
+    "Trainer",
+    "UserError",
+    "run",
+]
+
+_LOCATIONS = {
+    "Callback": "trainer.callbacks",
+    "CheckpointCallback": "trainer.callbacks",
+    "EarlyStopping": "trainer.callbacks",
+    "ProgressCallback": "trainer.callbacks",
+    "TensorBoardCallback": "trainer.callbacks",
+    "DataModule": "trainer.data",
+    "TapeStep": "trainer.step",
+    "Trainer": "trainer.trainer",
+    "UserError": "trainer.errors",
+    "run": "trainer.run",
+}
+
+
+def __getattr__(name):
+    if name in _LOCATIONS:
+        return getattr(import_module(_LOCATIONS[name]), name)
+    raise AttributeError(f"module 'trainer' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)

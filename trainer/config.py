@@ -1,0 +1,178 @@
+"""Structured-config schemas, registered in Hydra's ConfigStore.
+
+The YAML files under ``configs/`` name these schemas in their defaults lists, so
+Hydra rejects unknown keys and wrong types while composing, before TensorFlow is
+imported. Config builds objects: every ``_target_`` is a plain function or class
+taking keyword arguments.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING
+
+
+@dataclass
+class TrainerConfig:
+    _target_: str = "trainer.Trainer"
+    _partial_: bool = True
+    epochs: int = 10
+    max_steps: Optional[int] = None
+    steps_per_execution: int = 32
+    run_eagerly: bool = False
+    jit_compile: bool = False
+
+
+@dataclass
+class StepConfig:
+    _target_: str = "trainer.TapeStep"
+    _partial_: bool = True
+    loss: Any = None
+    unconnected_gradients: str = "none"
+
+
+@dataclass
+class MlpConfig:
+    _target_: str = "trainer.models.mlp"
+    _partial_: bool = True
+    hidden_units: List[int] = field(default_factory=lambda: [128, 64])
+    activation: str = "relu"
+    dropout: float = 0.0
+    name: str = "mlp"
+
+
+@dataclass
+class OptimizerConfig:
+    _target_: str = "keras.optimizers.Adam"
+    learning_rate: float = 1e-3
+    weight_decay: Optional[float] = None
+    clipnorm: Optional[float] = None
+    global_clipnorm: Optional[float] = None
+
+
+@dataclass
+class SgdConfig(OptimizerConfig):
+    _target_: str = "keras.optimizers.SGD"
+    learning_rate: float = 1e-2
+    momentum: float = 0.9
+    nesterov: bool = False
+
+
+@dataclass
+class _DataCommon:
+    batch_size: int = 32
+    seed: int = II("seed")
+    shuffle: bool = True
+
+
+@dataclass
+class DigitsConfig(_DataCommon):
+    _target_: str = "trainer.data.digits"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class SyntheticConfig(_DataCommon):
+    _target_: str = "trainer.data.synthetic"
+    task: str = "regression"
+    n_samples: int = 512
+    n_features: int = 8
+    n_classes: int = 3
+    noise: float = 0.1
+    data_seed: int = 0
+    val_fraction: float = 0.25
+
+
+@dataclass
+class _FileCommon(_DataCommon):
+    path: str = MISSING
+    task: str = "classification"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    allow_nonfinite: bool = False
+
+
+@dataclass
+class NpzConfig(_FileCommon):
+    _target_: str = "trainer.data.npz"
+    x_key: str = "x"
+    y_key: str = "y"
+
+
+@dataclass
+class CsvConfig(_FileCommon):
+    _target_: str = "trainer.data.csv_file"
+    target: str = MISSING
+    features: Optional[List[str]] = None
+
+
+@dataclass
+class TensorBoardConfig:
+    _target_: str = "trainer.TensorBoardCallback"
+    log_dir: str = "tb"
+    histogram_every_n_steps: int = 100
+
+
+@dataclass
+class CheckpointConfig:
+    _target_: str = "trainer.CheckpointCallback"
+    directory: str = "checkpoints"
+    max_to_keep: int = 3
+    every_n_epochs: int = 1
+
+
+@dataclass
+class ProgressConfig:
+    _target_: str = "trainer.ProgressCallback"
+    mode: str = "auto"
+
+
+@dataclass
+class EarlyStoppingConfig:
+    _target_: str = "trainer.EarlyStopping"
+    monitor: str = "val/loss"
+    mode: str = "min"
+    patience: int = 5
+    min_delta: float = 0.0
+
+
+@dataclass
+class Config:
+    """The root: one node per config group, plus run-wide values."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    optimizer: Any = MISSING
+    step: Any = MISSING
+    trainer: Any = MISSING
+    callbacks: Dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    task_name: str = "train"
+    optimized_metric: Optional[str] = None
+
+
+SCHEMAS = {
+    (None, "base_config"): Config,
+    ("trainer", "base_trainer"): TrainerConfig,
+    ("step", "base_step"): StepConfig,
+    ("model", "base_mlp"): MlpConfig,
+    ("optimizer", "base_adam"): OptimizerConfig,
+    ("optimizer", "base_sgd"): SgdConfig,
+    ("data", "base_digits"): DigitsConfig,
+    ("data", "base_synthetic"): SyntheticConfig,
+    ("data", "base_npz"): NpzConfig,
+    ("data", "base_csv"): CsvConfig,
+    ("schema/callbacks", "tensorboard"): TensorBoardConfig,
+    ("schema/callbacks", "checkpoint"): CheckpointConfig,
+    ("schema/callbacks", "progress"): ProgressConfig,
+    ("schema/callbacks", "early_stopping"): EarlyStoppingConfig,
+}
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)

@@ -1,0 +1,140 @@
+"""DataModule: validated in-memory arrays and the tf.data pipelines built from them."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.errors import UserError
+
+TASKS = ("classification", "regression")
+
+
+class DataModule:
+    """Train and validation arrays plus how to batch them.
+
+    Every data config builds one of these. The arrays are checked once here
+    (shapes, emptiness, non-finite values, batch size), so the loop can trust them.
+
+    Args:
+        x_train, y_train, x_val, y_val: arrays; features are cast to float32,
+            classification targets to int32, regression targets to float32.
+        task: ``"classification"`` or ``"regression"``.
+        batch_size: examples per training and validation batch.
+        seed: seeds the per-epoch shuffle of the training set.
+        shuffle: shuffle the training set every epoch.
+        allow_nonfinite: accept NaN or infinity in the features (for runs that
+            rely on the tape-reset policy to skip such batches).
+        name: shown in error messages (a file path, or the data set's name).
+    """
+
+    def __init__(
+        self,
+        *,
+        x_train,
+        y_train,
+        x_val,
+        y_val,
+        task: str = "classification",
+        batch_size: int = 32,
+        seed: int = 0,
+        shuffle: bool = True,
+        allow_nonfinite: bool = False,
+        name: str = "data",
+    ):
+        if task not in TASKS:
+            raise UserError(f"data.task={task!r} is not one of {TASKS}; set data.task accordingly")
+        if batch_size < 1:
+            raise UserError(f"data.batch_size={batch_size} must be at least 1")
+        self.task = task
+        self.name = name
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.x_train, self.y_train = self._check("train", x_train, y_train, allow_nonfinite)
+        self.x_val, self.y_val = self._check("validation", x_val, y_val, allow_nonfinite)
+        if self.batch_size > len(self.x_train):
+            raise UserError(
+                f"{name}: data.batch_size={batch_size} is larger than the {len(self.x_train)} "
+                "training examples; lower data.batch_size"
+            )
+        if task == "classification":
+            self.num_classes = int(max(self.y_train.max(), self.y_val.max())) + 1
+        else:
+            self.num_classes = 0
+
+    def _check(self, split, x, y, allow_nonfinite):
+        x = np.asarray(x)
+        y = np.asarray(y)
+        if len(x) == 0:
+            raise UserError(f"{self.name}: the {split} set is empty; provide at least one example")
+        if len(x) != len(y):
+            raise UserError(
+                f"{self.name}: {split} features have {len(x)} rows but targets have {len(y)}"
+            )
+        if not np.issubdtype(x.dtype, np.number) or not np.issubdtype(y.dtype, np.number):
+            raise UserError(f"{self.name}: {split} features and targets must be numeric")
+        x = x.astype(np.float32)
+        if not allow_nonfinite and not np.isfinite(x).all():
+            row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).any(axis=1))[0, 0])
+            raise UserError(
+                f"{self.name}: {split} features hold NaN or infinity (first at row {row}); "
+                "clean the data or set data.allow_nonfinite=true"
+            )
+        if not np.isfinite(y.astype(np.float64)).all():
+            raise UserError(f"{self.name}: {split} targets hold NaN or infinity; clean the data")
+        if self.task == "classification":
+            if np.any(np.mod(y, 1) != 0) or y.min() < 0:
+                raise UserError(
+                    f"{self.name}: classification targets must be non-negative integers; "
+                    "set data.task=regression for continuous targets"
+                )
+            y = y.astype(np.int32)
+        else:
+            y = y.astype(np.float32)
+            if y.ndim == 1:
+                y = y[:, None]
+        return x, y
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example's features."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's output layer: classes, or regression targets."""
+        return self.num_classes if self.task == "classification" else int(self.y_train.shape[1])
+
+    def steps_per_epoch(self, split: str = "train") -> int:
+        """Batches in one pass over a split (the last one may be short)."""
+        n = len(self.x_train if split == "train" else self.x_val)
+        return -(-n // self.batch_size)
+
+    def train_dataset(self):
+        """Endless tf.data pipeline over the training set, reshuffled each epoch from the seed."""
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices((self.x_train, self.y_train))
+        if self.shuffle:
+            ds = ds.shuffle(len(self.x_train), seed=self.seed, reshuffle_each_iteration=True)
+        return ds.batch(self.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+
+    def val_dataset(self):
+        """Endless tf.data pipeline over the validation set, in a fixed order."""
+        import tensorflow as tf
+
+        ds = tf.data.Dataset.from_tensor_slices((self.x_val, self.y_val))
+        return ds.batch(self.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+
+
+def split(x, y, *, val_fraction: float, split_seed: int, stratify: bool, name: str):
+    """Split arrays into a fixed train/validation pair (the split seed never changes with `seed`)."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < val_fraction < 1.0:
+        raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
+    if len(x) < 2:
+        raise UserError(f"{name}: need at least 2 examples to split, found {len(x)}")
+    return train_test_split(
+        x, y, test_size=val_fraction, random_state=split_seed, stratify=y if stratify else None
+    )

@@ -1,0 +1,5 @@
+"""Small model builders used by the configs."""
+
+from trainer.models.mlp import mlp
+
+__all__ = ["mlp"]

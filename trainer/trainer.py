@@ -1,0 +1,209 @@
+"""Trainer: the compiled multi-step loop, evaluation, callbacks and recompilation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import tensorflow as tf
+
+from trainer.data.sources import IteratorSource
+from trainer.errors import UserError
+from trainer.loop import EXAMPLES, make_execution
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Runs a step over a data module for a number of epochs.
+
+    Each execution is one call of a compiled function that runs
+    ``steps_per_execution`` steps on the graph side; callbacks run between
+    executions and at epoch boundaries, and see ``(step, logs)`` with flat,
+    slash-namespaced keys (``train/loss``, ``val/accuracy``).
+
+    Args:
+        epochs: passes over the training set.
+        max_steps: optional budget of optimizer steps; stops mid-epoch when reached.
+        steps_per_execution: steps per compiled call (an execution never crosses an
+            epoch boundary or the step budget).
+        run_eagerly: run the same step code without tf.function, for debugging.
+        jit_compile: compile the step with XLA.
+        callbacks: objects with the ``trainer.callbacks.Callback`` hooks.
+        run_dir: where callbacks put their files (TensorBoard, checkpoints).
+        hparams: flat hyperparameters of the run, for the TensorBoard HParams summary.
+        config_text: the resolved config as YAML, logged as text.
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 10,
+        max_steps: int | None = None,
+        steps_per_execution: int = 32,
+        run_eagerly: bool = False,
+        jit_compile: bool = False,
+        callbacks=(),
+        run_dir: str = ".",
+        hparams: dict | None = None,
+        config_text: str = "",
+    ):
+        if epochs < 1:
+            raise UserError(f"trainer.epochs={epochs} must be at least 1")
+        if steps_per_execution < 1:
+            raise UserError(f"trainer.steps_per_execution={steps_per_execution} must be >= 1")
+        if max_steps is not None and max_steps < 1:
+            raise UserError(f"trainer.max_steps={max_steps} must be at least 1 (or null)")
+        self.epochs = epochs
+        self.max_steps = max_steps
+        self.steps_per_execution = steps_per_execution
+        self.run_eagerly = run_eagerly
+        self.jit_compile = jit_compile
+        self.callbacks = list(callbacks)
+        self.run_dir = str(run_dir)
+        self.hparams = dict(hparams or {})
+        self.config_text = config_text
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.epoch = 0
+        self.stop_training = False
+        self.trace_count = 0
+        self.history: list[dict] = []
+        self.logs: dict = {}
+        self.step = None
+        self.data = None
+        self._variables_key = None
+
+    # --- building the compiled functions ------------------------------------------------
+    def _count_trace(self):
+        self.trace_count += 1
+
+    def _extra_logs(self) -> dict:
+        opts = self.step.optimizers
+        if len(opts) == 1:
+            return {"learning_rate": next(iter(opts.values())).learning_rate}
+        return {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
+
+    def _train_one(self, batch):
+        logs = self.step.train_step(batch)
+        self.global_step.assign_add(1)
+        return logs
+
+    def _compile(self) -> None:
+        """(Re)build the step's optimizer state and the compiled functions.
+
+        Called at the start of fit and whenever the set of trainable variables
+        changes, so the tape always watches the current variables (the stale
+        variable list that makes Keras users recompile by hand).
+        """
+        self.step.build()
+        self._variables_key = self._trainable_key()
+        common = dict(run_eagerly=self.run_eagerly, jit_compile=self.jit_compile,
+                      on_trace=self._count_trace)
+        self._train_fn = make_execution(
+            self._train_one, self._train_source.next, xla_loop=self._train_source.xla_loop,
+            extra_logs=self._extra_logs, **common,
+        )
+        self._eval_fn = make_execution(
+            self.step.test_step, self._val_source.next, xla_loop=self._val_source.xla_loop,
+            **common,
+        )
+        grads = self.step.gradients_by_path
+        self._grads_fn = grads if self.run_eagerly else tf.function(grads)
+
+    def _trainable_key(self):
+        return tuple(id(v) for v in self.step.trainable_variables)
+
+    def recompile_if_needed(self) -> bool:
+        """Recompile when variables were frozen or unfrozen since the last compile."""
+        if self._trainable_key() == self._variables_key:
+            return False
+        log.info("trainable variables changed: recompiling the step")
+        self._compile()
+        return True
+
+    # --- the loop ---------------------------------------------------------------------
+    def fit(self, step, data) -> dict:
+        """Train ``step`` on ``data``; return the final logs (last epoch's train and val)."""
+        self.step, self.data = step, data
+        self._train_source = IteratorSource(data.train_dataset())
+        self._val_source = IteratorSource(data.val_dataset())
+        self._probe_batch = next(iter(data.train_dataset().take(1)))
+        self.steps_per_epoch = data.steps_per_epoch("train")
+        self._val_steps = data.steps_per_epoch("val")
+        self.stop_training = False
+        self._compile()
+        self._callback("on_fit_start")
+        start = time.perf_counter()
+        train_seconds = 0.0
+        first_epoch = int(self.global_step.numpy()) // self.steps_per_epoch
+        for epoch in range(first_epoch, self.epochs):
+            self.epoch = epoch
+            if self._budget_left() <= 0 or self.stop_training:
+                break
+            self._callback("on_epoch_start", epoch)
+            sums, examples, done = {}, 0.0, 0
+            while done < self.steps_per_epoch and self._budget_left() > 0:
+                self.recompile_if_needed()
+                n = min(self.steps_per_execution, self.steps_per_epoch - done, self._budget_left())
+                t0 = time.perf_counter()
+                out = self._train_fn(n)
+                elapsed = time.perf_counter() - t0
+                train_seconds += elapsed
+                done += n
+                weight = out.pop(EXAMPLES)
+                examples += weight
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v * weight
+                logs = {f"train/{k}": v for k, v in out.items()}
+                logs["time/steps_per_second"] = n / elapsed
+                self._callback("on_execution_end", self.current_step, logs)
+                if self.stop_training:
+                    break
+            logs = {f"train/{k}": v / examples for k, v in sums.items()}
+            logs.update(self.evaluate())
+            logs.update(epoch=epoch + 1, step=self.current_step)
+            _check_finite(logs, epoch)
+            self.logs = logs
+            self.history.append(logs)
+            self._callback("on_epoch_end", epoch, logs)
+        self.logs = {**self.logs, "time/train_seconds": train_seconds,
+                     "time/fit_seconds": time.perf_counter() - start}
+        self._callback("on_fit_end", self.logs)
+        return self.logs
+
+    def evaluate(self) -> dict:
+        """Loss and metrics over the whole validation set, keys prefixed ``val/``."""
+        out = self._eval_fn(self._val_steps)
+        out.pop(EXAMPLES)
+        return {f"val/{k}": v for k, v in out.items()}
+
+    def gradients_by_path(self) -> dict:
+        """Gradients on a fixed training batch, keyed by variable path (for histograms).
+
+        A fixed probe batch keeps the data order, and so the run, independent of
+        how often gradients are inspected.
+        """
+        return {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
+
+    @property
+    def current_step(self) -> int:
+        return int(self.global_step.numpy())
+
+    def _budget_left(self) -> float:
+        if self.max_steps is None:
+            return math.inf
+        return self.max_steps - self.current_step
+
+    def _callback(self, hook, *args):
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+
+def _check_finite(logs: dict, epoch: int) -> None:
+    bad = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"epoch {epoch + 1}: {', '.join(bad)} became NaN or infinite; lower "
+            "optimizer.learning_rate or check the data"
+        )
