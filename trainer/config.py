@@ -148,6 +148,7 @@ class Config:
     step: Any = MISSING
     trainer: Any = MISSING
     callbacks: Dict[str, Any] = field(default_factory=dict)
+    regularizer: Dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     task_name: str = "train"
     optimized_metric: Optional[str] = None

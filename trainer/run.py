@@ -83,11 +83,15 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
 
     import keras
 
+    # TensorFlow's own INFO lines (checkpoint sharding, ...) drown the run's log.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     keras.utils.set_random_seed(cfg.seed)
     data = build(cfg.data)
     model = build(cfg.model)(input_shape=data.input_shape, num_outputs=data.num_outputs)
     optimizer = build(cfg.optimizer)
-    step = build(cfg.step)(model=model, optimizer=optimizer, task=data.task)
+    regularizers = [build(node) for node in (cfg.get("regularizer") or {}).values()]
+    extra = {"regularizers": regularizers} if regularizers else {}
+    step = build(cfg.step)(model=model, optimizer=optimizer, task=data.task, **extra)
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
     trainer = build(cfg.trainer)(
         callbacks=callbacks,

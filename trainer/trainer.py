@@ -97,6 +97,8 @@ class Trainer:
         variable list that makes Keras users recompile by hand).
         """
         self.step.build()
+        if hasattr(self.step, "bind"):
+            self.step.bind(self.global_step)
         self._variables_key = self._trainable_key()
         common = dict(run_eagerly=self.run_eagerly, jit_compile=self.jit_compile,
                       on_trace=self._count_trace)
