@@ -4,9 +4,9 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import hydra  # noqa: E402
+import hydra
 
-from trainer.config import register_configs  # noqa: E402
+from trainer.config import register_configs
 
 register_configs()
 

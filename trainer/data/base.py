@@ -75,9 +75,9 @@ class DataModule:
             raise UserError(f"{self.name}: {split} features and targets must be numeric")
         x = x.astype(np.float32)
         if not allow_nonfinite and not np.isfinite(x).all():
-            row = int(np.argwhere(~np.isfinite(x.reshape(len(x), -1)).any(axis=1))[0, 0])
+            row = int(np.argwhere((~np.isfinite(x.reshape(len(x), -1))).any(axis=1))[0, 0])
             raise UserError(
-                f"{self.name}: {split} features hold NaN or infinity (first at row {row}); "
+                f"{self.name}: {split} features hold NaN or infinity (first at {split} row {row}); "
                 "clean the data or set data.allow_nonfinite=true"
             )
         if not np.isfinite(y.astype(np.float64)).all():
@@ -128,7 +128,7 @@ class DataModule:
 
 
 def split(x, y, *, val_fraction: float, split_seed: int, stratify: bool, name: str):
-    """Split arrays into a fixed train/validation pair (the split seed never changes with `seed`)."""
+    """Split arrays into a fixed train/validation pair; ``split_seed``, not ``seed``, fixes it."""
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < val_fraction < 1.0:

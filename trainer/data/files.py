@@ -96,7 +96,9 @@ def csv_file(
     features = list(features) if features else [h for h in header if h != target]
     for col in features:
         if col not in header:
-            raise UserError(f"{p}: no feature column {col!r} (columns: {header}); fix data.features")
+            raise UserError(
+                f"{p}: no feature column {col!r} (columns: {header}); fix data.features"
+            )
     if not features:
         raise UserError(f"{p}: no feature columns besides the target {target!r}")
     if not body:
@@ -116,6 +118,11 @@ def csv_file(
                 raise UserError(
                     f"{p}: line {r + 2}, column {col!r}: {cell!r} is not a number"
                 ) from None
+            if not (allow_nonfinite and col != target) and not np.isfinite(values[r, c]):
+                raise UserError(
+                    f"{p}: line {r + 2}, column {col!r} is {cell!r}; clean the data"
+                    + ("" if col == target else " or set data.allow_nonfinite=true")
+                )
     return _module(
         values[:, :-1], values[:, -1], None, None,
         name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,

@@ -1,0 +1,46 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+from trainer import TapeStep, Trainer
+from trainer.data import DataModule
+
+
+def regression_data(n=100, d=3, batch_size=16, seed=0, **kw) -> DataModule:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype("float32")
+    y = x @ rng.normal(size=(d, 1)) + 0.5
+    return DataModule(x_train=x, y_train=y, x_val=x[:20], y_val=y[:20], task="regression",
+                      batch_size=batch_size, seed=seed, **kw)
+
+
+def linear_model(d=3, seed=0):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((d,)), keras.layers.Dense(1, name="linear")])
+
+
+def fit_linear(*, run_eagerly=False, jit_compile=False, epochs=2, spe=4, callbacks=(),
+               data=None, **trainer_kw):
+    data = data or regression_data()
+    model = linear_model()
+    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.05), task="regression")
+    trainer = Trainer(epochs=epochs, steps_per_execution=spe, run_eagerly=run_eagerly,
+                      jit_compile=jit_compile, callbacks=callbacks, **trainer_kw)
+    logs = trainer.fit(step, data)
+    return trainer, model, logs
+
+
+def cli(*args, cwd, env=None, timeout=300):
+    """Run ``python -m trainer ARGS`` in a subprocess; return the CompletedProcess."""
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,81 @@
+"""The real CLI in a subprocess: a run, a multirun, user config dirs, and bad input."""
+
+import json
+
+import pytest
+
+from tests.helpers import cli
+
+pytestmark = pytest.mark.slow
+SHORT = [
+    "trainer.epochs=1", "trainer.max_steps=5", "callbacks.tensorboard.histogram_every_n_steps=0"
+]
+
+
+def test_dense_run_writes_every_output(tmp_path):
+    run_dir = tmp_path / "run"
+    p = cli("+experiment=dense", *SHORT, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    for name in (".hydra/config.yaml", "tb/train", "tb/val", "checkpoints/checkpoint",
+                 "model.keras", "metrics.json"):
+        assert (run_dir / name).exists(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 5 and 0.0 <= metrics["val/accuracy"] <= 1.0
+    # Not a terminal: plain log lines, no progress bar.
+    assert "epoch 1/1 step 5" in p.stdout + p.stderr
+
+
+def test_multirun_gives_each_job_its_own_directory(tmp_path):
+    sweep = tmp_path / "sweep"
+    p = cli("-m", "+experiment=dense", *SHORT, "optimizer.learning_rate=1e-3,3e-3",
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    lrs = [json.loads((sweep / str(i) / "metrics.json").read_text())["train/learning_rate"]
+           for i in (0, 1)]
+    assert lrs == [pytest.approx(1e-3), pytest.approx(3e-3)]
+    assert (sweep / "multirun.yaml").exists()
+
+
+def test_user_config_directory_on_the_search_path(tmp_path):
+    configs = tmp_path / "my_configs" / "model"
+    configs.mkdir(parents=True)
+    (configs / "tiny.yaml").write_text(
+        "_target_: trainer.models.mlp\n_partial_: true\nhidden_units: [7]\nname: tiny\n"
+    )
+    run_dir = tmp_path / "run"
+    p = cli("+experiment=dense", *SHORT, f"hydra.searchpath=[file://{tmp_path / 'my_configs'}]",
+            "model=tiny", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    # The user's file is used; the experiment still overrides hidden_units after it.
+    assert "name: tiny" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("trainer.epoch=3", "Key 'epoch' not in 'TrainerConfig'"),
+        ("trainer.epochs=many", "full_key: trainer.epochs"),
+        ("data=csv", "config key data.path"),
+        ("data=npz data.path=/nonexistent/x.npz", "/nonexistent/x.npz: no such file"),
+    ],
+)
+def test_bad_input_exits_nonzero_naming_the_culprit_and_writes_nothing(
+    tmp_path, override, expected
+):
+    run_dir = tmp_path / "run"
+    p = cli("+experiment=dense", *override.split(), f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert p.returncode != 0
+    assert expected in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (run_dir / "checkpoints").exists()
+    assert not (run_dir / "metrics.json").exists()
+
+
+def test_user_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,label\n1,0\noops,1\n")
+    p = cli("+experiment=dense", "data=csv", f"data.path={bad}", "data.target=label",
+            f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert p.returncode == 2
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: line 3, column 'a': 'oops' is not a number"]

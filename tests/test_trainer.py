@@ -1,0 +1,75 @@
+"""The loop: steps counted, callbacks in order, eager equals compiled, no retracing."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import fit_linear, regression_data
+from trainer import EarlyStopping
+
+
+def test_steps_and_callback_order(recorder):
+    # 100 examples, batch 16 -> 7 steps per epoch (the last one short); 4 steps per execution.
+    trainer, _, logs = fit_linear(epochs=2, spe=4, callbacks=[recorder])
+    assert trainer.current_step == 14
+    assert logs["step"] == 14 and logs["epoch"] == 2
+    assert recorder.calls == [
+        ("fit_start", 0),
+        ("epoch_start", 0), ("execution_end", 4), ("execution_end", 7), ("epoch_end", 0),
+        ("epoch_start", 1), ("execution_end", 11), ("execution_end", 14), ("epoch_end", 1),
+        ("fit_end", 14),
+    ]
+
+
+def test_max_steps_stops_mid_epoch(recorder):
+    trainer, _, logs = fit_linear(epochs=5, spe=4, max_steps=10, callbacks=[recorder])
+    assert trainer.current_step == 10
+    executions = [s for hook, s in recorder.calls if hook == "execution_end"]
+    assert executions == [4, 7, 10]
+    assert "val/loss" in logs
+
+
+def test_eager_equals_compiled_equals_xla():
+    runs = {
+        mode: fit_linear(run_eagerly=mode == "eager", jit_compile=mode == "xla", epochs=3)
+        for mode in ("eager", "compiled", "xla")
+    }
+    weights = {m: [v.numpy() for v in model.variables] for m, (_, model, _) in runs.items()}
+    for mode in ("compiled", "xla"):
+        for a, b in zip(weights["eager"], weights[mode]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert runs[mode][2]["val/loss"] == pytest.approx(runs["eager"][2]["val/loss"], rel=1e-5)
+    assert runs["compiled"][2]["train/loss"] < 1.0  # it actually learned (starts near 3)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_no_retracing_across_epochs_or_on_the_short_last_batch(jit_compile):
+    # 7 steps per epoch with 4 per execution: executions of 4 and 3 steps, a short last batch.
+    trainer, _, _ = fit_linear(epochs=1, jit_compile=jit_compile)
+    after_first_epoch = trainer.trace_count
+    assert after_first_epoch == 2  # the train execution and the eval execution, once each
+    trainer, _, _ = fit_linear(epochs=4, jit_compile=jit_compile)
+    assert trainer.trace_count == after_first_epoch
+
+
+def test_epoch_train_metrics_are_example_weighted_means():
+    data = regression_data(n=100, batch_size=16)
+    trainer, _, logs = fit_linear(epochs=1, spe=1, data=data)
+    assert trainer.current_step == 7
+    # Evaluation over the validation set equals a direct computation on the final weights.
+    model = trainer.step.model
+    pred = model(data.x_val).numpy()
+    assert logs["val/loss"] == pytest.approx(float(np.mean((pred - data.y_val) ** 2)), rel=1e-5)
+
+
+def test_early_stopping_sets_stop_training():
+    stopper = EarlyStopping(monitor="val/loss", patience=1, min_delta=1e9)
+    _, _, logs = fit_linear(epochs=10, callbacks=[stopper])
+    assert stopper.stopped_epoch == 1
+    assert logs["epoch"] == 2
+
+
+def test_nan_loss_stops_with_a_clear_error():
+    data = regression_data()
+    data.y_train[:] = 1e30
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        fit_linear(epochs=1, data=data)
