@@ -1,0 +1,47 @@
+"""The README's Python examples run as written."""
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def _block(marker):
+    (code,) = [b for b in BLOCKS if marker in b]
+    return code
+
+
+@pytest.fixture
+def readme_steps():
+    module = types.ModuleType("readme_steps")
+    exec(_block("class ConfidencePenaltyStep"), module.__dict__)
+    sys.modules["readme_steps"] = module
+    yield module
+    del sys.modules["readme_steps"]
+
+
+def test_custom_step_example_is_short(readme_steps):
+    assert len(_block("class ConfidencePenaltyStep").strip().splitlines()) < 30
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_custom_step_example_trains_through_the_config(make_cfg, tmp_path, readme_steps, eager):
+    from trainer.run import run
+
+    cfg = make_cfg("+experiment=dense", "step._target_=readme_steps.ConfidencePenaltyStep",
+                   "+step.beta=0.2", "trainer.max_steps=30", f"trainer.run_eagerly={eager}",
+                   "callbacks=none")
+    metrics = run(cfg, run_dir=tmp_path)
+    assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.5
+
+
+def test_python_api_example(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = _block("from trainer import TapeStep, Trainer, TensorBoardCallback")
+    exec(code.replace("epochs=5", "epochs=2"), {})
+    assert (tmp_path / "runs" / "a" / "tb" / "train").is_dir()
