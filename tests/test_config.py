@@ -10,7 +10,7 @@ from omegaconf.errors import ValidationError
 
 from tests.conftest import FAST
 from trainer.errors import UserError
-from trainer.run import build, run, validate
+from trainer.run import _optimizer, build, run, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -50,6 +50,8 @@ def test_every_option_of_the_other_groups_builds(make_cfg, group):
         if group == "callbacks":
             built = [build(c) for c in node.values()]
             assert all(hasattr(c, "on_epoch_end") for c in built)
+        elif group == "optimizer":
+            assert hasattr(_optimizer(node), "apply_gradients")
         else:
             assert callable(build(node)) or hasattr(build(node), "apply_gradients")
 
@@ -72,7 +74,7 @@ def test_debug_config_shrinks_the_run(make_cfg, tmp_path):
 def test_overrides_reach_the_objects(make_cfg):
     cfg = make_cfg("optimizer.learning_rate=3e-3", "data.batch_size=64", "trainer.epochs=3",
                    "seed=7", "model.hidden_units=[16]")
-    assert build(cfg.optimizer).learning_rate.numpy() == pytest.approx(3e-3)
+    assert _optimizer(cfg.optimizer).learning_rate.numpy() == pytest.approx(3e-3)
     data = build(cfg.data)
     assert data.batch_size == 64 and data.seed == 7
     assert build(cfg.trainer)().epochs == 3

@@ -29,7 +29,46 @@ class StepConfig:
     _target_: str = "trainer.TapeStep"
     _partial_: bool = True
     loss: Any = None
+
+
+@dataclass
+class ResetConfig:
+    _target_: str = "trainer.tape.ResetPolicy"
+    when: List[str] = field(default_factory=list)
+    threshold: Optional[float] = None
+    spike_window: int = 50
+    spike_z: float = 6.0
+    action: str = "skip"
+    max_retries: int = 3
+    max_consecutive: int = 20
+
+
+@dataclass
+class TapeConfig:
+    """How the step uses its tape: unconnected gradients and the reset policy."""
+
     unconnected_gradients: str = "none"
+    reset: ResetConfig = field(default_factory=ResetConfig)
+
+
+@dataclass
+class UnfreezeConfig:
+    at_epoch: int = MISSING
+    patterns: List[str] = MISSING
+
+
+@dataclass
+class FreezeConfig:
+    """Variables frozen at the start (globs on Keras paths) and a schedule to unfreeze them."""
+
+    patterns: List[str] = field(default_factory=list)
+    unfreeze: List[UnfreezeConfig] = field(default_factory=list)
+
+
+@dataclass
+class GroupConfig:
+    patterns: List[str] = MISSING
+    lr_scale: float = 1.0
 
 
 @dataclass
@@ -49,6 +88,7 @@ class OptimizerConfig:
     weight_decay: Optional[float] = None
     clipnorm: Optional[float] = None
     global_clipnorm: Optional[float] = None
+    groups: List[GroupConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +189,8 @@ class Config:
     trainer: Any = MISSING
     callbacks: Dict[str, Any] = field(default_factory=dict)
     regularizer: Dict[str, Any] = field(default_factory=dict)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    tape: TapeConfig = field(default_factory=TapeConfig)
     seed: int = 0
     task_name: str = "train"
     optimized_metric: Optional[str] = None

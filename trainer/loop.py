@@ -7,6 +7,9 @@ from collections.abc import Callable
 import tensorflow as tf
 
 EXAMPLES = "__examples__"
+#: A step may return this key: the weight of its logs in the averages (default: batch size).
+WEIGHT = "__weight__"
+_LAST = "last:"
 
 
 def batch_size(batch) -> tf.Tensor:
@@ -14,10 +17,25 @@ def batch_size(batch) -> tf.Tensor:
     return tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], tf.float32)
 
 
-def _accumulate(step_fn, next_batch, sums):
+def _attempt(step_fn, next_batch):
     batch = next_batch()
-    logs = step_fn(batch)
-    weight = batch_size(batch)
+    logs = dict(step_fn(batch))
+    if WEIGHT not in logs:
+        logs[WEIGHT] = batch_size(batch)
+    return {k: tf.cast(v, tf.float32) for k, v in logs.items()}
+
+
+def _accumulate(step_fn, next_batch, sums, retry_if, max_retries, after_step):
+    logs = _attempt(step_fn, next_batch)
+    if retry_if is not None:
+        # Retry: the discarded forward is replaced by the next batch's, within this step.
+        for _ in tf.range(max_retries):
+            if not retry_if():
+                break
+            logs = _attempt(step_fn, next_batch)
+    if after_step is not None:
+        after_step()
+    weight = logs.pop(WEIGHT)
     if sums is None:
         sums = {k: tf.zeros([], tf.float32) for k in logs}
         sums[EXAMPLES] = tf.zeros([], tf.float32)
@@ -33,16 +51,25 @@ def make_execution(
     run_eagerly: bool,
     jit_compile: bool,
     xla_loop: bool = False,
-    extra_logs: Callable[[], dict] | None = None,
+    state_logs: Callable[[], dict] | None = None,
+    after_step: Callable[[], None] | None = None,
+    retry_if: Callable[[], tf.Tensor] | None = None,
+    max_retries: int = 0,
     on_trace: Callable[[], None] | None = None,
 ) -> Callable:
-    """Build ``execute(num_steps) -> (names, values)``.
+    """Build ``execute(num_steps) -> (means, state)``.
 
     One call runs ``num_steps`` steps (Orbit style: the loop is ``tf.range`` on
     the graph side) and returns the example-weighted mean of every log over those
-    steps, plus ``__examples__``, stacked into one float32 vector so the host
-    syncs once per execution. ``num_steps`` must be a scalar int32 tensor so the
-    function is traced once whatever the count.
+    steps (``__examples__`` holds the total weight) and the values of
+    ``state_logs()`` at the end (learning rates, counters). Everything comes back
+    stacked into one float32 vector, so the host syncs once per execution.
+    ``num_steps`` is passed as a scalar int32 tensor so the function is traced
+    once whatever the count.
+
+    ``after_step`` runs once per step (the trainer advances its global step
+    there); ``retry_if()``, if given, is asked after each attempt whether to
+    replace it with the next batch, at most ``max_retries`` times per step.
 
     ``run_eagerly`` runs the very same Python code without tf.function.
     ``jit_compile`` compiles the step with XLA; with ``xla_loop`` (a source whose
@@ -55,13 +82,14 @@ def make_execution(
     def execute(num_steps):
         if on_trace is not None:
             on_trace()
-        sums = _accumulate(step_fn, next_batch, None)
+        args = (retry_if, max_retries, after_step)
+        sums = _accumulate(step_fn, next_batch, None, *args)
         for _ in tf.range(num_steps - 1):
-            sums = _accumulate(step_fn, next_batch, sums)
+            sums = _accumulate(step_fn, next_batch, sums, *args)
         examples = sums.pop(EXAMPLES)
-        logs = {k: v / examples for k, v in sums.items()}
-        if extra_logs is not None:
-            logs.update({k: tf.cast(v, tf.float32) for k, v in extra_logs().items()})
+        logs = {k: tf.math.divide_no_nan(v, examples) for k, v in sums.items()}
+        if state_logs is not None:
+            logs.update({_LAST + k: tf.cast(v, tf.float32) for k, v in state_logs().items()})
         logs[EXAMPLES] = examples
         names[:] = sorted(logs)
         return tf.stack([logs[k] for k in names])
@@ -74,7 +102,13 @@ def make_execution(
         fn = tf.function(execute)
 
     def run(num_steps: int):
-        values = fn(tf.constant(num_steps, tf.int32)).numpy()
-        return dict(zip(names, values.tolist()))
+        values = fn(tf.constant(num_steps, tf.int32)).numpy().tolist()
+        means, state = {}, {}
+        for name, value in zip(names, values):
+            if name.startswith(_LAST):
+                state[name[len(_LAST):]] = value
+            else:
+                means[name] = value
+        return means, state
 
     return run

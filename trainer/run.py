@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from trainer.errors import UserError
+from trainer.freeze import param_counts, set_trainable
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,32 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def _optimizer(node):
+    """The configured Keras optimizer, split into parameter groups if ``groups`` is set."""
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    groups = spec.pop("groups", None) if isinstance(spec, dict) and "_target_" in spec else None
+    optimizer = build(spec)
+    if groups:
+        from trainer.optim import GroupedOptimizer
+
+        return GroupedOptimizer(optimizer, groups=groups)
+    return optimizer
+
+
+def _step_extras(cfg) -> dict:
+    """Keyword arguments for the step beyond the defaults, so custom steps need only
+    accept what their experiment configures."""
+    extras = {}
+    regularizers = [build(node) for node in (cfg.get("regularizer") or {}).values()]
+    if regularizers:
+        extras["regularizers"] = regularizers
+    if cfg.tape.unconnected_gradients != "none":
+        extras["unconnected_gradients"] = cfg.tape.unconnected_gradients
+    if cfg.tape.reset.when:
+        extras["reset"] = build(cfg.tape.reset)
+    return extras
+
+
 def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Build everything from ``cfg``, train, and write the run's outputs.
 
@@ -83,16 +110,20 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
 
     import keras
 
+    from trainer.callbacks.freeze import FreezeSchedule
+
     # TensorFlow's own INFO lines (checkpoint sharding, ...) drown the run's log.
     logging.getLogger("absl").setLevel(logging.WARNING)
     keras.utils.set_random_seed(cfg.seed)
     data = build(cfg.data)
     model = build(cfg.model)(input_shape=data.input_shape, num_outputs=data.num_outputs)
-    optimizer = build(cfg.optimizer)
-    regularizers = [build(node) for node in (cfg.get("regularizer") or {}).values()]
-    extra = {"regularizers": regularizers} if regularizers else {}
-    step = build(cfg.step)(model=model, optimizer=optimizer, task=data.task, **extra)
+    optimizer = _optimizer(cfg.optimizer)
+    step = build(cfg.step)(model=model, optimizer=optimizer, task=data.task, **_step_extras(cfg))
+    if cfg.freeze.patterns:
+        set_trainable(step.models.values(), list(cfg.freeze.patterns), False)
     callbacks = [build(c) for c in cfg.callbacks.values() if c is not None]
+    if cfg.freeze.unfreeze:
+        callbacks.insert(0, FreezeSchedule(unfreeze=container["freeze"]["unfreeze"]))
     trainer = build(cfg.trainer)(
         callbacks=callbacks,
         run_dir=str(run_dir),
@@ -105,6 +136,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         filename = "model.keras" if name == "model" else f"{name}.keras"
         _atomic_write(run_dir / filename, m.save)
     metrics = {k: v for k, v in logs.items() if isinstance(v, int | float)}
+    metrics.update(param_counts(step.models.values()))
     _atomic_write(
         run_dir / "metrics.json",
         lambda p: Path(p).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n"),

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from trainer.errors import UserError
+from trainer.loop import WEIGHT, batch_size
 from trainer.metrics import DEFAULT_METRICS
+from trainer.optim import GroupedOptimizer
 from trainer.tape import check_unconnected, gradients
+
+log = logging.getLogger(__name__)
 
 
 def default_loss(task: str):
@@ -49,6 +55,16 @@ class StepContext:
         return self.input_tape.gradient(self.loss, self.x)
 
 
+@dataclass
+class Objective:
+    """One objective of a multi-objective step: its loss, what it updates, and with what."""
+
+    name: str
+    loss: Any
+    variables: list
+    optimizer: Any
+
+
 class TapeStep:
     """The default supervised step: forward on a ``tf.GradientTape``, loss, gradients, update.
 
@@ -63,12 +79,15 @@ class TapeStep:
 
     Args:
         model: a Keras model.
-        optimizer: a Keras optimizer (built here before any tracing).
+        optimizer: a Keras optimizer, or a ``GroupedOptimizer`` for per-group learning
+            rates; a plain one is wrapped so that unfreezing can extend its state.
         task: ``"classification"`` or ``"regression"``; picks the default loss and metrics.
         loss: a callable ``loss(y_true, y_pred)``; defaults to the task's loss.
         regularizers: objects from ``trainer.regularizers`` added to the loss inside
             the tape; each logs ``reg/<name>``.
-        unconnected_gradients: ``"none"`` or ``"zero"`` (see ``trainer.tape.gradients``).
+        unconnected_gradients: ``"none"`` (variables the loss does not reach are named
+            once in a warning and left alone) or ``"zero"`` (they get zero gradients).
+        reset: a ``trainer.tape.ResetPolicy``: when to discard the recorded tape.
     """
 
     def __init__(
@@ -80,15 +99,20 @@ class TapeStep:
         loss=None,
         regularizers=(),
         unconnected_gradients: str = "none",
+        reset=None,
     ):
         self.model = model
+        if not isinstance(optimizer, GroupedOptimizer):
+            optimizer = GroupedOptimizer(optimizer)
         self.optimizer = optimizer
         self.task = task
         self.loss_fn = loss if loss is not None else default_loss(task)
         self.metric_fns = dict(DEFAULT_METRICS.get(task, {}))
         self.regularizers = list(regularizers)
         self.unconnected = check_unconnected(unconnected_gradients)
+        self.reset = reset
         self.iteration = None  # the trainer's global step, set by bind()
+        self._warned_unconnected: set[str] = set()
 
     def bind(self, global_step) -> None:
         """Called by the trainer: the step reads the global step for lazy schedules."""
@@ -114,6 +138,15 @@ class TapeStep:
         """Create optimizer slots for the current trainable variables, outside any tf.function."""
         self.optimizer.build(self.trainable_variables)
 
+    def state_logs(self) -> dict:
+        """Tensors read at the end of each execution and logged as they are (not averaged)."""
+        return self.reset.state_logs() if self.reset is not None else {}
+
+    def check_state(self, state: dict) -> None:
+        """Host side, after each execution: raise if the step's state says the run must stop."""
+        if self.reset is not None:
+            self.reset.raise_if_failed(state)
+
     # --- hooks -----------------------------------------------------------------------
     def compute_loss(self, x, y, training: bool):
         """Return ``(loss, y_pred)`` for one batch. Runs inside the tape."""
@@ -124,11 +157,47 @@ class TapeStep:
         """Scalar metrics of one batch. Runs outside the tape (or under stop_recording)."""
         return {name: fn(y, y_pred) for name, fn in self.metric_fns.items()}
 
+    def gradients(self, tape, loss, variables):
+        """Gradients of ``loss`` for ``variables`` under the unconnected-gradient policy.
+
+        With ``"none"``, variables that get no gradient are named once in a warning;
+        if none gets one the run stops with an error (both decided while tracing).
+        """
+        grads = gradients(tape, loss, variables, unconnected=self.unconnected)
+        missing = [v.path for g, v in zip(grads, variables) if g is None]
+        if missing and len(missing) == len(variables):
+            raise UserError(
+                "the loss reaches none of the trainable variables; check compute_loss and "
+                "freeze.patterns"
+            )
+        new = sorted(set(missing) - self._warned_unconnected)
+        if new:
+            self._warned_unconnected.update(new)
+            log.warning("no gradient reaches %s; left unchanged (tape.unconnected_gradients"
+                        "=zero gives them zeros)", ", ".join(new))
+        return grads
+
     def apply(self, tape, loss, variables, optimizer):
         """Differentiate ``loss`` on ``tape`` and apply the gradients; return them."""
-        grads = gradients(tape, loss, variables, unconnected=self.unconnected)
-        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-        optimizer.apply_gradients(pairs)
+        grads = self.gradients(tape, loss, variables)
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, variables) if g is not None])
+        return grads
+
+    def apply_objectives(self, tape, objectives, transform=None) -> dict:
+        """Take each objective's gradients from one persistent ``tape``, then apply them.
+
+        The forward pass is recorded once; every gradient is taken before any
+        update (so all see the same weights). ``transform(grads_by_name)`` may edit
+        the gradients in between (gradient surgery such as PCGrad). Returns the
+        gradients by objective name. The caller drops the tape afterwards
+        (``del tape``) to release its resources.
+        """
+        grads = {o.name: self.gradients(tape, o.loss, o.variables) for o in objectives}
+        if transform is not None:
+            grads = transform(grads)
+        for o in objectives:
+            pairs = [(g, v) for g, v in zip(grads[o.name], o.variables) if g is not None]
+            o.optimizer.apply_gradients(pairs)
         return grads
 
     def record(self, x, y, tape) -> tuple[Any, StepContext, dict]:
@@ -155,15 +224,51 @@ class TapeStep:
         return total, ctx, reg_logs
 
     def train_step(self, batch) -> dict:
-        """One update. Returns scalar logs: ``loss``, the metrics, ``grad_norm``, ``reg/*``."""
+        """One update. Returns scalar logs: ``loss``, the metrics, ``grad_norm``, ``reg/*``.
+
+        With a reset policy the update is skipped when the policy says so, and the
+        step's logs get zero weight in the execution's averages (``__weight__``).
+        """
         x, y = batch
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
             total, ctx, reg_logs = self.record(x, y, tape)
             with tape.stop_recording():
                 logs = {"loss": ctx.loss, **self.compute_metrics(y, ctx.y_pred), **reg_logs}
-        grads = self.apply(tape, total, variables, self.optimizer)
-        logs["grad_norm"] = tf.linalg.global_norm([g for g in grads if g is not None])
+                bad = self.reset.check_loss(total) if self.reset is not None else None
+            if bad is not None and tf.executing_eagerly() and bool(bad):
+                tape.reset()  # the seed's literal reset: nothing recorded so far counts
+        if self.reset is None:
+            grads = self.apply(tape, total, variables, self.optimizer)
+            logs["grad_norm"] = tf.linalg.global_norm([g for g in grads if g is not None])
+            return logs
+        return self._guarded_update(tape, total, variables, logs, bad, batch)
+
+    def _guarded_update(self, tape, total, variables, logs, bad, batch):
+        if tf.executing_eagerly() and bool(bad):
+            grads = [None] * len(variables)  # the tape was reset: there is nothing to take
+        else:
+            grads = self.gradients(tape, total, variables)
+            bad = tf.logical_or(bad, self.reset.check_gradients(grads))
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+
+        def update():
+            self.optimizer.apply_gradients(pairs)
+            return tf.constant(True)
+
+        if tf.executing_eagerly():
+            if not bool(bad):
+                update()
+        else:
+            tf.cond(bad, lambda: tf.constant(False), update)
+        iteration = self.iteration if self.iteration is not None else tf.constant(0, tf.int64)
+        self.reset.record(total, bad, iteration + 1)
+        ok = tf.logical_not(bad)
+        # A discarded step's values (often NaN) must not poison the execution's averages.
+        logs = {k: tf.where(ok, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
+        norm = tf.linalg.global_norm([g for g, _ in pairs]) if pairs else tf.constant(0.0)
+        logs["grad_norm"] = tf.where(ok, norm, 0.0)
+        logs[WEIGHT] = tf.cast(ok, tf.float32) * batch_size(batch)
         return logs
 
     def test_step(self, batch) -> dict:

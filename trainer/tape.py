@@ -33,3 +33,122 @@ def gradients(tape: tf.GradientTape, target, sources, *, unconnected: str = "non
         sources,
         check_types=False,
     )
+
+
+RESET_WHEN = ("nonfinite", "threshold", "spike")
+RESET_ACTIONS = ("skip", "retry")
+
+
+class ResetPolicy:
+    """When to discard a recorded forward pass, and what to do instead.
+
+    The seed's ``if loss > flag: tape.reset()`` as a policy. Conditions
+    (``when``, any of):
+
+    - ``nonfinite``: the loss or any gradient is NaN or infinite;
+    - ``threshold``: the loss exceeds ``threshold``;
+    - ``spike``: the loss exceeds the running mean by ``spike_z`` running standard
+      deviations over the last ``spike_window`` accepted steps (once the window is full).
+
+    ``action="skip"`` discards the step: no variable, optimizer slot or optimizer
+    iteration changes, but the global step advances. ``action="retry"`` records
+    the next batch instead, up to ``max_retries`` times, then skips.
+    ``max_consecutive`` resets in a row stop the run with an error naming the step.
+
+    Eagerly the step calls ``tape.reset()`` on the recorded tape, literally;
+    compiled, the update is guarded by ``tf.cond`` with the same observable result.
+    The statistics are plain ``tf.Variable`` state, updated under
+    ``tape.stop_recording()``, so they never reach the gradients.
+    """
+
+    def __init__(
+        self,
+        *,
+        when=("nonfinite",),
+        threshold: float | None = None,
+        spike_window: int = 50,
+        spike_z: float = 6.0,
+        action: str = "skip",
+        max_retries: int = 3,
+        max_consecutive: int = 20,
+    ):
+        when = [when] if isinstance(when, str) else list(when)
+        for w in when:
+            if w not in RESET_WHEN:
+                raise UserError(f"tape.reset.when: {w!r} is not one of {RESET_WHEN}")
+        if "threshold" in when and threshold is None:
+            raise UserError("tape.reset.when has 'threshold' but tape.reset.threshold is null; "
+                            "set tape.reset.threshold=VALUE")
+        if action not in RESET_ACTIONS:
+            raise UserError(f"tape.reset.action={action!r} must be one of {RESET_ACTIONS}")
+        if spike_window < 2 or max_consecutive < 1 or max_retries < 0:
+            raise UserError("tape.reset: spike_window >= 2, max_consecutive >= 1 and "
+                            "max_retries >= 0 are required")
+        self.when = tuple(when)
+        self.threshold = threshold
+        self.spike_window = int(spike_window)
+        self.spike_z = float(spike_z)
+        self.action = action
+        self.max_retries = int(max_retries) if action == "retry" else 0
+        self.max_consecutive = int(max_consecutive)
+        # State lives in variables created here, outside any tf.function.
+        self.resets = tf.Variable(0, dtype=tf.int64, trainable=False, name="tape_resets")
+        self.streak = tf.Variable(0, dtype=tf.int64, trainable=False, name="tape_reset_streak")
+        self.failed_at = tf.Variable(-1, dtype=tf.int64, trainable=False, name="tape_failed_at")
+        self.last_reset = tf.Variable(False, trainable=False, name="tape_last_reset")
+        self.window = tf.Variable(tf.zeros([self.spike_window]), trainable=False,
+                                  name="tape_loss_window")
+        self.seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="tape_losses_seen")
+
+    def check_loss(self, loss):
+        """Conditions decidable from the loss alone (before any gradient): a bool tensor."""
+        loss = tf.cast(loss, tf.float32)
+        bad = tf.constant(False)
+        if "nonfinite" in self.when:
+            bad = tf.logical_or(bad, tf.logical_not(tf.math.is_finite(loss)))
+        if "threshold" in self.when:
+            bad = tf.logical_or(bad, loss > self.threshold)
+        if "spike" in self.when:
+            mean = tf.reduce_mean(self.window)
+            std = tf.math.reduce_std(self.window)
+            full = self.seen >= self.spike_window
+            bad = tf.logical_or(bad, tf.logical_and(full, loss > mean + self.spike_z * std))
+        return bad
+
+    def check_gradients(self, grads):
+        """True if any gradient is non-finite (only with ``nonfinite`` in ``when``)."""
+        if "nonfinite" not in self.when:
+            return tf.constant(False)
+        flags = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
+        return tf.logical_not(tf.reduce_all(flags)) if flags else tf.constant(False)
+
+    def record(self, loss, reset, iteration):
+        """Update counters and loss statistics after a step; returns nothing."""
+        self.last_reset.assign(reset)
+        self.resets.assign_add(tf.cast(reset, tf.int64))
+        streak = tf.where(reset, self.streak + 1, tf.zeros_like(self.streak))
+        self.streak.assign(streak)
+        failed = tf.logical_and(streak >= self.max_consecutive, self.failed_at < 0)
+        self.failed_at.assign(tf.where(failed, iteration, self.failed_at))
+        if "spike" in self.when:
+            slot = self.seen % self.spike_window
+            accepted = tf.logical_not(reset)
+            value = tf.where(accepted, tf.cast(loss, tf.float32), self.window[slot])
+            self.window.scatter_nd_update([[slot]], [value])
+            self.seen.assign_add(tf.cast(accepted, tf.int64))
+
+    def state_logs(self) -> dict:
+        return {"tape/resets": self.resets, "tape/failed_at_step": self.failed_at}
+
+    def raise_if_failed(self, state: dict) -> None:
+        """Host side, after an execution: stop the run after too many resets in a row."""
+        failed = int(state.get("tape/failed_at_step", -1))
+        if failed >= 0:
+            raise TapeResetError(
+                f"the tape was reset {self.max_consecutive} times in a row, the last at step "
+                f"{failed}; check the data and tape.reset settings (tape.reset.max_consecutive)"
+            )
+
+
+class TapeResetError(UserError):
+    """Too many consecutive tape resets."""

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from trainer.data.sources import IteratorSource
 from trainer.errors import UserError
+from trainer.freeze import variable_table
 from trainer.loop import EXAMPLES, make_execution
 
 log = logging.getLogger(__name__)
@@ -78,16 +79,18 @@ class Trainer:
     def _count_trace(self):
         self.trace_count += 1
 
-    def _extra_logs(self) -> dict:
+    def _state_logs(self) -> dict:
         opts = self.step.optimizers
         if len(opts) == 1:
-            return {"learning_rate": next(iter(opts.values())).learning_rate}
-        return {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
-
-    def _train_one(self, batch):
-        logs = self.step.train_step(batch)
-        self.global_step.assign_add(1)
+            logs = {"learning_rate": next(iter(opts.values())).learning_rate}
+        else:
+            logs = {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
+        if hasattr(self.step, "state_logs"):
+            logs.update(self.step.state_logs())
         return logs
+
+    def _advance(self):
+        self.global_step.assign_add(1)
 
     def _compile(self) -> None:
         """(Re)build the step's optimizer state and the compiled functions.
@@ -100,11 +103,17 @@ class Trainer:
         if hasattr(self.step, "bind"):
             self.step.bind(self.global_step)
         self._variables_key = self._trainable_key()
+        self.variable_table = variable_table(self.step.models.values())
+        log.info("variables:\n%s", self.variable_table)
         common = dict(run_eagerly=self.run_eagerly, jit_compile=self.jit_compile,
                       on_trace=self._count_trace)
+        reset = getattr(self.step, "reset", None)
+        retry = reset is not None and reset.max_retries > 0
         self._train_fn = make_execution(
-            self._train_one, self._train_source.next, xla_loop=self._train_source.xla_loop,
-            extra_logs=self._extra_logs, **common,
+            self.step.train_step, self._train_source.next, xla_loop=self._train_source.xla_loop,
+            state_logs=self._state_logs, after_step=self._advance,
+            retry_if=(lambda: reset.last_reset) if retry else None,
+            max_retries=reset.max_retries if retry else 0, **common,
         )
         self._eval_fn = make_execution(
             self.step.test_step, self._val_source.next, xla_loop=self._val_source.xla_loop,
@@ -149,7 +158,7 @@ class Trainer:
                 self.recompile_if_needed()
                 n = min(self.steps_per_execution, self.steps_per_epoch - done, self._budget_left())
                 t0 = time.perf_counter()
-                out = self._train_fn(n)
+                out, state = self._train_fn(n)
                 elapsed = time.perf_counter() - t0
                 train_seconds += elapsed
                 done += n
@@ -157,12 +166,15 @@ class Trainer:
                 examples += weight
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-                logs = {f"train/{k}": v for k, v in out.items()}
+                if hasattr(self.step, "check_state"):
+                    self.step.check_state(state)
+                logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
                 logs["time/steps_per_second"] = n / elapsed
                 self._callback("on_execution_end", self.current_step, logs)
                 if self.stop_training:
                     break
-            logs = {f"train/{k}": v / examples for k, v in sums.items()}
+            logs = {f"train/{k}": v / examples if examples else 0.0 for k, v in sums.items()}
+            logs.update({f"train/{k}": v for k, v in state.items()})
             logs.update(self.evaluate())
             logs.update(epoch=epoch + 1, step=self.current_step)
             _check_finite(logs, epoch)
@@ -176,7 +188,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Loss and metrics over the whole validation set, keys prefixed ``val/``."""
-        out = self._eval_fn(self._val_steps)
+        out, _ = self._eval_fn(self._val_steps)
         out.pop(EXAMPLES)
         return {f"val/{k}": v for k, v in out.items()}
 

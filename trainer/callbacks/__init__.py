@@ -3,6 +3,7 @@
 from trainer.callbacks.base import Callback
 from trainer.callbacks.checkpoint import CheckpointCallback
 from trainer.callbacks.early_stopping import EarlyStopping
+from trainer.callbacks.freeze import FreezeSchedule
 from trainer.callbacks.progress import ProgressCallback
 from trainer.callbacks.tensorboard import TensorBoardCallback
 
@@ -10,6 +11,7 @@ __all__ = [
     "Callback",
     "CheckpointCallback",
     "EarlyStopping",
+    "FreezeSchedule",
     "ProgressCallback",
     "TensorBoardCallback",
 ]

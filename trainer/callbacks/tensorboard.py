@@ -18,7 +18,8 @@ class TensorBoardCallback(Callback):
     - every ``histogram_every_n_steps`` steps (at the first execution boundary
       past each multiple; 0 turns them off): histograms of every weight and of
       its gradient on a fixed probe batch, and ``grad_norm/<path>`` per variable;
-    - at the start: the resolved config as text and the HParams session
+    - at the start: the resolved config and the variable table (path, shape,
+      parameters, trainable or frozen) as text, and the HParams session
       (``log_dir`` itself is the session, ``train``/``val`` its metric groups).
 
     Args:
@@ -47,6 +48,7 @@ class TensorBoardCallback(Callback):
                 hp.hparams(trainer.hparams)
             if trainer.config_text:
                 tf.summary.text("config", "```\n" + trainer.config_text + "\n```")
+            tf.summary.text("variables", trainer.variable_table)
         self._write_histograms(trainer, step)
 
     def on_execution_end(self, trainer, step, logs):
