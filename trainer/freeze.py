@@ -25,7 +25,7 @@ def _layers(models):
 
 
 def _matched(models, patterns, where):
-    variables = [v for m in models for v in m.variables]
+    variables = [v for m in models for v in m.weights]
     chosen = {}
     for pattern in patterns:
         hits = [v for v in variables if matches(v.path, pattern)]
@@ -76,7 +76,8 @@ def variable_rows(models) -> list[tuple[str, tuple, int, str]]:
     rows = []
     for model in models:
         trainable = {id(v) for v in model.trainable_variables}
-        for v in model.variables:
+        # weights, not variables: random-seed state is not a parameter.
+        for v in model.weights:
             count = 1
             for dim in v.shape:
                 count *= int(dim)

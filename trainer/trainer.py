@@ -92,12 +92,13 @@ class Trainer:
     def _advance(self):
         self.global_step.assign_add(1)
 
-    def _compile(self) -> None:
-        """(Re)build the step's optimizer state and the compiled functions.
+    def _compile(self, evaluation: bool = False) -> None:
+        """(Re)build the step's optimizer state and the compiled training functions.
 
-        Called at the start of fit and whenever the set of trainable variables
-        changes, so the tape always watches the current variables (the stale
-        variable list that makes Keras users recompile by hand).
+        Called at the start of fit (with ``evaluation``, which also builds the eval
+        function) and whenever the set of trainable variables changes, so the tape
+        always watches the current variables (the stale variable list that makes
+        Keras users recompile by hand).
         """
         self.step.build()
         if hasattr(self.step, "bind"):
@@ -115,10 +116,11 @@ class Trainer:
             retry_if=(lambda: reset.last_reset) if retry else None,
             max_retries=reset.max_retries if retry else 0, **common,
         )
-        self._eval_fn = make_execution(
-            self.step.test_step, self._val_source.next, xla_loop=self._val_source.xla_loop,
-            **common,
-        )
+        if evaluation:
+            self._eval_fn = make_execution(
+                self.step.test_step, self._val_source.next, xla_loop=self._val_source.xla_loop,
+                **common,
+            )
         grads = self.step.gradients_by_path
         self._grads_fn = grads if self.run_eagerly else tf.function(grads)
 
@@ -143,7 +145,7 @@ class Trainer:
         self.steps_per_epoch = data.steps_per_epoch("train")
         self._val_steps = data.steps_per_epoch("val")
         self.stop_training = False
-        self._compile()
+        self._compile(evaluation=True)
         self._callback("on_fit_start")
         start = time.perf_counter()
         train_seconds = 0.0
