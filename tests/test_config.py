@@ -118,3 +118,16 @@ def tiny_model(*, input_shape, num_outputs, hidden_units, **unused):
 def test_fast_overrides_compose(make_cfg):
     cfg = make_cfg(*FAST)
     assert cfg.trainer.epochs == 2
+
+
+def test_tape_settings_reach_the_step(make_cfg, tmp_path):
+    cfg = make_cfg("+experiment=dense", "tape.reset.when=[nonfinite,spike]",
+                   "tape.unconnected_gradients=zero", "trainer.max_steps=5", "callbacks=none")
+    metrics = run(cfg, run_dir=tmp_path)
+    assert metrics["train/tape/resets"] == 0 and metrics["step"] == 5
+
+
+def test_bad_reset_setting_is_a_user_error(make_cfg, tmp_path):
+    cfg = make_cfg("+experiment=dense", "tape.reset.when=[threshold]")
+    with pytest.raises(UserError, match=r"tape\.reset\.threshold is null"):
+        run(cfg, run_dir=tmp_path)
