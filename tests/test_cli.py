@@ -25,17 +25,6 @@ def test_dense_run_writes_every_output(tmp_path):
     assert "epoch 1/1 step 5" in p.stdout + p.stderr
 
 
-def test_multirun_gives_each_job_its_own_directory(tmp_path):
-    sweep = tmp_path / "sweep"
-    p = cli("-m", "+experiment=dense", *SHORT, "optimizer.learning_rate=1e-3,3e-3",
-            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    lrs = [json.loads((sweep / str(i) / "metrics.json").read_text())["train/learning_rate"]
-           for i in (0, 1)]
-    assert lrs == [pytest.approx(1e-3), pytest.approx(3e-3)]
-    assert (sweep / "multirun.yaml").exists()
-
-
 def test_user_config_directory_on_the_search_path(tmp_path):
     configs = tmp_path / "my_configs" / "model"
     configs.mkdir(parents=True)
@@ -79,3 +68,71 @@ def test_user_errors_are_one_line(tmp_path):
     assert p.returncode == 2
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {bad}: line 3, column 'a': 'oops' is not a number"]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body):
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_multirun_jobs_in_the_real_tensorboard_hparams_dashboard(tmp_path):
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    sweep = tmp_path / "sweep"
+    p = cli("-m", "+experiment=dense", *SHORT, "optimizer.learning_rate=1e-3,3e-3",
+            f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (sweep / "multirun.yaml").exists()  # each job in its own directory, 0 and 1
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--host",
+         "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{base}/data/runs", timeout=2) as r:
+                    runs = json.loads(r.read())
+                if len(runs) >= 6:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert {"0/tb", "0/tb/train", "0/tb/val", "1/tb"} <= set(runs)
+        experiment = _post(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
+        metric_names = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
+        assert {("val", "accuracy"), ("val", "loss"), ("train", "loss")} <= metric_names
+        assert not any(tag.startswith("grad_norm/") for _, tag in metric_names)
+        groups = _post(f"{base}/data/plugin/hparams/session_groups", {
+            "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_RUNNING"],
+        })["sessionGroups"]
+        assert len(groups) == 2
+        for group in groups:
+            job = group["sessions"][0]["name"].split("/")[0]
+            saved = json.loads((sweep / job / "metrics.json").read_text())
+            assert group["hparams"]["optimizer.learning_rate"] == pytest.approx(
+                saved["train/learning_rate"])
+            values = {(m["name"]["group"], m["name"]["tag"]): m["value"]
+                      for m in group["metricValues"]}
+            assert values[("val", "accuracy")] == pytest.approx(saved["val/accuracy"])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

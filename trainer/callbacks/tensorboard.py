@@ -62,6 +62,14 @@ class TensorBoardCallback(Callback):
             w.flush()
 
     def on_fit_end(self, trainer, logs):
+        if trainer.hparams:
+            # Name the metrics the HParams dashboard compares (epoch-level train and val
+            # values), instead of letting it offer every scalar tag of the run.
+            metrics = [hp.Metric(k.partition("/")[2], group=k.partition("/")[0])
+                       for k in sorted(logs) if k.startswith(("train/", "val/"))]
+            with self._writer("").as_default(step=trainer.current_step):
+                hp.hparams_config(hparams=[hp.HParam(k) for k in sorted(trainer.hparams)],
+                                  metrics=metrics)
         for w in self.writers.values():
             w.close()
 
