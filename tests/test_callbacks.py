@@ -28,7 +28,7 @@ def test_plain_log_lines_when_not_a_terminal(capsys, caplog):
 
 
 def test_checkpoints_hold_model_optimizer_and_step(tmp_path):
-    cb = CheckpointCallback(directory="ckpt", max_to_keep=2)
+    cb = CheckpointCallback(directory="ckpt", max_to_keep=2, min_interval_seconds=0)
     trainer, model, _ = fit_linear(epochs=3, callbacks=[cb], run_dir=str(tmp_path))
     manager = tf.train.CheckpointManager(cb.manager.checkpoint, str(tmp_path / "ckpt"), 2)
     assert [p.rsplit("-", 1)[1] for p in manager.checkpoints] == ["14", "21"]

@@ -88,3 +88,22 @@ def test_custom_step_overrides_compute_loss():
     expected = keras.losses.Huber(delta=0.5)(y, model(x))
     assert logs["loss"].numpy() == pytest.approx(float(expected))
     assert logs["loss"].numpy() != pytest.approx(float(np.mean((model(x) - y) ** 2)))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_all_lazy_regularizers_take_a_plain_update_when_none_is_due(compiled):
+    from trainer.regularizers import InputGradientPenalty
+
+    x, y = _batch()
+    results = {}
+    for name, regs, iteration in [("plain", [], 1), ("off", "lazy", 1), ("on", "lazy", 2)]:
+        model = linear_model()
+        reg = [InputGradientPenalty(weight=0.5, every=2)] if regs else []
+        step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.1), task="regression",
+                        regularizers=reg)
+        step.bind(tf.Variable(iteration, dtype=tf.int64))
+        step.build()
+        (tf.function(step.train_step) if compiled else step.train_step)((x, y))
+        results[name] = model.trainable_variables[0].numpy()
+    np.testing.assert_array_equal(results["off"], results["plain"])
+    assert not np.allclose(results["on"], results["plain"])

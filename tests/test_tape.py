@@ -192,3 +192,35 @@ def test_reset_config_errors():
         ResetPolicy(when=["threshold"])
     with pytest.raises(UserError, match="'sometimes' is not one of"):
         ResetPolicy(when=["sometimes"])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_objectives_share_one_persistent_tape_and_sum_shared_gradients(compiled):
+    w = tf.Variable(2.0)  # shared by both objectives
+    a = tf.Variable(1.0)
+    b = tf.Variable(-1.0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.1), task="regression")
+    sgd = keras.optimizers.SGD(0.5)
+    sgd.build([w, a, b])
+
+    def run():
+        from trainer import Objective
+
+        with tf.GradientTape(persistent=True) as tape:
+            l1 = (w * a) ** 2  # d/dw = 2 w a^2 = 4, d/da = 2 a w^2 = 8
+            l2 = w * b  # d/dw = b = -1, d/db = w = 2
+        grads = step.apply_objectives(tape, [
+            Objective("first", l1, [w, a], sgd), Objective("second", l2, [w, b], sgd),
+        ])
+        del tape
+        return grads
+
+    grads = tf.function(run)() if compiled else run()
+    assert [float(g) for g in grads["first"]] == [4.0, 8.0]
+    assert [float(g) for g in grads["second"]] == [-1.0, 2.0]
+    assert float(w) == pytest.approx(2.0 - 0.5 * 3.0)  # one update with the summed gradient
+    assert float(a) == pytest.approx(1.0 - 0.5 * 8.0)
+    assert float(b) == pytest.approx(-1.0 - 0.5 * 2.0)
+    assert int(sgd.iterations.numpy()) == 1

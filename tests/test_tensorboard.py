@@ -21,6 +21,7 @@ def dense_run(tmp_path_factory):
         cfg = compose("config", overrides=[
             "+experiment=dense", "trainer.epochs=2", "trainer.steps_per_execution=10",
             "callbacks.tensorboard.histogram_every_n_steps=20", "callbacks.progress.mode=log",
+            "callbacks.tensorboard.histogram_min_interval_seconds=0",
         ])
     GlobalHydra.instance().clear()
     run_dir = tmp_path_factory.mktemp("dense")

@@ -19,9 +19,12 @@ class TrainerConfig:
     _partial_: bool = True
     epochs: int = 10
     max_steps: Optional[int] = None
-    steps_per_execution: int = 32
+    # "auto" (about 0.5 s per execution) or an integer >= 1, checked by the Trainer:
+    # OmegaConf 2.3 has no str/int unions.
+    steps_per_execution: Any = "auto"
     run_eagerly: bool = False
-    jit_compile: bool = False
+    # auto (XLA for long in-memory runs, falling back if it cannot compile), true or false.
+    jit_compile: Any = "auto"
 
 
 @dataclass
@@ -104,6 +107,8 @@ class _DataCommon:
     batch_size: int = 32
     seed: int = II("seed")
     shuffle: bool = True
+    # auto (in memory up to trainer.data.base.IN_MEMORY_MAX_BYTES), true or false.
+    in_memory: Any = "auto"
 
 
 @dataclass
@@ -111,6 +116,8 @@ class DigitsConfig(_DataCommon):
     _target_: str = "trainer.data.digits"
     val_fraction: float = 0.2
     split_seed: int = 0
+    # Keep only these digits, relabelled 0..k-1 (a source or target task for transfer).
+    classes: Optional[List[int]] = None
 
 
 @dataclass
@@ -153,6 +160,8 @@ class TensorBoardConfig:
     _target_: str = "trainer.TensorBoardCallback"
     log_dir: str = "tb"
     histogram_every_n_steps: int = 100
+    # A due histogram is skipped this soon after the last one (0: exactly every n steps).
+    histogram_min_interval_seconds: float = 10.0
 
 
 @dataclass
@@ -161,12 +170,22 @@ class CheckpointConfig:
     directory: str = "checkpoints"
     max_to_keep: int = 3
     every_n_epochs: int = 1
+    # A due save is skipped if the last one is more recent (0: every every_n_epochs).
+    min_interval_seconds: float = 30.0
 
 
 @dataclass
 class ProgressConfig:
     _target_: str = "trainer.ProgressCallback"
     mode: str = "auto"
+
+
+@dataclass
+class ProfileConfig:
+    _target_: str = "trainer.ProfileCallback"
+    # [start, stop] global steps to trace; empty records nothing.
+    steps: List[int] = field(default_factory=list)
+    log_dir: str = "tb"
 
 
 @dataclass
@@ -210,6 +229,7 @@ SCHEMAS = {
     ("schema/callbacks", "tensorboard"): TensorBoardConfig,
     ("schema/callbacks", "checkpoint"): CheckpointConfig,
     ("schema/callbacks", "progress"): ProgressConfig,
+    ("schema/callbacks", "profile"): ProfileConfig,
     ("schema/callbacks", "early_stopping"): EarlyStoppingConfig,
 }
 

@@ -13,7 +13,7 @@ from trainer.errors import UserError
 from trainer.loop import WEIGHT, batch_size
 from trainer.metrics import DEFAULT_METRICS
 from trainer.optim import GroupedOptimizer
-from trainer.tape import check_unconnected, gradients
+from trainer.tape import check_unconnected, global_norm, gradients
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class StepContext:
         tape: the outer tape over the trainable variables; still recording.
         input_tape: a tape that watched ``x`` during the forward pass, when a
             regularizer asked for input gradients (``needs_input_tape``); it is
-            persistent if more than one did.
+            persistent if the regularizers make more than one gradient call on it.
         iteration: the global step before this update (int64 tensor).
     """
 
@@ -109,6 +109,10 @@ class TapeStep:
         self.loss_fn = loss if loss is not None else default_loss(task)
         self.metric_fns = dict(DEFAULT_METRICS.get(task, {}))
         self.regularizers = list(regularizers)
+        for reg in self.regularizers:
+            if getattr(reg, "applies_to", "supervised") != "supervised":
+                raise UserError(f"regularizer {reg.name} penalises a GAN critic, not this step's "
+                                "loss; use it with a GAN step (+experiment=gan)")
         self.unconnected = check_unconnected(unconnected_gradients)
         self.reset = reset
         self.iteration = None  # the trainer's global step, set by bind()
@@ -195,17 +199,30 @@ class TapeStep:
         grads = {o.name: self.gradients(tape, o.loss, o.variables) for o in objectives}
         if transform is not None:
             grads = transform(grads)
+        # One apply per optimizer: a variable shared by several objectives gets the sum of
+        # their gradients in one update (not one optimizer step per objective).
+        updates: dict[int, tuple] = {}
         for o in objectives:
-            pairs = [(g, v) for g, v in zip(grads[o.name], o.variables) if g is not None]
-            o.optimizer.apply_gradients(pairs)
+            opt, summed = updates.setdefault(id(o.optimizer), (o.optimizer, {}))
+            for g, v in zip(grads[o.name], o.variables):
+                if g is not None:
+                    prev = summed.get(id(v), (None, v))[0]
+                    summed[id(v)] = (g if prev is None else prev + g, v)
+        for opt, summed in updates.values():
+            opt.apply_gradients(list(summed.values()))
         return grads
 
-    def record(self, x, y, tape) -> tuple[Any, StepContext, dict]:
+    def record(self, x, y, tape, regularizers=None) -> tuple[Any, StepContext, dict]:
         """Record the forward pass and the regularizers on ``tape``.
 
-        Returns ``(total_loss, context, penalty_logs)``; must be called inside ``tape``.
+        ``regularizers`` (default: all) are the ones computed; the others contribute
+        nothing and log their last value. Returns ``(total_loss, context,
+        penalty_logs)``; must be called inside ``tape``.
         """
-        needs = sum(bool(getattr(r, "needs_input_tape", False)) for r in self.regularizers)
+        active = self.regularizers if regularizers is None else list(regularizers)
+        # needs_input_tape is True or the number of gradient calls a penalty makes on the
+        # input tape; more than one call in all needs a persistent tape.
+        needs = sum(int(getattr(r, "needs_input_tape", False)) for r in active)
         iteration = self.iteration if self.iteration is not None else tf.constant(0, tf.int64)
         if needs:
             with tf.GradientTape(persistent=needs > 1, watch_accessed_variables=False) as itape:
@@ -218,8 +235,11 @@ class TapeStep:
                           iteration=iteration, input_tape=itape)
         total, reg_logs = loss, {}
         for reg in self.regularizers:
-            contribution, value = reg.contribute(ctx)
-            total += contribution
+            if any(reg is r for r in active):
+                contribution, value = reg.contribute(ctx)
+                total += contribution
+            else:
+                value = reg.last_value()
             reg_logs[f"reg/{reg.name}"] = value
         return total, ctx, reg_logs
 
@@ -229,10 +249,21 @@ class TapeStep:
         With a reset policy the update is skipped when the policy says so, and the
         step's logs get zero weight in the execution's averages (``__weight__``).
         """
+        if self.regularizers and all(r.every > 1 for r in self.regularizers):
+            # Every regularizer is lazy: steps where none is due take a plain update, so
+            # they cost what a step without regularizers costs (differentiating through
+            # a cond inside the tape would not be free).
+            iteration = self.iteration if self.iteration is not None else tf.constant(0, tf.int64)
+            due = tf.reduce_any([tf.equal(iteration % r.every, 0) for r in self.regularizers])
+            return tf.cond(due, lambda: self._train_step(batch, None),
+                           lambda: self._train_step(batch, ()))
+        return self._train_step(batch, None)
+
+    def _train_step(self, batch, regularizers) -> dict:
         x, y = batch
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            total, ctx, reg_logs = self.record(x, y, tape)
+            total, ctx, reg_logs = self.record(x, y, tape, regularizers)
             with tape.stop_recording():
                 logs = {"loss": ctx.loss, **self.compute_metrics(y, ctx.y_pred), **reg_logs}
                 bad = self.reset.check_loss(total) if self.reset is not None else None
@@ -240,7 +271,7 @@ class TapeStep:
                 tape.reset()  # the seed's literal reset: nothing recorded so far counts
         if self.reset is None:
             grads = self.apply(tape, total, variables, self.optimizer)
-            logs["grad_norm"] = tf.linalg.global_norm([g for g in grads if g is not None])
+            logs["grad_norm"] = global_norm(grads)
             return logs
         return self._guarded_update(tape, total, variables, logs, bad, batch)
 
@@ -266,7 +297,7 @@ class TapeStep:
         ok = tf.logical_not(bad)
         # A discarded step's values (often NaN) must not poison the execution's averages.
         logs = {k: tf.where(ok, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
-        norm = tf.linalg.global_norm([g for g, _ in pairs]) if pairs else tf.constant(0.0)
+        norm = global_norm([g for g, _ in pairs])
         logs["grad_norm"] = tf.where(ok, norm, 0.0)
         logs[WEIGHT] = tf.cast(ok, tf.float32) * batch_size(batch)
         return logs

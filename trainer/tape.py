@@ -15,6 +15,29 @@ def check_unconnected(policy: str) -> str:
     return policy
 
 
+#: Up to this many gradient entries, ``global_norm`` concatenates them first.
+_CONCAT_NORM_MAX = 1 << 16
+
+
+def global_norm(grads) -> tf.Tensor:
+    """The global norm of a list of gradients (``None`` entries skipped), as float32.
+
+    Same value as ``tf.linalg.global_norm``, computed as one reduction over the
+    concatenated gradients when they are small: XLA on CPU runs every per-tensor
+    reduction as its own kernel, and for a small MLP those six reductions cost a
+    fifth of the step (a tenth without XLA). Large or sparse gradients keep the
+    per-tensor sums: copying 2M entries made a 784-1024-1024-10 step 3x slower.
+    """
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return tf.constant(0.0)
+    sizes = [g.shape.num_elements() for g in grads if isinstance(g, tf.Tensor)]
+    if len(sizes) == len(grads) and None not in sizes and sum(sizes) <= _CONCAT_NORM_MAX:
+        flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
+        return tf.norm(flat)
+    return tf.cast(tf.linalg.global_norm(grads), tf.float32)
+
+
 def gradients(tape: tf.GradientTape, target, sources, *, unconnected: str = "none"):
     """``tape.gradient(target, sources)`` for a list or a dict of variables.
 

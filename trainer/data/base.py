@@ -7,6 +7,8 @@ import numpy as np
 from trainer.errors import UserError
 
 TASKS = ("classification", "regression")
+#: ``in_memory="auto"`` holds the data as tensors up to this many bytes (train + validation).
+IN_MEMORY_MAX_BYTES = 512 * 2**20
 
 
 class DataModule:
@@ -25,6 +27,12 @@ class DataModule:
         allow_nonfinite: accept NaN or infinity in the features (for runs that
             rely on the tape-reset policy to skip such batches).
         name: shown in error messages (a file path, or the data set's name).
+        in_memory: ``True`` holds the arrays as tensors and slices batches by index
+            inside the compiled loop (``TensorSource``: the whole execution can be
+            one XLA program); ``False`` streams them through ``tf.data``
+            (``IteratorSource``); ``"auto"`` (default) holds them in memory when
+            they take at most ``IN_MEMORY_MAX_BYTES`` and ``train_dataset`` is
+            not overridden. Both give the same batches for the same seed.
     """
 
     def __init__(
@@ -40,7 +48,10 @@ class DataModule:
         shuffle: bool = True,
         allow_nonfinite: bool = False,
         name: str = "data",
+        in_memory="auto",
     ):
+        if not (in_memory == "auto" or isinstance(in_memory, bool)):
+            raise UserError(f"data.in_memory={in_memory!r} must be auto, true or false")
         if task not in TASKS:
             raise UserError(f"data.task={task!r} is not one of {TASKS}; set data.task accordingly")
         if batch_size < 1:
@@ -50,6 +61,7 @@ class DataModule:
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
+        self.in_memory = in_memory
         self.x_train, self.y_train = self._check("train", x_train, y_train, allow_nonfinite)
         self.x_val, self.y_val = self._check("validation", x_val, y_val, allow_nonfinite)
         if self.batch_size > len(self.x_train):
@@ -111,13 +123,25 @@ class DataModule:
         return -(-n // self.batch_size)
 
     def train_dataset(self):
-        """Endless tf.data pipeline over the training set, reshuffled each epoch from the seed."""
+        """Endless tf.data pipeline over the training set, reshuffled each epoch from the seed.
+
+        Epoch ``e`` visits the examples in ``epoch_permutation(n, seed, e)`` order,
+        the order the in-memory source uses, batched within the epoch (the last
+        batch may be short); each batch is gathered by index.
+        """
         import tensorflow as tf
 
-        ds = tf.data.Dataset.from_tensor_slices((self.x_train, self.y_train))
+        from trainer.data.sources import epoch_permutation
+
+        n, size = len(self.x_train), self.batch_size
+        x, y = tf.constant(self.x_train), tf.constant(self.y_train)
         if self.shuffle:
-            ds = ds.shuffle(len(self.x_train), seed=self.seed, reshuffle_each_iteration=True)
-        return ds.batch(self.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+            orders = tf.data.Dataset.counter().map(lambda e: epoch_permutation(n, self.seed, e))
+        else:
+            orders = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int32)).repeat()
+        batches = orders.flat_map(lambda i: tf.data.Dataset.from_tensor_slices(i).batch(size))
+        ds = batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+        return ds.prefetch(tf.data.AUTOTUNE)
 
     def val_dataset(self):
         """Endless tf.data pipeline over the validation set, in a fixed order."""
@@ -125,6 +149,31 @@ class DataModule:
 
         ds = tf.data.Dataset.from_tensor_slices((self.x_val, self.y_val))
         return ds.batch(self.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+
+    def holds_in_memory(self) -> bool:
+        """Whether the sources hold the arrays as tensors (see ``in_memory``)."""
+        if self.in_memory != "auto":
+            return bool(self.in_memory)
+        arrays = (self.x_train, self.y_train, self.x_val, self.y_val)
+        overridden = type(self).train_dataset is not DataModule.train_dataset
+        return not overridden and sum(a.nbytes for a in arrays) <= IN_MEMORY_MAX_BYTES
+
+    def train_source(self):
+        """Where the compiled loop gets training batches: in memory or a tf.data iterator."""
+        from trainer.data.sources import IteratorSource, TensorSource
+
+        if self.holds_in_memory():
+            return TensorSource(self.x_train, self.y_train, batch_size=self.batch_size,
+                                seed=self.seed, shuffle=self.shuffle)
+        return IteratorSource(self.train_dataset())
+
+    def val_source(self):
+        """Where evaluation gets its batches, in a fixed order."""
+        from trainer.data.sources import IteratorSource, TensorSource
+
+        if self.holds_in_memory():
+            return TensorSource(self.x_val, self.y_val, batch_size=self.batch_size, shuffle=False)
+        return IteratorSource(self.val_dataset())
 
 
 def split(x, y, *, val_fraction: float, split_seed: int, stratify: bool, name: str):

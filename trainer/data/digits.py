@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.data.base import DataModule, split
+from trainer.errors import UserError
 
 
 def digits(
@@ -12,8 +13,15 @@ def digits(
     split_seed: int = 0,
     seed: int = 0,
     shuffle: bool = True,
+    classes: list[int] | None = None,
+    in_memory="auto",
 ) -> DataModule:
-    """1,797 digit images as 64 features scaled to [0, 1], 10 classes, stratified fixed split."""
+    """1,797 digit images as 64 features scaled to [0, 1], 10 classes, stratified fixed split.
+
+    ``classes`` keeps only those digits, relabelled ``0..k-1`` in the order given
+    (``[5, 6, 7, 8, 9]``: digit 5 becomes class 0). The split is made first, so a
+    subset's validation images are exactly the full split's images of those digits.
+    """
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -21,7 +29,23 @@ def digits(
     x_tr, x_va, y_tr, y_va = split(
         x, y, val_fraction=val_fraction, split_seed=split_seed, stratify=True, name="digits"
     )
+    if classes is not None:
+        x_tr, y_tr = _keep(x_tr, y_tr, classes)
+        x_va, y_va = _keep(x_va, y_va, classes)
     return DataModule(
         x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task="classification",
-        batch_size=batch_size, seed=seed, shuffle=shuffle, name="digits",
+        batch_size=batch_size, seed=seed, shuffle=shuffle, name="digits", in_memory=in_memory,
     )
+
+
+def _keep(x, y, classes):
+    """The rows whose label is in ``classes``, relabelled by position in ``classes``."""
+    import numpy as np
+
+    classes = [int(c) for c in classes]
+    if not classes or len(set(classes)) != len(classes) or not set(classes) <= set(range(10)):
+        raise UserError(f"data.classes={classes} must list distinct digits 0-9, e.g. [5,6,7]")
+    mask = np.isin(y, classes)
+    relabel = np.full(10, -1)
+    relabel[classes] = np.arange(len(classes))
+    return x[mask], relabel[y[mask]]

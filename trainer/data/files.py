@@ -44,6 +44,7 @@ def npz(
     seed: int = 0,
     shuffle: bool = True,
     allow_nonfinite: bool = False,
+    in_memory="auto",
 ) -> DataModule:
     """Arrays ``x_key``/``y_key`` from an .npz file.
 
@@ -67,6 +68,7 @@ def npz(
         arrays[x_key], arrays[y_key], arrays.get(f"{x_key}_val"), arrays.get(f"{y_key}_val"),
         name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,
         batch_size=batch_size, seed=seed, shuffle=shuffle, allow_nonfinite=allow_nonfinite,
+        in_memory=in_memory,
     )
 
 
@@ -82,6 +84,7 @@ def csv_file(
     seed: int = 0,
     shuffle: bool = True,
     allow_nonfinite: bool = False,
+    in_memory="auto",
 ) -> DataModule:
     """A CSV file with a header row: ``target`` is the label column, ``features`` the inputs
     (all other columns when omitted). Every cell must parse as a number."""
@@ -127,4 +130,5 @@ def csv_file(
         values[:, :-1], values[:, -1], None, None,
         name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,
         batch_size=batch_size, seed=seed, shuffle=shuffle, allow_nonfinite=allow_nonfinite,
+        in_memory=in_memory,
     )

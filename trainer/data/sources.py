@@ -14,6 +14,8 @@ class IteratorSource:
 
     #: XLA cannot compile iterator ops, so only the step (not the loop) is jit-compiled.
     xla_loop = False
+    #: Short last batches come through the pipeline as they are (dynamic shape).
+    tail = 0
 
     def __init__(self, dataset: tf.data.Dataset):
         self.dataset = dataset
@@ -21,3 +23,101 @@ class IteratorSource:
 
     def next(self):
         return next(self.iterator)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Nothing to do: the pipeline reshuffles by itself at the end of each pass."""
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch) -> tf.Tensor:
+    """The order of the training examples in ``epoch``: a stateless function of seed and epoch.
+
+    Both sources draw their order here (the iterator inside its tf.data graph,
+    the in-memory source at each epoch start), so the same seed gives the same
+    batches whichever path runs, and a resumed run reproduces the order.
+    """
+    seed = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int32), seed)
+
+
+class TensorSource:
+    """Batches sliced by index from tensors held in memory, inside the compiled loop.
+
+    Holds ``x`` and ``y`` as tensors, the epoch's order of the examples and the
+    position in it (both ``tf.Variable``, created here, outside any tf.function).
+    ``next()`` gathers the next full batch by index, so the whole multi-step
+    execution (``steps_per_execution`` steps) can be one XLA program.
+
+    The order of each epoch is ``epoch_permutation(n, seed, epoch)`` (identity
+    without shuffle), set by ``start_epoch`` on the host between executions: an
+    execution never crosses an epoch boundary, so drawing it there costs one op
+    per epoch instead of a branch per step, and eager, compiled and XLA runs see
+    the same order.
+
+    The short last batch (``n % batch_size`` examples, when not zero) is neither
+    dropped nor padded, so every epoch sees every example once, exactly as the
+    ``tf.data`` path does. ``next_any()`` draws it (any batch, dynamic shape):
+    under XLA, which needs static shapes, in a second small call at the end of
+    the epoch; without XLA for every step. See ``trainer.loop.make_source_execution``.
+
+    With ``tape.reset.action=retry``, a retried step takes the next batch of the
+    epoch's order; a retry in the fused loop that runs past the last full batch
+    wraps to the epoch's first batch.
+    """
+
+    xla_loop = True
+
+    def __init__(self, x, y, *, batch_size: int, seed: int = 0, shuffle: bool = True):
+        self.x = tf.convert_to_tensor(x)
+        self.y = tf.convert_to_tensor(y)
+        self.num_examples = int(self.x.shape[0])
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.full_batches = self.num_examples // self.batch_size
+        #: Examples in the epoch's short last batch; 0 when the batch size divides the set.
+        self.tail = self.num_examples % self.batch_size
+        self.steps_per_epoch = self.full_batches + (1 if self.tail else 0)
+        self.order = tf.Variable(tf.range(self.num_examples, dtype=tf.int32), trainable=False,
+                                 name="source_order")
+        self.position = tf.Variable(0, dtype=tf.int32, trainable=False, name="source_position")
+        #: Steps run in this epoch, counted on the host (the plan, not the device position).
+        self.planned = 0
+
+    def start_epoch(self, epoch: int) -> None:
+        """Draw the order of ``epoch`` and rewind to its first batch."""
+        if self.shuffle:
+            self.order.assign(epoch_permutation(self.num_examples, self.seed, epoch))
+        self.position.assign(0)
+        self.planned = 0
+
+    def _gather(self, indices):
+        return tf.gather(self.x, indices), tf.gather(self.y, indices)
+
+    def next(self):
+        """The next full batch (static shape ``[batch_size, ...]``)."""
+        position = self.position % max(self.full_batches, 1)
+        # Indices by gather, not tf.slice: XLA treats a slice start read from a variable
+        # as a compile-time constant and would recompile for every position.
+        indices = tf.gather(self.order, position * self.batch_size + tf.range(self.batch_size))
+        self.position.assign(position + 1)
+        return self._gather(indices)
+
+    def next_any(self):
+        """The next batch, full or the short last one (dynamic shape)."""
+        position = self.position % self.steps_per_epoch
+        start = position * self.batch_size
+        stop = tf.minimum(start + self.batch_size, self.num_examples)
+        # Wrapped here, so after the short last batch next() starts again at the first.
+        self.position.assign((position + 1) % self.steps_per_epoch)
+        return self._gather(self.order[start:stop])
+
+
+def sources_of(data) -> tuple:
+    """The training and validation sources of a data module.
+
+    ``DataModule`` picks in-memory or streaming itself (``train_source``); any
+    other object with ``train_dataset()`` and ``val_dataset()`` is streamed.
+    """
+    if hasattr(data, "train_source"):
+        return data.train_source(), data.val_source()
+    return IteratorSource(data.train_dataset()), IteratorSource(data.val_dataset())

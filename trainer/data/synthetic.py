@@ -20,6 +20,7 @@ def synthetic(
     batch_size: int = 32,
     seed: int = 0,
     shuffle: bool = True,
+    in_memory="auto",
 ) -> DataModule:
     """A linear regression problem, or Gaussian blobs for classification.
 
@@ -44,4 +45,5 @@ def synthetic(
     return DataModule(
         x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task=task,
         batch_size=batch_size, seed=seed, shuffle=shuffle, name=f"synthetic {task}",
+        in_memory=in_memory,
     )

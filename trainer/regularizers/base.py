@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.regularizers.functional import fold_seed
+
 
 class Regularizer:
     """Base class. Subclasses implement ``penalty(ctx)`` and may set ``needs_input_tape``.
@@ -13,7 +15,10 @@ class Regularizer:
     a multiple of k, and then weighted by ``k * weight`` so its average pull on
     the parameters matches computing it every step (lazy regularization, as
     StyleGAN2 does for R1). On the other steps it contributes zero and the logged
-    value is the last one computed.
+    value is the last one computed. When every regularizer of a TapeStep is lazy,
+    the step takes a plain update on steps where none is due, so those cost what
+    a step without regularizers costs; otherwise the penalty runs inside a
+    ``tf.cond`` branch within the tape.
 
     Args:
         weight: multiplier of the penalty in the loss.
@@ -22,8 +27,11 @@ class Regularizer:
     """
 
     name = "regularizer"
-    #: True if the penalty needs gradients with respect to the inputs (``ctx.input_gradient``).
-    needs_input_tape = False
+    #: True (or the number of ``gradient`` calls the penalty makes) if the penalty needs
+    #: ``ctx.input_tape``, the tape that watched the inputs during the forward pass.
+    needs_input_tape: bool | int = False
+    #: ``"supervised"`` (added to a TapeStep's loss) or ``"critic"`` (to a GAN critic's loss).
+    applies_to = "supervised"
 
     def __init__(self, *, weight: float = 1.0, every: int = 1, name: str | None = None):
         if every < 1:
@@ -38,7 +46,18 @@ class Regularizer:
         """The unweighted penalty as a scalar tensor; runs inside the outer tape."""
         raise NotImplementedError
 
+    @property
+    def scope(self) -> str:
+        """The name scope of the penalty's ops: XLA errors name it, so the failing
+        regularizer can be named (``trainer.regularizers.xla``)."""
+        return f"regularizer_{self.name}"
+
     def contribute(self, ctx):
+        """``(contribution to the loss, value to log)`` for this step."""
+        with tf.name_scope(self.scope):
+            return self._contribute(ctx)
+
+    def _contribute(self, ctx):
         if self.every == 1:
             value = tf.cast(self.penalty(ctx), tf.float32)
             return self.weight * value, value
@@ -52,4 +71,30 @@ class Regularizer:
         contribution = tf.cond(
             tf.equal(ctx.iteration % self.every, 0), due, lambda: tf.constant(0.0)
         )
-        return contribution, tf.identity(self._last)
+        return contribution, self.last_value()
+
+    def last_value(self):
+        """The value computed last (what ``reg/<name>`` logs on steps it is not due)."""
+        return tf.identity(self._last)
+
+    def __repr__(self):
+        kind = type(self).__name__
+        return f"{kind}(name={self.name!r}, weight={self.weight}, every={self.every})"
+
+
+class RandomRegularizer(Regularizer):
+    """A regularizer with random draws: stateless, seeded from ``seed``, its name and the step.
+
+    Args:
+        seed: base seed (the configs pass the run's ``seed``); the draws of step
+            ``t`` are a pure function of ``(seed, name, t)``, identical eager,
+            compiled and under XLA, and after resuming from a checkpoint.
+    """
+
+    def __init__(self, *, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.seed = int(seed)
+
+    def draw_seed(self, ctx) -> tf.Tensor:
+        """The ``[2]`` seed of this step's draws."""
+        return fold_seed(self.seed, self.name, ctx.iteration)

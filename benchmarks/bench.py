@@ -1,0 +1,266 @@
+"""The performance harness, one command: ``python -m benchmarks.bench [--quick]``.
+
+Runs every case in this one process. Within a group the variants (``model.fit``,
+hand-written loops, the trainer) are set up and warmed up (compiled, one epoch),
+then timed in windows, round robin, so a change in the machine's load hits all
+of them alike. Prints a table, writes JSON (``benchmarks/results.json``) and the
+Markdown report (``benchmarks/RESULTS.md``) with the ratios against the targets.
+
+Cases: A overhead-bound MLP 32-64-64-1 (steps_per_execution 1, 32, 256);
+B compute-bound MLP 784-1024-1024-10 and the machine's matmul peak; C the
+input-gradient penalty on A and B, every step and every 16; D overheads
+(TensorBoard, checkpoints, eager, time to first step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = Path(__file__).resolve().parent
+
+
+def workloads(quick: bool) -> dict:
+    from benchmarks.variants import Workload
+
+    a = Workload("A", "regression", 32, [64, 64], 1, batch_size=64,
+                 n_train=16384 if quick else 65536)
+    b = Workload("B", "classification", 784, [256, 256] if quick else [1024, 1024], 10,
+                 batch_size=256, n_train=8192)
+    return {
+        "A": a, "B": b,
+        "A+gp": replace(a, name="A+gp", gp_every=1), "A+gp/16": replace(a, name="A+gp/16",
+                                                                        gp_every=16),
+        "B+gp": replace(b, name="B+gp", gp_every=1), "B+gp/16": replace(b, name="B+gp/16",
+                                                                        gp_every=16),
+        "D": replace(a, name="D"), "D-eager": replace(a, name="D-eager", n_train=4096),
+    }
+
+
+ALL_KINDS = (("iterator", False), ("memory", False), ("memory", True))
+
+
+def _contest(w, spe, *, fit=True, kinds=ALL_KINDS):
+    """model.fit (with and without XLA), hand-written loops and the trainer of each kind."""
+    from benchmarks.variants import FitVariant, HandVariant, TrainerVariant
+
+    name = f"{w.name}/spe{spe}"
+    out = []
+    if fit:
+        out += [FitVariant(f"{name}/fit", w, spe, xla=False),
+                FitVariant(f"{name}/fit-xla", w, spe, xla=True)]
+    for source, jit in kinds:
+        tag = source + ("-xla" if jit else "")
+        out.append(HandVariant(f"{name}/hand-{tag}", w, spe, source=source, xla=jit))
+        out.append(TrainerVariant(f"{name}/trainer-{tag}", w, spe, source=source, xla=jit))
+    return out
+
+
+def plan(quick: bool) -> dict:
+    """The groups of variants timed round robin together, by group name.
+
+    ``quick`` keeps every case but fewer variants: the full contest at
+    steps_per_execution=32 only, and the XLA kinds elsewhere.
+    """
+    from benchmarks.variants import MatmulPeak, TrainerVariant
+    from trainer import CheckpointCallback, TensorBoardCallback
+
+    w = workloads(quick)
+    xla_only = (("memory", True),)
+    groups = {}
+    a = []
+    for spe in (1, 32, 256):
+        a += _contest(w["A"], spe, kinds=ALL_KINDS if spe == 32 or not quick else xla_only)
+        # Trainer(steps_per_execution=spe) and nothing else: the data's and XLA's defaults.
+        a.append(TrainerVariant(f"A/spe{spe}/trainer-default", w["A"], spe, label="default"))
+    a.append(TrainerVariant("A/spe-auto/trainer-memory-xla", w["A"], "auto", source="memory",
+                            xla=True))
+    a.append(TrainerVariant("A/spe-auto/trainer-default", w["A"], "auto", label="default"))
+    for key in ("A+gp", "A+gp/16"):
+        a += _contest(w[key], 32, fit=not quick, kinds=xla_only if quick else ALL_KINDS)
+    groups["A"] = a
+    b = [MatmulPeak("B/matmul-peak", 512 if quick else 2048)]
+    for key in ("B", "B+gp", "B+gp/16"):
+        kinds = ALL_KINDS if not quick else ALL_KINDS[1:] if key == "B" else xla_only
+        b += _contest(w[key], 32, fit=key == "B" or not quick, kinds=kinds)
+    groups["B"] = b
+    run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
+    d = w["D"]
+    groups["D"] = [
+        TrainerVariant("D/trainer-default", d, "auto"),
+        TrainerVariant("D/trainer-default+tensorboard", d, "auto", run_dir=str(run_dir / "tb"),
+                       callbacks=[TensorBoardCallback]),
+        TrainerVariant("D/trainer-default+checkpoint", d, "auto", run_dir=str(run_dir / "ck"),
+                       callbacks=[CheckpointCallback]),
+        TrainerVariant("D/trainer-spe32", w["D-eager"], 32),
+        TrainerVariant("D/trainer-spe32-eager", w["D-eager"], 32, eager=True),
+    ]
+    return groups
+
+
+def time_to_first_step(jit_compile: bool) -> dict:
+    """Seconds to compose the config, build the objects, and finish the first execution
+    (trace and compile included), as ``python -m trainer`` does them."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from trainer.callbacks import Callback
+    from trainer.config import register_configs
+    from trainer.run import _optimizer, _step_extras, build
+
+    class First(Callback):
+        def on_execution_end(self, trainer, step, logs):
+            if not hasattr(self, "at"):
+                self.at = time.perf_counter()
+
+    t0 = time.perf_counter()
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module("trainer.configs", version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "+experiment=dense", "callbacks=none", "trainer.max_steps=1",
+            f"trainer.jit_compile={str(jit_compile).lower()}"])
+    GlobalHydra.instance().clear()
+    t1 = time.perf_counter()
+    data = build(cfg.data)
+    model = build(cfg.model)(input_shape=data.input_shape, num_outputs=data.num_outputs)
+    step = build(cfg.step)(model=model, optimizer=_optimizer(cfg.optimizer), task=data.task,
+                           **_step_extras(cfg))
+    first = First()
+    trainer = build(cfg.trainer)(callbacks=[first], run_dir=tempfile.mkdtemp(prefix="bench-"))
+    t2 = time.perf_counter()
+    trainer.fit(step, data)
+    return {"compose_s": t1 - t0, "build_s": t2 - t1, "first_execution_s": first.at - t2,
+            "total_s": first.at - t0}
+
+
+def measure(variants, *, windows: int, window_seconds: float, log) -> dict:
+    """Set up every variant, then time ``windows`` rounds of all of them, round robin."""
+    results = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        v.setup()
+        steps, seconds = v.run(1)
+        v.epochs = max(1, round(window_seconds / max(seconds, 1e-6)))
+        log(f"  set up {v.name} in {time.perf_counter() - t0:.1f}s "
+            f"({steps / seconds:,.0f} steps/s, {v.epochs} epoch(s) per window)")
+        results[v.name] = {**v.meta, "rates": []}
+    for w in range(windows):
+        for v in variants:
+            steps, seconds = v.run(v.epochs)
+            results[v.name]["rates"].append(steps / seconds)
+        log(f"  window {w + 1}/{windows} done")
+    for r in results.values():
+        rates = r["rates"]
+        med = statistics.median(rates)
+        r.update(median=med, min=min(rates), max=max(rates),
+                 spread=(max(rates) - min(rates)) / med if med else 0.0)
+    peak = next((v for v in variants if v.kind == "peak"), None)
+    if peak is not None:
+        r = results[peak.name]
+        r["gflops"] = {k: r[k] * peak.flops / 1e9 for k in ("median", "min", "max")}
+    for v in variants:
+        if v.workload is not None and v.kind != "peak":
+            results[v.name]["flops_per_step"] = v.workload.flops_per_step()
+            results[v.name]["workload"] = v.workload.name
+    return results
+
+
+def machine() -> dict:
+    import keras
+    import tensorflow as tf
+
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "tensorflow": tf.__version__, "keras": keras.__version__,
+            "platform": platform.platform()}
+
+
+def load() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="small data, short windows: a smoke test of about 2 minutes")
+    parser.add_argument("--windows", type=int, help="timed windows per variant (7; quick 2)")
+    parser.add_argument("--window-seconds", type=float,
+                        help="seconds per window (0.7; quick 0.1)")
+    parser.add_argument("--groups", default="A,B,D", help="groups to run (default A,B,D)")
+    parser.add_argument("--out", type=Path, help="JSON output (benchmarks/results.json; quick: "
+                        "benchmarks/quick.json)")
+    parser.add_argument("--markdown", type=Path, help="report (benchmarks/RESULTS.md; quick: "
+                        "none)")
+    args = parser.parse_args(argv)
+    windows = args.windows or (2 if args.quick else 7)
+    window_seconds = args.window_seconds or (0.1 if args.quick else 0.7)
+    out = args.out or HERE / ("quick.json" if args.quick else "results.json")
+    markdown = args.markdown or (None if args.quick else HERE / "RESULTS.md")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    import keras
+    import tensorflow as tf
+
+    from benchmarks.report import markdown_report, summarize, table
+
+    # Dozens of trainers trace the same loop code here, which TensorFlow reports as retracing.
+    tf.get_logger().setLevel("ERROR")
+
+    started = time.perf_counter()
+    result = {"machine": machine(), "load_before": load(),
+              "settings": {"quick": args.quick, "windows": windows,
+                           "window_seconds": window_seconds},
+              "first_step": {}, "groups": {}}
+    log(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
+        f"{result['load_before']}")
+    if "D" in args.groups:
+        for jit in (False, True):
+            result["first_step"]["xla" if jit else "compiled"] = time_to_first_step(jit)
+    groups = plan(args.quick)
+    for name in args.groups.split(","):
+        log(f"group {name}: {len(groups[name])} variants")
+        result["groups"][name] = measure(groups.pop(name), windows=windows,
+                                         window_seconds=window_seconds, log=log)
+        gc.collect()
+        keras.backend.clear_session()
+    result["load_after"] = load()
+    result["seconds"] = time.perf_counter() - started
+    result["cases"], result["targets"] = summarize(result)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(table(result))
+    if markdown is not None:
+        markdown.write_text(markdown_report(result))
+    log(f"wrote {out}" + (f" and {markdown}" if markdown else "") +
+        f" in {result['seconds']:.0f}s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Ratios against the targets, the printed table and benchmarks/RESULTS.md, from the JSON."""
+
+from __future__ import annotations
+
+
+def _find(group: dict, workload: str, spe=None, kind=None, source=None, xla=None,
+          defaults=True) -> list:
+    out = []
+    for name, r in group.items():
+        if r.get("workload") != workload or (kind and r["kind"] != kind):
+            continue
+        if r.get("default") and not defaults:
+            continue
+        if spe is not None and r["steps_per_execution"] != spe:
+            continue
+        if source is not None and r.get("source") != source:
+            continue
+        if xla is not None and bool(r.get("xla")) != xla:
+            continue
+        out.append((name, r))
+    return out
+
+
+def _best(group, workload, **kw):
+    found = _find(group, workload, **kw)
+    return max(found, key=lambda nr: nr[1]["median"]) if found else (None, None)
+
+
+KINDS = (("iterator", False), ("memory", False), ("memory", True))
+
+
+def _kind(source, xla):
+    return source + ("-xla" if xla else "")
+
+
+def summarize(result: dict) -> tuple[dict, list]:
+    """``(cases, targets)``: the ratios of each case, and each target with ``met``."""
+    groups, cases, targets = result["groups"], {}, []
+
+    def target(case, what, value, op, threshold):
+        met = value is not None and (value >= threshold if op == ">=" else value <= threshold)
+        targets.append({"case": case, "target": what, "value": value, "op": op,
+                        "threshold": threshold, "met": bool(met)})
+
+    def vs_hand(case, group, workload, spe):
+        ratios = {}
+        for source, xla in KINDS:
+            _, t = _best(group, workload, spe=spe, kind="trainer", source=source, xla=xla,
+                         defaults=False)
+            _, h = _best(group, workload, spe=spe, kind="hand", source=source, xla=xla)
+            if t and h:
+                ratios[_kind(source, xla)] = t["median"] / h["median"]
+                target(case, f"{workload} spe={spe} trainer/hand ({_kind(source, xla)})",
+                       ratios[_kind(source, xla)], ">=", 0.95)
+        return ratios
+
+    a = groups.get("A")
+    if a:
+        case = {"per_spe": {}}
+        fits, trainers = [], []
+        for spe in (1, 32, 256):
+            fit_name, fit = _best(a, "A", spe=spe, kind="fit")
+            if not fit:
+                continue
+            fits.append((fit_name, fit))
+            default = next((r for r in a.values() if r.get("default") and r["kind"] == "trainer"
+                            and r["steps_per_execution"] == spe), None)
+            entry = {"fit_best": fit_name, "fit_best_steps_per_s": fit["median"],
+                     "trainer_vs_hand": vs_hand("A", a, "A", spe)}
+            if default:
+                entry["default_vs_fit"] = default["median"] / fit["median"]
+                target("A", f"A spe={spe} trainer default / model.fit (same spe)",
+                       entry["default_vs_fit"], ">=", 1.1)
+            case["per_spe"][spe] = entry
+        trainers = _find(a, "A", kind="trainer")
+        if fits and trainers:
+            fit_name, fit = max(fits, key=lambda nr: nr[1]["median"])
+            best_name, best = max(trainers, key=lambda nr: nr[1]["median"])
+            case.update(fit_best=fit_name, trainer_best=best_name,
+                        trainer_best_vs_fit_best=best["median"] / fit["median"])
+            target("A", "A trainer best / model.fit best", case["trainer_best_vs_fit_best"],
+                   ">=", 3.0)
+        cases["A"] = case
+    b = groups.get("B")
+    if b:
+        peak = next((r for r in b.values() if r["kind"] == "peak"), None)
+        case = {"trainer_vs_hand": vs_hand("B", b, "B", 32)}
+        best_name, best = _best(b, "B", kind="trainer")
+        _, hand = _best(b, "B", kind="hand")
+        _, fit = _best(b, "B", kind="fit")
+        if peak and best:
+            flops = peak["gflops"]["median"] * 1e9
+            case.update(peak_gflops=flops / 1e9, trainer_best=best_name,
+                        trainer_share_of_peak=best["median"] * best["flops_per_step"] / flops,
+                        hand_share_of_peak=hand["median"] * hand["flops_per_step"] / flops)
+            target("B", "B trainer best share of matmul peak", case["trainer_share_of_peak"],
+                   ">=", 0.9)
+        if fit and best:
+            case["trainer_best_vs_fit_best"] = best["median"] / fit["median"]
+        cases["B"] = case
+    c = {}
+    for group_name, base in (("A", "A"), ("B", "B")):
+        group = groups.get(group_name)
+        if not group:
+            continue
+        for suffix in ("+gp", "+gp/16"):
+            w = base + suffix
+            if not _find(group, w):
+                continue
+            entry = {"trainer_vs_hand": vs_hand("C", group, w, 32)}
+            _, fit = _best(group, w, kind="fit")
+            _, best = _best(group, w, kind="trainer")
+            if fit and best:
+                entry["trainer_best_vs_fit_best"] = best["median"] / fit["median"]
+            # The penalty's cost at the plain step's best setting (same source, same XLA).
+            _, plain = _best(group, base, spe=32, kind="trainer")
+            if plain:
+                _, same = _best(group, w, spe=32, kind="trainer", source=plain["source"],
+                                xla=bool(plain["xla"]))
+                if same:
+                    entry["step_time_vs_plain"] = plain["median"] / same["median"]
+                    if base == "B":
+                        limit = 2.5 if suffix == "+gp" else 1.15
+                        target("C", f"{w} step time / plain B step (trainer, best setting)",
+                               entry["step_time_vs_plain"], "<=", limit)
+            _, hplain = _best(group, base, spe=32, kind="hand", source="memory", xla=True)
+            _, hsame = _best(group, w, spe=32, kind="hand", source="memory", xla=True)
+            if hplain and hsame:
+                entry["hand_step_time_vs_plain"] = hplain["median"] / hsame["median"]
+            c[w] = entry
+    if c:
+        cases["C"] = c
+    d = groups.get("D")
+    if d:
+        def med(name):
+            return d[name]["median"] if name in d else None
+
+        def best(name):
+            return d[name]["max"] if name in d else None
+
+        names = [f"D/trainer-default{s}" for s in ("", "+tensorboard", "+checkpoint")]
+        none, tb, ck = (med(n) for n in names)
+        best_none, best_tb, best_ck = (best(n) for n in names)
+        case = {"first_step": result.get("first_step", {})}
+        # Also from each variant's best window: other processes only ever slow a window
+        # down, so on a busy machine the best windows compare the undisturbed speeds.
+        if none and tb:
+            case["tensorboard_cost"] = 1 - tb / none
+            case["tensorboard_cost_best_windows"] = 1 - best_tb / best_none
+            target("D", "TensorBoard at defaults: cost", case["tensorboard_cost"], "<=", 0.03)
+        if none and ck:
+            case["checkpoint_cost"] = 1 - ck / none
+            case["checkpoint_cost_best_windows"] = 1 - best_ck / best_none
+            target("D", "checkpoints at defaults: cost", case["checkpoint_cost"], "<=", 0.02)
+        comp, eager = med("D/trainer-spe32"), med("D/trainer-spe32-eager")
+        if comp and eager:
+            case["compiled_vs_eager"] = comp / eager
+        cases["D"] = case
+    return cases, targets
+
+
+READING = """\
+### Reading the results
+
+- *trainer/hand* compares the trainer with the minimal hand-written loop of the same kind.
+  That loop computes the update and the loss; the trainer's default step also computes, every
+  step, a metric (MAE or accuracy), the global gradient norm and the global step. Under XLA
+  these fuse into the step and cost a few percent at most; without XLA (the iterator and
+  in-memory kinds) each extra op costs TensorFlow's executor time on the loop's critical path,
+  about 10-20% of a step of the tiny A model (the gradient norm is most of it), and nothing
+  measurable on B. `jit_compile=auto` picks XLA for long in-memory runs.
+- *share of matmul peak* divides the step's matmul FLOPs by the rate of a 2048x2048 float32
+  product. The step's products are smaller and Adam's update of 1.9M parameters is
+  memory-bound, so neither the hand-written loop nor `model.fit` get near 90% on this machine.
+- Other processes shared the machine (see the load above); the spread column shows how much
+  the windows of a variant varied. Ratios within about 10% of a goal are within that noise."""
+
+
+def _fmt(value, op=None):
+    if value is None:
+        return "-"
+    if op == "pct":
+        return f"{100 * value:+.1f}%"
+    return f"{value:.2f}"
+
+
+def table(result: dict) -> str:
+    """Every variant: median steps/s, spread, and the targets, as plain text."""
+    lines = [f"{'variant':<44} {'steps/s':>10} {'spread':>7}"]
+    for group in result["groups"].values():
+        for name, r in group.items():
+            extra = f"  ({r['gflops']['median']:.0f} GFLOP/s)" if "gflops" in r else ""
+            lines.append(f"{name:<44} {r['median']:>10,.0f} {100 * r['spread']:>6.0f}%{extra}")
+    lines.append("")
+    for t in result["targets"]:
+        mark = "met" if t["met"] else "NOT MET"
+        lines.append(f"{t['target']:<60} {_fmt(t['value']):>7} {t['op']} {t['threshold']:<5}"
+                     f" {mark}")
+    return "\n".join(lines)
+
+
+def markdown_report(result: dict) -> str:
+    """benchmarks/RESULTS.md: the machine, every measurement, and the targets."""
+    m, s = result["machine"], result["settings"]
+    out = [
+        "# Benchmark results",
+        "",
+        "Produced by `python -m benchmarks.bench` (this file and `benchmarks/results.json` "
+        "are rewritten by each full run).",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores; {m['platform']}",
+        f"- Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}",
+        f"- Load before: `{result['load_before']}`",
+        f"- Load after: `{result['load_after']}`",
+        f"- {s['windows']} timed windows of about {s['window_seconds']} s per variant, round "
+        f"robin within each group after a warm-up epoch; {result['seconds'] / 60:.1f} minutes "
+        "in all. Steps/s are medians over the windows; the spread is (max - min) / median.",
+        "",
+        "## Targets",
+        "",
+        "| case | target | value | goal | met |",
+        "|---|---|---:|---:|---|",
+    ]
+    for t in result["targets"]:
+        out.append(f"| {t['case']} | {t['target']} | {_fmt(t['value'])} | {t['op']} "
+                   f"{t['threshold']} | {'yes' if t['met'] else '**no**'} |")
+    out += ["", READING]
+    d = result["cases"].get("D", {})
+    if d:
+        out += ["", "## D: overheads", ""]
+        for what, label in (("tensorboard", "TensorBoard"), ("checkpoint", "Checkpointing")):
+            if f"{what}_cost" in d:
+                out.append(f"- {label} at defaults costs "
+                           f"{100 * d[f'{what}_cost']:+.1f}% of the steps/s (medians), "
+                           f"{100 * d[f'{what}_cost_best_windows']:+.1f}% (best windows); "
+                           "negative values are noise")
+        if "compiled_vs_eager" in d:
+            out.append(f"- Compiled / eager (A model, steps_per_execution=32): "
+                       f"{d['compiled_vs_eager']:.1f}x")
+        for mode, times in d.get("first_step", {}).items():
+            out.append(f"- Time to first step ({mode}, `+experiment=dense`): "
+                       f"{times['total_s']:.2f} s (compose {times['compose_s']:.2f} s, build "
+                       f"{times['build_s']:.2f} s, first execution incl. trace "
+                       f"{times['first_execution_s']:.2f} s)")
+    b = result["cases"].get("B", {})
+    if "peak_gflops" in b:
+        out += ["", f"Matmul peak (2048x2048 float32): {b['peak_gflops']:.0f} GFLOP/s; the "
+                f"trainer's best B step reaches {100 * b['trainer_share_of_peak']:.0f}% of it, "
+                f"the hand-written loop {100 * b['hand_share_of_peak']:.0f}%."]
+    out += ["", "## Every variant", "",
+            "| variant | steps/s (median) | min | max | spread |", "|---|---:|---:|---:|---:|"]
+    for group in result["groups"].values():
+        for name, r in group.items():
+            unit = f" ({r['gflops']['median']:.0f} GFLOP/s)" if "gflops" in r else ""
+            out.append(f"| {name}{unit} | {r['median']:,.0f} | {r['min']:,.0f} | "
+                       f"{r['max']:,.0f} | {100 * r['spread']:.0f}% |")
+    out.append("")
+    return "\n".join(out)
