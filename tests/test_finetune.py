@@ -129,7 +129,6 @@ def test_group_update_is_lr_times_lr_scale_times_gradient(make_cfg):
 
 def test_backbone_loaded_from_a_saved_model(tmp_path):
     from trainer.experiments.finetune import transfer_model
-
     from trainer.models import mlp
 
     keras.utils.set_random_seed(0)

@@ -6,10 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from trainer.experiments.multitask import MultitaskStep, pcgrad, two_head_mlp
 
 from trainer import Trainer
 from trainer.data import digits
+from trainer.experiments.multitask import MultitaskStep, pcgrad, two_head_mlp
 
 
 def _const(*values):
