@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 
 def _find(group: dict, workload: str, spe=None, kind=None, source=None, xla=None,
           defaults=True) -> list:
@@ -29,6 +31,17 @@ def _best(group, workload, **kw):
 KINDS = (("iterator", False), ("memory", False), ("memory", True))
 
 
+def ratio(a: dict, b: dict) -> float:
+    """``a``'s speed over ``b``'s: the median of their ratios window by window.
+
+    Both ran in every round robin window, one right after the other, so a change in
+    the machine's load hits the pair alike; the median of the paired ratios is steadier
+    than the ratio of two medians taken over different windows.
+    """
+    pairs = [x / y for x, y in zip(a["rates"], b["rates"]) if y]
+    return statistics.median(pairs) if pairs else a["median"] / b["median"]
+
+
 def _kind(source, xla):
     return source + ("-xla" if xla else "")
 
@@ -49,7 +62,7 @@ def summarize(result: dict) -> tuple[dict, list]:
                          defaults=False)
             _, h = _best(group, workload, spe=spe, kind="hand", source=source, xla=xla)
             if t and h:
-                ratios[_kind(source, xla)] = t["median"] / h["median"]
+                ratios[_kind(source, xla)] = ratio(t, h)
                 target(case, f"{workload} spe={spe} trainer/hand ({_kind(source, xla)})",
                        ratios[_kind(source, xla)], ">=", 0.95)
         return ratios
@@ -68,7 +81,7 @@ def summarize(result: dict) -> tuple[dict, list]:
             entry = {"fit_best": fit_name, "fit_best_steps_per_s": fit["median"],
                      "trainer_vs_hand": vs_hand("A", a, "A", spe)}
             if default:
-                entry["default_vs_fit"] = default["median"] / fit["median"]
+                entry["default_vs_fit"] = ratio(default, fit)
                 target("A", f"A spe={spe} trainer default / model.fit (same spe)",
                        entry["default_vs_fit"], ">=", 1.1)
             case["per_spe"][spe] = entry
@@ -77,7 +90,7 @@ def summarize(result: dict) -> tuple[dict, list]:
             fit_name, fit = max(fits, key=lambda nr: nr[1]["median"])
             best_name, best = max(trainers, key=lambda nr: nr[1]["median"])
             case.update(fit_best=fit_name, trainer_best=best_name,
-                        trainer_best_vs_fit_best=best["median"] / fit["median"])
+                        trainer_best_vs_fit_best=ratio(best, fit))
             target("A", "A trainer best / model.fit best", case["trainer_best_vs_fit_best"],
                    ">=", 3.0)
         cases["A"] = case
@@ -96,7 +109,7 @@ def summarize(result: dict) -> tuple[dict, list]:
             target("B", "B trainer best share of matmul peak", case["trainer_share_of_peak"],
                    ">=", 0.9)
         if fit and best:
-            case["trainer_best_vs_fit_best"] = best["median"] / fit["median"]
+            case["trainer_best_vs_fit_best"] = ratio(best, fit)
         cases["B"] = case
     c = {}
     for group_name, base in (("A", "A"), ("B", "B")):
@@ -111,14 +124,14 @@ def summarize(result: dict) -> tuple[dict, list]:
             _, fit = _best(group, w, kind="fit")
             _, best = _best(group, w, kind="trainer")
             if fit and best:
-                entry["trainer_best_vs_fit_best"] = best["median"] / fit["median"]
+                entry["trainer_best_vs_fit_best"] = ratio(best, fit)
             # The penalty's cost at the plain step's best setting (same source, same XLA).
             _, plain = _best(group, base, spe=32, kind="trainer")
             if plain:
                 _, same = _best(group, w, spe=32, kind="trainer", source=plain["source"],
                                 xla=bool(plain["xla"]))
                 if same:
-                    entry["step_time_vs_plain"] = plain["median"] / same["median"]
+                    entry["step_time_vs_plain"] = ratio(plain, same)
                     if base == "B":
                         limit = 2.5 if suffix == "+gp" else 1.15
                         target("C", f"{w} step time / plain B step (trainer, best setting)",
@@ -126,35 +139,26 @@ def summarize(result: dict) -> tuple[dict, list]:
             _, hplain = _best(group, base, spe=32, kind="hand", source="memory", xla=True)
             _, hsame = _best(group, w, spe=32, kind="hand", source="memory", xla=True)
             if hplain and hsame:
-                entry["hand_step_time_vs_plain"] = hplain["median"] / hsame["median"]
+                entry["hand_step_time_vs_plain"] = ratio(hplain, hsame)
             c[w] = entry
     if c:
         cases["C"] = c
     d = groups.get("D")
     if d:
-        def med(name):
-            return d[name]["median"] if name in d else None
-
-        def best(name):
-            return d[name]["max"] if name in d else None
-
-        names = [f"D/trainer-default{s}" for s in ("", "+tensorboard", "+checkpoint")]
-        none, tb, ck = (med(n) for n in names)
-        best_none, best_tb, best_ck = (best(n) for n in names)
+        none, tb, ck = (d.get(f"D/trainer-default{s}") for s in ("", "+tensorboard",
+                                                                   "+checkpoint"))
         case = {"first_step": result.get("first_step", {})}
         # Also from each variant's best window: other processes only ever slow a window
         # down, so on a busy machine the best windows compare the undisturbed speeds.
-        if none and tb:
-            case["tensorboard_cost"] = 1 - tb / none
-            case["tensorboard_cost_best_windows"] = 1 - best_tb / best_none
-            target("D", "TensorBoard at defaults: cost", case["tensorboard_cost"], "<=", 0.03)
-        if none and ck:
-            case["checkpoint_cost"] = 1 - ck / none
-            case["checkpoint_cost_best_windows"] = 1 - best_ck / best_none
-            target("D", "checkpoints at defaults: cost", case["checkpoint_cost"], "<=", 0.02)
-        comp, eager = med("D/trainer-spe32"), med("D/trainer-spe32-eager")
+        for what, with_it, goal in (("tensorboard", tb, 0.03), ("checkpoint", ck, 0.02)):
+            if none and with_it:
+                case[f"{what}_cost"] = 1 - ratio(with_it, none)
+                case[f"{what}_cost_best_windows"] = 1 - with_it["max"] / none["max"]
+                label = "TensorBoard" if what == "tensorboard" else "checkpoints"
+                target("D", f"{label} at defaults: cost", case[f"{what}_cost"], "<=", goal)
+        comp, eager = d.get("D/trainer-spe32"), d.get("D/trainer-spe32-eager")
         if comp and eager:
-            case["compiled_vs_eager"] = comp / eager
+            case["compiled_vs_eager"] = ratio(comp, eager)
         cases["D"] = case
     return cases, targets
 
@@ -214,7 +218,8 @@ def markdown_report(result: dict) -> str:
         f"- Load after: `{result['load_after']}`",
         f"- {s['windows']} timed windows of about {s['window_seconds']} s per variant, round "
         f"robin within each group after a warm-up epoch; {result['seconds'] / 60:.1f} minutes "
-        "in all. Steps/s are medians over the windows; the spread is (max - min) / median.",
+        "in all. Steps/s are medians over the windows; the spread is (max - min) / median. "
+        "Ratios are medians of the ratios window by window (each pair ran back to back).",
         "",
         "## Targets",
         "",
@@ -231,7 +236,7 @@ def markdown_report(result: dict) -> str:
         for what, label in (("tensorboard", "TensorBoard"), ("checkpoint", "Checkpointing")):
             if f"{what}_cost" in d:
                 out.append(f"- {label} at defaults costs "
-                           f"{100 * d[f'{what}_cost']:+.1f}% of the steps/s (medians), "
+                           f"{100 * d[f'{what}_cost']:+.1f}% of the steps/s (paired windows), "
                            f"{100 * d[f'{what}_cost_best_windows']:+.1f}% (best windows); "
                            "negative values are noise")
         if "compiled_vs_eager" in d:

@@ -40,6 +40,36 @@ def test_custom_step_example_trains_through_the_config(make_cfg, tmp_path, readm
     assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.5
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_sampled_diagnostic_example_logs_once_per_execution(tmp_path, eager):
+    import keras
+    import numpy as np
+
+    from tests.helpers import regression_data
+    from trainer import Callback, Trainer
+
+    module = {}
+    exec(_block("class WeightNormStep"), module)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    step = module["WeightNormStep"](model=model, optimizer=keras.optimizers.SGD(0.05),
+                                    task="regression")
+
+    class Check(Callback):
+        seen = []
+
+        def on_execution_end(self, trainer, step, logs):
+            # One step per execution: the sample is that step, after its update.
+            norm = np.sqrt(sum(float(np.sum(v.numpy() ** 2)) for v in model.trainable_variables))
+            self.seen.append((logs["train/weight_norm"], norm, logs["train/grad_norm"]))
+
+    Trainer(epochs=1, steps_per_execution=1, run_eagerly=eager, callbacks=[Check()],
+            run_dir=str(tmp_path)).fit(step, regression_data(n=96, batch_size=16))
+    assert len(Check.seen) == 6
+    for logged, norm, grad_norm in Check.seen:
+        assert logged == pytest.approx(norm, rel=1e-5) and grad_norm > 0
+
+
 def test_python_api_example(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code = _block("from trainer import TapeStep, Trainer, TensorBoardCallback")

@@ -14,8 +14,44 @@ from trainer.data import DataModule
 from trainer.data import base as data_base
 from trainer.data.sources import IteratorSource, TensorSource, epoch_permutation
 from trainer.errors import UserError
+from trainer.loop import make_execution, sampled
 from trainer.pacing import BAND_SECONDS, FIRST_STEPS, Pacing, check_steps_per_execution
 from trainer.tape import global_norm
+
+
+# --- the sampled gradient norm ----------------------------------------------------------
+class _FlagStep(TapeStep):
+    """Records ``sampled()`` at every call (eager) or trace (compiled)."""
+
+    flags: list
+
+    def train_step(self, batch):
+        self.flags.append(sampled())
+        return super().train_step(batch)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled", "xla"])
+def test_grad_norm_is_the_first_step_of_each_execution_and_only_computed_there(mode):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = rng.normal(size=(32, 1)).astype("float32")
+    model = linear_model()
+    step = _FlagStep(model=model, optimizer=keras.optimizers.SGD(0.1), task="regression")
+    step.flags = []
+    step.build()
+    source = TensorSource(x, y, batch_size=8, shuffle=False)
+    run = make_execution(step.train_step, source.next, run_eagerly=mode == "eager",
+                         jit_compile=mode == "xla", xla_loop=mode == "xla")
+    for first in (0, 3):  # two executions of 3 steps: batches 0-2, then 3, 0, 1
+        w, b = (v.numpy() for v in model.trainable_variables)
+        xb, yb = x[first * 8:(first + 1) * 8], y[first * 8:(first + 1) * 8]
+        r = xb @ w + b - yb
+        expected = np.sqrt(((2 / 8 * xb.T @ r) ** 2).sum() + ((2 / 8 * r.sum(0)) ** 2).sum())
+        means, state = run(3)
+        assert "grad_norm" not in means
+        assert state["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    # Eagerly the flag is read at each of the 6 steps; compiled, at the two traces.
+    assert step.flags == ([True, False, False] * 2 if mode == "eager" else [True, False])
 
 
 # --- the in-memory source ---------------------------------------------------------------

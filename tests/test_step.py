@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from tests.helpers import linear_model
 from trainer import TapeStep
+from trainer.loop import SAMPLED
 
 
 def _batch(n=8, d=3, seed=1):
@@ -38,7 +39,7 @@ def test_update_matches_closed_form_mse_gradient(compiled):
     np.testing.assert_allclose(w1, w0 - lr * gw, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(b1, b0 - lr * gb, rtol=1e-5, atol=1e-6)
     expected_norm = np.sqrt((gw**2).sum() + (gb**2).sum())
-    assert logs["grad_norm"].numpy() == pytest.approx(expected_norm, rel=1e-5)
+    assert logs[SAMPLED]["grad_norm"].numpy() == pytest.approx(expected_norm, rel=1e-5)
     r = x.numpy() @ w0 + b0 - y.numpy()
     assert logs["loss"].numpy() == pytest.approx((r**2).mean(), rel=1e-5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -15,7 +16,31 @@ log = logging.getLogger(__name__)
 EXAMPLES = "__examples__"
 #: A step may return this key: the weight of its logs in the averages (default: batch size).
 WEIGHT = "__weight__"
+#: A step may return this key: a dict of logs it computes only when ``sampled()``.
+SAMPLED = "__sampled__"
 _LAST = "last:"
+_SAMPLING = [True]
+
+
+def sampled() -> bool:
+    """Whether the step being run (or traced) is its execution's sample.
+
+    The loop runs the first step of each execution with ``sampled()`` true and
+    the others with it false; a step called on its own sees true. A step computes
+    diagnostics that are costly next to a small model's update (the default
+    step's ``grad_norm``) only then, and returns them under ``SAMPLED``: they are
+    logged as that step's values at the end of the execution, not averaged over it.
+    """
+    return _SAMPLING[-1]
+
+
+@contextlib.contextmanager
+def _sampling(on: bool):
+    _SAMPLING.append(on)
+    try:
+        yield
+    finally:
+        _SAMPLING.pop()
 
 
 def batch_size(batch) -> tf.Tensor:
@@ -28,12 +53,14 @@ def _attempt(step_fn, next_batch):
     logs = dict(step_fn(batch))
     if WEIGHT not in logs:
         logs[WEIGHT] = batch_size(batch)
-    return {k: tf.cast(v, tf.float32) for k, v in logs.items()}
+    sample = {k: tf.cast(v, tf.float32) for k, v in logs.pop(SAMPLED, {}).items()}
+    return {SAMPLED: sample, **{k: tf.cast(v, tf.float32) for k, v in logs.items()}}
 
 
 def _accumulate(step_fn, next_batch, sums, keys, retry_if, max_retries, after_step):
     """Run one step; return ``sums`` plus its weighted logs, one vector in ``keys`` order
-    with the weight last (one stack, multiply and add per step, not one pair per log)."""
+    with the weight last (one stack, multiply and add per step, not one pair per log),
+    and the step's ``SAMPLED`` logs."""
     logs = _attempt(step_fn, next_batch)
     if retry_if is not None:
         # Retry: the discarded forward is replaced by the next batch's, within this step.
@@ -44,10 +71,11 @@ def _accumulate(step_fn, next_batch, sums, keys, retry_if, max_retries, after_st
     if after_step is not None:
         after_step()
     weight = logs.pop(WEIGHT)
+    sample = logs.pop(SAMPLED, {})
     if not keys:
         keys.extend(sorted(logs))
     values = tf.stack([logs[k] for k in keys] + [tf.ones([], tf.float32)]) * weight
-    return values if sums is None else sums + values
+    return (values if sums is None else sums + values), sample
 
 
 def make_execution(
@@ -85,7 +113,12 @@ def make_execution(
     execution is traced again without XLA (``trainer.jit_compile=auto``).
     """
     names: list[str] = []
-    jit_step = tf.function(step_fn, jit_compile=True) if jit_compile and not xla_loop else None
+    if jit_compile and not xla_loop:
+        # One jit-compiled function per sampling mode: a tf.function's cache does not
+        # know the flag, so a single one would serve the sampled trace to every step.
+        jit_step = {on: tf.function(step_fn, jit_compile=True) for on in (True, False)}
+    else:
+        jit_step = None
 
     def executing(step_fn):
         # A closure per step function (not a default argument, which tf.function would
@@ -97,16 +130,21 @@ def make_execution(
             on_trace()
         keys: list[str] = []
         args = (keys, retry_if, max_retries, after_step)
-        sums = _accumulate(step_fn, next_batch, None, *args)
+        with _sampling(True):
+            first = step_fn[True] if isinstance(step_fn, dict) else step_fn
+            sums, sample = _accumulate(first, next_batch, None, *args)
         # A while loop, not `for _ in tf.range(...)`: AutoGraph gives range loops a
         # maximum_iterations that XLA takes as a compile-time constant, which would
         # recompile the fused execution for every new step count.
         done = tf.constant(1)
-        while done < num_steps:
-            sums = _accumulate(step_fn, next_batch, sums, *args)
-            done += 1
+        rest = step_fn[False] if isinstance(step_fn, dict) else step_fn
+        with _sampling(False):
+            while done < num_steps:
+                sums, _ = _accumulate(rest, next_batch, sums, *args)
+                done += 1
         examples = sums[-1]
         logs = {k: tf.math.divide_no_nan(sums[i], examples) for i, k in enumerate(keys)}
+        logs.update({_LAST + k: v for k, v in sample.items()})
         if state_logs is not None:
             logs.update({_LAST + k: tf.cast(v, tf.float32) for k, v in state_logs().items()})
         logs[EXAMPLES] = examples
