@@ -208,8 +208,13 @@ class TapeStep:
                 if g is not None:
                     prev = summed.get(id(v), (None, v))[0]
                     summed[id(v)] = (g if prev is None else prev + g, v)
-        for opt, summed in updates.values():
-            opt.apply_gradients(list(summed.values()))
+        # In a graph, program order does not order the gradient ops (stateless) before the
+        # updates: without this, a gradient that reads a variable another objective updates
+        # could run after that update (seen as a flaky wrong gradient).
+        taken = [g for gs in grads.values() for g in tf.nest.flatten(gs) if g is not None]
+        with tf.control_dependencies(None if tf.executing_eagerly() else taken):
+            for opt, summed in updates.values():
+                opt.apply_gradients(list(summed.values()))
         return grads
 
     def record(self, x, y, tape, regularizers=None) -> tuple[Any, StepContext, dict]:
