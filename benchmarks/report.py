@@ -168,11 +168,11 @@ READING = """\
 
 - *trainer/hand* compares the trainer with the minimal hand-written loop of the same kind.
   That loop computes the update and the loss; the trainer's default step also computes, every
-  step, a metric (MAE or accuracy), the global gradient norm and the global step. Under XLA
-  these fuse into the step and cost a few percent at most; without XLA (the iterator and
-  in-memory kinds) each extra op costs TensorFlow's executor time on the loop's critical path,
-  about 10-20% of a step of the tiny A model (the gradient norm is most of it), and nothing
-  measurable on B. `jit_compile=auto` picks XLA for long in-memory runs.
+  step, a metric (MAE or accuracy), the example-weighted sums of its logs and the global step,
+  and once per execution the global gradient norm. Under XLA this work fuses into the step;
+  without XLA (the iterator and in-memory kinds) each extra op costs TensorFlow's executor
+  time, a few percent of a step of the tiny A model, nothing measurable on B.
+  `jit_compile=auto` picks XLA for long in-memory runs.
 - *share of matmul peak* divides the step's matmul FLOPs by the rate of a 2048x2048 float32
   product. The step's products are smaller and Adam's update of 1.9M parameters is
   memory-bound, so neither the hand-written loop nor `model.fit` get near 90% on this machine.
