@@ -71,7 +71,7 @@ def _accumulate(step_fn, next_batch, sums, keys, retry_if, max_retries, after_st
     if after_step is not None:
         after_step()
     weight = logs.pop(WEIGHT)
-    sample = logs.pop(SAMPLED, {})
+    sample = logs.pop(SAMPLED)
     if not keys:
         keys.extend(sorted(logs))
     values = tf.stack([logs[k] for k in keys] + [tf.ones([], tf.float32)]) * weight
@@ -113,6 +113,7 @@ def make_execution(
     execution is traced again without XLA (``trainer.jit_compile=auto``).
     """
     names: list[str] = []
+    plain = {True: step_fn, False: step_fn}  # the step to run, by sampling mode
     if jit_compile and not xla_loop:
         # One jit-compiled function per sampling mode: a tf.function's cache does not
         # know the flag, so a single one would serve the sampled trace to every step.
@@ -120,27 +121,25 @@ def make_execution(
     else:
         jit_step = None
 
-    def executing(step_fn):
-        # A closure per step function (not a default argument, which tf.function would
+    def executing(steps):
+        # A closure per step dict (not a default argument, which tf.function would
         # bind and hash as an input on every call).
-        return lambda num_steps: execute(step_fn, num_steps)
+        return lambda num_steps: execute(steps, num_steps)
 
-    def execute(step_fn, num_steps):
+    def execute(steps, num_steps):
         if on_trace is not None:
             on_trace()
         keys: list[str] = []
         args = (keys, retry_if, max_retries, after_step)
         with _sampling(True):
-            first = step_fn[True] if isinstance(step_fn, dict) else step_fn
-            sums, sample = _accumulate(first, next_batch, None, *args)
+            sums, sample = _accumulate(steps[True], next_batch, None, *args)
         # A while loop, not `for _ in tf.range(...)`: AutoGraph gives range loops a
         # maximum_iterations that XLA takes as a compile-time constant, which would
         # recompile the fused execution for every new step count.
         done = tf.constant(1)
-        rest = step_fn[False] if isinstance(step_fn, dict) else step_fn
         with _sampling(False):
             while done < num_steps:
-                sums, _ = _accumulate(rest, next_batch, sums, *args)
+                sums, _ = _accumulate(steps[False], next_batch, sums, *args)
                 done += 1
         examples = sums[-1]
         logs = {k: tf.math.divide_no_nan(sums[i], examples) for i, k in enumerate(keys)}
@@ -152,13 +151,13 @@ def make_execution(
         return tf.stack([logs[k] for k in names])
 
     if run_eagerly:
-        fn = executing(step_fn)
+        fn = executing(plain)
     elif jit_compile and xla_loop:
-        fn = tf.function(executing(step_fn), jit_compile=True)
+        fn = tf.function(executing(plain), jit_compile=True)
     elif jit_step is not None:
         fn = tf.function(executing(jit_step))
     else:
-        fn = tf.function(executing(step_fn))
+        fn = tf.function(executing(plain))
     compiled = [fn]
     counts: dict[int, tf.Tensor] = {}  # step counts as tensors, made once each
 
@@ -175,7 +174,7 @@ def make_execution(
             log.warning("XLA cannot compile %s (%s); running it without XLA "
                         "(trainer.jit_compile=false skips the attempt)",
                         getattr(step_fn, "__qualname__", "the step"), detail)
-            compiled[0] = tf.function(executing(step_fn))
+            compiled[0] = tf.function(executing(plain))
             values = compiled[0](count).numpy().tolist()
         means, state = {}, {}
         for name, value in zip(names, values):

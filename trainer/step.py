@@ -212,7 +212,7 @@ class TapeStep:
         # updates: without this, a gradient that reads a variable another objective updates
         # could run after that update (seen as a flaky wrong gradient).
         taken = [g for gs in grads.values() for g in tf.nest.flatten(gs) if g is not None]
-        with tf.control_dependencies(None if tf.executing_eagerly() else taken):
+        with tf.control_dependencies(taken):  # a no-op eagerly, where order is program order
             for opt, summed in updates.values():
                 opt.apply_gradients(list(summed.values()))
         return grads
