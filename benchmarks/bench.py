@@ -118,7 +118,7 @@ def time_to_first_step(jit_compile: bool) -> dict:
 
     from trainer.callbacks import Callback
     from trainer.config import register_configs
-    from trainer.run import _optimizer, _step_extras, build
+    from trainer.run import build
 
     class First(Callback):
         def on_execution_end(self, trainer, step, logs):
@@ -134,14 +134,11 @@ def time_to_first_step(jit_compile: bool) -> dict:
             f"trainer.jit_compile={str(jit_compile).lower()}"])
     GlobalHydra.instance().clear()
     t1 = time.perf_counter()
-    data = build(cfg.data)
-    model = build(cfg.model)(input_shape=data.input_shape, num_outputs=data.num_outputs)
-    step = build(cfg.step)(model=model, optimizer=_optimizer(cfg.optimizer), task=data.task,
-                           **_step_extras(cfg))
+    r = build(cfg, run_dir=tempfile.mkdtemp(prefix="bench-"))
     first = First()
-    trainer = build(cfg.trainer)(callbacks=[first], run_dir=tempfile.mkdtemp(prefix="bench-"))
+    r.trainer.callbacks.append(first)
     t2 = time.perf_counter()
-    trainer.fit(step, data)
+    r.trainer.fit(r.step, r.data)
     return {"compose_s": t1 - t0, "build_s": t2 - t1, "first_execution_s": first.at - t2,
             "total_s": first.at - t0}
 

@@ -1,10 +1,10 @@
 """WGAN-GP on a ring of Gaussians: two models, two optimizers, n_critic updates in one step.
 
-``python -m trainer +experiment=gan``. The step is a ``TapeStep`` subclass that
-overrides ``train_step``/``test_step`` and the state the trainer reads (``models``,
-``optimizers``, ``trainable_variables``, ``build``), so the Trainer runs it unchanged,
-compiled or eagerly. The critic's penalty is any critic regularizer from the
-``regularizer`` config group (``gradient_penalty`` by default, or ``r1``/``r2``).
+``python -m trainer +experiment=gan``. The step subclasses ``trainer.Step`` with two
+models and two optimizers named alike and defines ``train_step``/``test_step``; the
+Trainer runs it unchanged, compiled or eagerly. The critic's penalty is any critic
+regularizer from the ``regularizer`` config group (``gradient_penalty`` by default, or
+``r1``/``r2``).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import tensorflow as tf
 from trainer.data.base import DataModule
 from trainer.errors import UserError
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
-from trainer.optim import GroupedOptimizer
 from trainer.regularizers import CriticContext
 from trainer.regularizers.functional import fold_seed, normal
-from trainer.step import TapeStep
+from trainer.step import Step, StepInfo
 
 
 # --- data --------------------------------------------------------------------------------
@@ -103,7 +102,7 @@ def gan_models(
 
 
 # --- the step ----------------------------------------------------------------------------
-class WganStep(TapeStep):
+class WganStep(Step):
     """Wasserstein GAN step: ``n_critic`` critic updates, then one generator update.
 
     All of it runs in one ``train_step(batch)`` call, so one compiled execution
@@ -134,67 +133,40 @@ class WganStep(TapeStep):
         *,
         model: dict,
         optimizer: dict,
-        task: str = "regression",
+        regularizers=(),
         n_critic: int = 5,
         seed: int = 0,
         eval_samples: int = 2500,
         coverage_share: float = 0.01,
-        regularizers=(),
-        unconnected_gradients: str = "none",
-        reset=None,
-        loss=None,
     ):
         for what, value in (("model", model), ("optimizer", optimizer)):
             if not hasattr(value, "keys") or set(value.keys()) != {"generator", "critic"}:
                 raise UserError(f"the GAN step needs {what} with keys generator and critic; "
                                 f"got {value!r}")
-        if reset is not None or loss is not None:
-            raise UserError("the GAN step defines its own losses and has no tape.reset policy; "
-                            "remove step.loss and tape.reset")
-        wrong = [r.name for r in regularizers if getattr(r, "applies_to", None) != "critic"]
+        wrong = [r.name for r in regularizers if r.applies_to != "critic"]
         if wrong:
             raise UserError(f"regularizer {', '.join(wrong)} penalises a supervised loss; the GAN "
                             "step takes critic regularizers (gradient_penalty, r1, r2)")
         if n_critic < 1:
             raise UserError(f"step.n_critic={n_critic} must be at least 1")
-        super().__init__(model=model["generator"], optimizer=optimizer["generator"], task=task,
-                         unconnected_gradients=unconnected_gradients)
-        self.regularizers = list(regularizers)
+        # Optimizers named after the models: Step.build gives each its model's variables.
+        super().__init__(models={"generator": model["generator"], "critic": model["critic"]},
+                         optimizers={"generator": optimizer["generator"],
+                                     "critic": optimizer["critic"]},
+                         regularizers=regularizers)
         self.generator, self.critic = model["generator"], model["critic"]
-        critic_opt = optimizer["critic"]
-        if not isinstance(critic_opt, GroupedOptimizer):
-            critic_opt = GroupedOptimizer(critic_opt)
-        self.generator_optimizer, self.critic_optimizer = self.optimizer, critic_opt
+        self.generator_optimizer = self._optimizers["generator"]
+        self.critic_optimizer = self._optimizers["critic"]
         self.latent_dim = int(self.generator.input_shape[-1])
         self.n_critic = int(n_critic)
         self.seed = int(seed)
         self.eval_samples = int(eval_samples)
         self.coverage_share = float(coverage_share)
 
-    # --- state the trainer reads -----------------------------------------------------------
-    @property
-    def models(self) -> dict:
-        return {"generator": self.generator, "critic": self.critic}
-
-    @property
-    def optimizers(self) -> dict:
-        return {"generator": self.generator_optimizer, "critic": self.critic_optimizer}
-
-    @property
-    def trainable_variables(self) -> list:
-        return [*self.generator.trainable_variables, *self.critic.trainable_variables]
-
-    def build(self) -> None:
-        self.generator_optimizer.build(self.generator.trainable_variables)
-        self.critic_optimizer.build(self.critic.trainable_variables)
-
     # --- the math --------------------------------------------------------------------------
     def noise(self, n, *counters):
         """``n`` latent vectors, a pure function of ``(seed, counters)``."""
         return normal(tf.stack([n, self.latent_dim]), fold_seed(self.seed, "latent", *counters))
-
-    def _step_counter(self):
-        return self.iteration if self.iteration is not None else tf.constant(0, tf.int64)
 
     def critic_objective(self, real, fake, tape, iteration):
         """``(total loss, critic loss, wasserstein estimate, penalty logs)``; inside ``tape``."""
@@ -213,7 +185,7 @@ class WganStep(TapeStep):
     def generator_objective(self, z):
         return -tf.reduce_mean(self.critic(self.generator(z, training=True), training=True))
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batch, info: StepInfo | None = None) -> dict:
         """``n_critic`` critic updates and one generator update.
 
         Logs (means over the critic updates): ``loss`` (the critic's objective with
@@ -223,7 +195,7 @@ class WganStep(TapeStep):
         """
         real = tf.cast(batch[0], tf.float32)
         n = tf.shape(real)[0]
-        step = self._step_counter()
+        step = (info or StepInfo.at()).global_step
         critic_vars = self.critic.trainable_variables
         sums = {}
         for i in range(self.n_critic):  # unrolled: n_critic is small and static
@@ -253,10 +225,10 @@ class WganStep(TapeStep):
         return {"loss": fake_score - real_score, "wasserstein": real_score - fake_score,
                 "generator_loss": -fake_score}
 
-    def gradients_by_path(self, batch) -> dict:
+    def gradients_by_path(self, batch, info: StepInfo | None = None) -> dict:
         """Critic gradients of the critic loss and generator gradients of the generator loss."""
         real = tf.cast(batch[0], tf.float32)
-        n, step = tf.shape(real)[0], self._step_counter()
+        n, step = tf.shape(real)[0], (info or StepInfo.at()).global_step
         fake = self.generator(self.noise(n, step * self.n_critic, 0), training=True)
         critic_vars, gen_vars = self.critic.trainable_variables, self.generator.trainable_variables
         with tf.GradientTape() as tape:
@@ -296,30 +268,61 @@ class WganStep(TapeStep):
 
 
 # --- TensorBoard -------------------------------------------------------------------------
+def latent_noise(n: int, latent_dim: int, seed: int = 0) -> np.ndarray:
+    """``n`` standard normal latent vectors, the same for a given ``seed``.
+
+    Drawn with numpy, apart from the step's noise streams, so drawing images never
+    changes the training run; a fixed draw shows how the generator's map of the
+    same points moves from image to image.
+    """
+    return np.random.default_rng(seed).standard_normal((n, latent_dim)).astype(np.float32)
+
+
+def ring_modes(n_modes: int, radius: float) -> np.ndarray:
+    """The ``[n_modes, 2]`` centres of ``ring_of_gaussians``: evenly spaced on a circle."""
+    angles = 2 * np.pi * np.arange(n_modes) / n_modes
+    return radius * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+
+
 class SampleImages(ImageCallback):
     """Scatter image of generated samples (orange) over real ones (blue), modes in green.
+
+    Real samples are the first ``n_samples`` of ``trainer.validation_batches()``;
+    generated ones are ``trainer.models["generator"]`` applied to a fixed
+    ``latent_noise`` draw. The modes come from the config (the experiment sets
+    them from the data config by interpolation); without them none are drawn.
 
     Args:
         every_n_steps: drawing interval in steps.
         n_samples: points drawn of each kind.
         size: image side in pixels.
+        n_modes: modes of the ring of Gaussians, or None to draw no modes.
+        radius: the ring's radius (needed with ``n_modes``).
+        seed: seed of the latent draw.
     """
 
     tag = "gan/samples"
     description = "generated (orange) against real (blue) samples; mixture modes in green"
 
-    def __init__(self, *, every_n_steps: int = 500, n_samples: int = 1000, size: int = 256):
+    def __init__(self, *, every_n_steps: int = 500, n_samples: int = 1000, size: int = 256,
+                 n_modes: int | None = None, radius: float | None = None, seed: int = 0):
         super().__init__(every_n_steps=every_n_steps)
-        self.n_samples, self.size = int(n_samples), int(size)
+        if n_modes is not None and (radius is None or n_modes < 1):
+            raise UserError(f"callbacks.samples: n_modes={n_modes} needs n_modes >= 1 and a "
+                            f"radius (got radius={radius})")
+        self.n_samples, self.size, self.seed = int(n_samples), int(size), int(seed)
+        self.modes = None if n_modes is None else ring_modes(int(n_modes), float(radius))
 
     def draw(self, trainer) -> np.ndarray:
-        real = trainer.data.x_val[: self.n_samples]
-        fake = trainer.step.sample(self.n_samples)
+        real = np.concatenate([np.asarray(x) for x, _ in trainer.validation_batches()])
+        real = real[: self.n_samples]
+        generator = trainer.models["generator"]
+        z = latent_noise(self.n_samples, int(generator.input_shape[-1]), self.seed)
+        fake = np.asarray(generator(z, training=False))
         extent = 1.25 * float(np.abs(real).max())
         canvas = Canvas((-extent, extent), (-extent, extent), height=self.size, width=self.size)
         canvas.axes().points(real[:, 0], real[:, 1], COLORS["real"])
         canvas.points(fake[:, 0], fake[:, 1], COLORS["fake"])
-        modes = getattr(trainer.data, "modes", None)
-        if modes is not None:
-            canvas.points(modes[:, 0], modes[:, 1], COLORS["mode"], radius=2)
+        if self.modes is not None:
+            canvas.points(self.modes[:, 0], self.modes[:, 1], COLORS["mode"], radius=2)
         return canvas.image

@@ -101,24 +101,27 @@ class MultitaskStep(TapeStep):
     counts the conflicting steps since the start of the run.
 
     Args:
+        model, optimizer, task, unconnected_gradients: as for ``TapeStep``; the
+            step takes no regularizers and no reset policy.
         pcgrad: apply gradient surgery to the shared gradients (else sum them).
-        **kwargs: ``TapeStep`` arguments (``model``, ``optimizer``, ``task``,
-            ``unconnected_gradients``); regularizers and a reset policy are not
-            supported by this step.
     """
 
     TASKS = ("digit", "parity")
 
-    def __init__(self, *, pcgrad: bool = True, **kwargs):
-        if kwargs.get("regularizers") or kwargs.get("reset") is not None:
-            raise UserError("the multitask step takes no regularizer or tape.reset; remove them")
-        if kwargs.get("task", "classification") != "classification":
+    def __init__(self, *, model, optimizer, task: str = "classification",
+                 unconnected_gradients: str = "none", pcgrad: bool = True):
+        if task != "classification":
             raise UserError("the multitask step needs classification data (data=digits)")
-        super().__init__(**kwargs)
+        super().__init__(model=model, optimizer=optimizer, task=task,
+                         unconnected_gradients=unconnected_gradients)
         self.pcgrad = bool(pcgrad)
         self.ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         # Created here, outside any tf.function: the run-wide count of conflicting steps.
         self.conflicts = tf.Variable(0, dtype=tf.int64, trainable=False, name="pcgrad_conflicts")
+
+    def state(self) -> dict:
+        """Adds the count of conflicting steps."""
+        return {**super().state(), "pcgrad_conflicts": self.conflicts}
 
     def state_logs(self) -> dict:
         """Adds ``pcgrad/conflict_steps``: conflicting steps since the start of the run."""
@@ -168,7 +171,7 @@ class MultitaskStep(TapeStep):
         del tape  # a persistent tape keeps its recorded ops alive until released
         return outputs, losses, grads
 
-    def train_step(self, batch) -> dict:
+    def train_step(self, batch, info=None) -> dict:
         """One update from both tasks; see the class docstring for the logs."""
         x, y = batch
         shared, heads = self.split_variables()

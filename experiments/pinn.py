@@ -101,14 +101,17 @@ class PinnStep(TapeStep):
         problem: the boundary-value problem (``Poisson1D``).
         bc_weight: weight of the boundary term.
         pde_scale: the residual is divided by it, to bring ``f``'s scale near one.
+        optimizer, task, regularizers, unconnected_gradients, reset: as for ``TapeStep``.
     """
 
     def __init__(self, *, model, optimizer, problem=None, bc_weight: float = 1.0,
-                 pde_scale: float = 1.0, **kwargs):
+                 pde_scale: float = 1.0, task: str = "regression", regularizers=(),
+                 unconnected_gradients: str = "none", reset=None):
         if problem is None:
             raise UserError("the PINN step needs a problem: use data=poisson (step.problem "
                             "defaults to data.problem) or set step.problem")
-        super().__init__(model=model, optimizer=optimizer, **kwargs)
+        super().__init__(model=model, optimizer=optimizer, task=task, regularizers=regularizers,
+                         unconnected_gradients=unconnected_gradients, reset=reset)
         self.problem = problem
         self.bc_weight = float(bc_weight)
         self.pde_scale = float(pde_scale)
@@ -151,6 +154,9 @@ class PinnStep(TapeStep):
 class SolutionImage(ImageCallback):
     """The network's solution (red) against the exact one (blue) on the validation grid.
 
+    The grid and the exact solution are ``trainer.validation_batches()`` (inputs and
+    targets); the solution is ``trainer.models["model"]`` on the grid.
+
     Args:
         every_n_steps: drawing interval in steps.
         size: image width in pixels (height is half of it).
@@ -164,8 +170,12 @@ class SolutionImage(ImageCallback):
         self.size = int(size)
 
     def draw(self, trainer) -> np.ndarray:
-        x, exact = trainer.data.x_val[:, 0], trainer.data.y_val[:, 0]
-        u = trainer.step.model(tf.constant(trainer.data.x_val), training=False).numpy()[:, 0]
+        batches = trainer.validation_batches()
+        x_val = np.concatenate([np.asarray(x) for x, _ in batches])
+        y_val = np.concatenate([np.asarray(y) for _, y in batches])
+        u = trainer.models["model"](tf.constant(x_val), training=False).numpy()[:, 0]
+        order = np.argsort(x_val[:, 0])  # a polyline needs increasing x, whatever the order
+        x, exact, u = x_val[order, 0], y_val[order, 0], u[order]
         lo, hi = float(exact.min()), float(exact.max())
         pad = 0.15 * (hi - lo)
         canvas = Canvas((x.min(), x.max()), (lo - pad, hi + pad), height=self.size // 2,

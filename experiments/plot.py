@@ -1,4 +1,4 @@
-"""Tiny numpy rasterizer for TensorBoard images (scatter plots, curves) without matplotlib.
+"""TensorBoard images without matplotlib: a tiny numpy rasterizer and the image callback.
 
 matplotlib is not a dependency of the framework; the experiment images are simple
 enough (points, polylines, axes) to draw straight into an RGB array.
@@ -12,6 +12,8 @@ import numpy as np
 
 from trainer.callbacks import Callback, TensorBoardCallback
 from trainer.callbacks.base import resolve
+from trainer.errors import UserError
+from trainer.periodic import Periodic
 
 COLORS = {
     "real": (31, 119, 180),
@@ -75,37 +77,42 @@ class Canvas:
 
 
 class ImageCallback(Callback):
-    """Draws an image of the run into TensorBoard every ``every_n_steps`` steps and at the end.
+    """Draws an image of the run into TensorBoard at the start, every ``every_n_steps``
+    steps and at the end of ``fit``.
 
     Images go to ``<log_dir>/train`` of the run's ``TensorBoardCallback`` (beside
     the scalars, in their own event file); without a TensorBoard callback
-    (``callbacks=none``) nothing is drawn. Subclasses implement ``draw(trainer)``.
+    (``callbacks=none``) nothing is drawn. Subclasses implement ``draw(trainer)``
+    with the trainer's public API (``trainer.models``,
+    ``trainer.validation_batches()``).
 
     Args:
-        every_n_steps: interval in steps (at the first execution boundary past each
-            multiple); 0 draws only at the start and at the end.
+        every_n_steps: interval in steps (at the first execution boundary at or past
+            each multiple); 0 draws only at the start and at the end.
     """
 
     tag = "image"
     description = ""
 
     def __init__(self, *, every_n_steps: int = 500):
+        if every_n_steps < 0:
+            raise UserError(f"{type(self).__name__}: every_n_steps={every_n_steps} must be "
+                            ">= 0 (0 draws only at the start and at the end)")
         self.every_n_steps = int(every_n_steps)
+        self._when = Periodic(every_n_steps=self.every_n_steps, at_start=True, at_end=True)
         self._writer = None
-        self._bucket = None
-        self._last_step = None
 
     def draw(self, trainer) -> np.ndarray:
         """An RGB ``uint8`` image of shape ``[height, width, 3]``."""
         raise NotImplementedError
 
-    def _write(self, trainer, step: int) -> None:
+    def _maybe_write(self, trainer, global_step: int, *, start: bool = False,
+                     end: bool = False) -> None:
+        if self._writer is None or not self._when.due(global_step, start=start, end=end):
+            return
         import tensorflow as tf
 
-        if self._writer is None or step == self._last_step:
-            return
-        self._last_step = step
-        with self._writer.as_default(step=step):
+        with self._writer.as_default(step=global_step):
             tf.summary.image(self.tag, self.draw(trainer)[None], description=self.description)
         self._writer.flush()
 
@@ -115,17 +122,15 @@ class ImageCallback(Callback):
         log_dir = tensorboard_dir(trainer)
         if log_dir is not None:
             self._writer = tf.summary.create_file_writer(str(log_dir))
-        step = trainer.current_step
-        self._bucket = step // self.every_n_steps if self.every_n_steps else None
-        self._write(trainer, step)
+        global_step = trainer.current_step
+        self._when.reset(global_step)
+        self._maybe_write(trainer, global_step, start=True)
 
-    def on_execution_end(self, trainer, step, logs):
-        if self.every_n_steps and step // self.every_n_steps != self._bucket:
-            self._bucket = step // self.every_n_steps
-            self._write(trainer, step)
+    def on_execution_end(self, trainer, global_step, logs):
+        self._maybe_write(trainer, global_step)
 
     def on_fit_end(self, trainer, logs):
-        self._write(trainer, trainer.current_step)
+        self._maybe_write(trainer, trainer.current_step, end=True)
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -27,10 +27,11 @@ def linear_model(d=3, seed=0):
 
 
 def fit_linear(*, run_eagerly=False, jit_compile=False, epochs=2, spe=4, callbacks=(),
-               data=None, **trainer_kw):
+               data=None, optimizer=None, **trainer_kw):
     data = data or regression_data()
     model = linear_model()
-    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.05), task="regression")
+    step = TapeStep(model=model, optimizer=optimizer or keras.optimizers.SGD(0.05),
+                    task="regression")
     trainer = Trainer(epochs=epochs, steps_per_execution=spe, run_eagerly=run_eagerly,
                       jit_compile=jit_compile, callbacks=callbacks, **trainer_kw)
     logs = trainer.fit(step, data)

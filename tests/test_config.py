@@ -1,16 +1,23 @@
-"""Every shipped config composes and builds; bad overrides fail naming the key."""
+"""Every shipped config composes and builds; bad overrides fail naming the key; every
+default is written once (the schema), and the schemas agree with their targets' signatures."""
 
+import dataclasses
+import inspect
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
+from hydra.utils import get_object
+from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ValidationError
 
 from tests.conftest import FAST
+from trainer.config import SCHEMAS
 from trainer.errors import UserError
-from trainer.run import _optimizer, build, run, validate
+from trainer.run import build, instantiate_node, run, validate
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -32,28 +39,26 @@ def data_files(tmp_path):
 
 
 @pytest.mark.parametrize("option", _options("data"))
-def test_every_data_config_builds(make_cfg, data_files, option):
-    cfg = make_cfg(f"data={option}", *data_files.get(option, []))
-    validate(cfg)
-    data = build(cfg.data)
-    assert len(data.x_train) > len(data.x_val) > 0
-    model = build(cfg.model)(input_shape=data.input_shape, num_outputs=data.num_outputs)
-    assert model.output_shape[-1] == data.num_outputs
+def test_every_data_config_builds(make_cfg, data_files, tmp_path, option):
+    r = build(make_cfg(f"data={option}", *data_files.get(option, [])), run_dir=tmp_path)
+    assert len(r.data.x_train) > len(r.data.x_val) > 0
+    assert r.models["model"].output_shape[-1] == r.data.num_outputs
 
 
 @pytest.mark.parametrize("group", ["model", "optimizer", "step", "trainer", "callbacks"])
-def test_every_option_of_the_other_groups_builds(make_cfg, group):
+def test_every_option_of_the_other_groups_builds(make_cfg, tmp_path, group):
     for option in _options(group):
         cfg = make_cfg(f"{group}={option}")
         validate(cfg)
         node = cfg[group]
         if group == "callbacks":
-            built = [build(c) for c in node.values()]
+            built = [instantiate_node(c) for c in node.values()]
             assert all(hasattr(c, "on_epoch_end") for c in built)
         elif group == "optimizer":
-            assert hasattr(_optimizer(node), "apply_gradients")
+            optimizer = build(cfg, run_dir=tmp_path).step.optimizers["optimizer"]
+            assert hasattr(optimizer, "apply_gradients")
         else:
-            assert callable(build(node)) or hasattr(build(node), "apply_gradients")
+            assert callable(instantiate_node(node))
 
 
 @pytest.mark.parametrize("experiment", _options("experiment"))
@@ -71,15 +76,14 @@ def test_debug_config_shrinks_the_run(make_cfg, tmp_path):
     assert run(cfg, run_dir=tmp_path)["step"] == 10
 
 
-def test_overrides_reach_the_objects(make_cfg):
-    cfg = make_cfg("optimizer.learning_rate=3e-3", "data.batch_size=64", "trainer.epochs=3",
-                   "seed=7", "model.hidden_units=[16]")
-    assert _optimizer(cfg.optimizer).learning_rate.numpy() == pytest.approx(3e-3)
-    data = build(cfg.data)
-    assert data.batch_size == 64 and data.seed == 7
-    assert build(cfg.trainer)().epochs == 3
-    model = build(cfg.model)(input_shape=(64,), num_outputs=10)
-    assert [layer.units for layer in model.layers] == [16, 10]
+def test_overrides_reach_the_objects(make_cfg, tmp_path):
+    r = build(make_cfg("optimizer.learning_rate=3e-3", "data.batch_size=64", "trainer.epochs=3",
+                       "seed=7", "model.hidden_units=[16]"), run_dir=tmp_path)
+    assert float(r.step.optimizers["optimizer"].learning_rate) == pytest.approx(3e-3)
+    assert r.data.batch_size == 64 and r.data.seed == 7
+    assert r.trainer.epochs == 3
+    assert [layer.units for layer in r.models["model"].layers] == [16, 10]
+    assert r.cfg["optimizer"]["learning_rate"] == 3e-3 and r.trainer.run_dir == str(tmp_path)
 
 
 def test_unknown_key_fails_naming_it(make_cfg):
@@ -101,9 +105,9 @@ def test_missing_mandatory_value_fails_before_building(make_cfg):
         validate(cfg)
 
 
-def test_user_target_is_built(make_cfg):
+def test_user_target_is_built(make_cfg, tmp_path):
     cfg = make_cfg("model._target_=tests.test_config.tiny_model", "model.hidden_units=[5]")
-    model = build(cfg.model)(input_shape=(8,), num_outputs=1)
+    model = build(cfg, run_dir=tmp_path).models["model"]
     assert model.name == "tiny" and model.layers[0].units == 5
 
 
@@ -131,3 +135,155 @@ def test_bad_reset_setting_is_a_user_error(make_cfg, tmp_path):
     cfg = make_cfg("+experiment=dense", "tape.reset.when=[threshold]")
     with pytest.raises(UserError, match=r"tape\.reset\.threshold is null"):
         run(cfg, run_dir=tmp_path)
+
+
+# --- each default is written once ----------------------------------------------------------
+# The schemas in trainer/config.py hold the defaults; the YAML files hold only what differs
+# from them, and the schemas' targets default to the same values.
+
+# Where a schema deliberately differs from a third-party target's default.
+DELIBERATE = {
+    ("keras.optimizers.SGD", "momentum"): "optimizer=sgd is SGD with momentum 0.9",
+}
+# Schema keys the driver consumes before instantiating the target.
+DRIVER_KEYS = {"groups"}  # optimizer.groups: trainer.run wraps the optimizer in groups
+
+
+def _schemas_with_targets() -> dict:
+    """Every dataclass reachable from ``SCHEMAS`` (nested ones too) that has a ``_target_``."""
+    found, todo = {}, list(SCHEMAS.values())
+    while todo:
+        schema = todo.pop()
+        for f in dataclasses.fields(schema):
+            todo += [t for t in (f.type, *typing.get_args(f.type))
+                     if dataclasses.is_dataclass(t) and t.__name__ not in found]
+        if "_target_" in {f.name for f in dataclasses.fields(schema)}:
+            found[schema.__name__] = schema
+    return found
+
+
+def _field_default(f):
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def _plain(value):
+    """Tuples and lists are the same default (a signature's immutable ``(128, 64)``)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _same(a, b) -> bool:
+    """Equal as config values: 10 == 10.0, but True != 1."""
+    a, b = _plain(a), _plain(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+@pytest.mark.parametrize("schema", sorted(_schemas_with_targets().items()), ids=lambda s: s[0])
+def test_schema_defaults_equal_the_targets_signature_defaults(schema):
+    """A default lives in the schema; the target's own default must not say otherwise."""
+    _, schema = schema
+    target = schema._target_
+    params = inspect.signature(get_object(target)).parameters
+    wrong = []
+    for f in dataclasses.fields(schema):
+        default, param = _field_default(f), params.get(f.name)
+        if f.name.startswith("_") or param is None or param.default is inspect.Parameter.empty:
+            continue
+        if default is dataclasses.MISSING or default == MISSING or (
+                isinstance(default, str) and default.startswith("${")):
+            continue
+        if not _same(default, param.default) and (target, f.name) not in DELIBERATE:
+            wrong.append(f"{f.name}: schema {default!r}, signature {param.default!r}")
+    assert not wrong, f"{schema.__name__} vs {target}: " + "; ".join(wrong)
+
+
+@pytest.mark.parametrize("schema", sorted(_schemas_with_targets().items()), ids=lambda s: s[0])
+def test_every_schema_key_is_a_parameter_of_its_target(schema):
+    _, schema = schema
+    params = inspect.signature(get_object(schema._target_)).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    extra = {f.name for f in dataclasses.fields(schema)} - set(params) - DRIVER_KEYS
+    assert not {k for k in extra if not k.startswith("_")}, f"{schema._target_} takes no {extra}"
+
+
+def _schema_node(name: str, group: str | None):
+    """The defaults of the schema a defaults-list entry names, and where they go."""
+    if name.startswith("/schema/"):
+        path, _, key = name[1:].partition("@")
+        group, _, option = path.rpartition("/")
+        return key, SCHEMAS.get((group, option))
+    return None, SCHEMAS.get((group, name))
+
+
+def _baseline(path: Path) -> dict:
+    """What ``path``'s own values land on: its schemas' defaults and the options it extends."""
+    group = path.parent.relative_to(CONFIGS).as_posix()
+    group = None if group == "." else group
+    base: dict = {}
+    for entry in OmegaConf.load(path).get("defaults") or []:
+        if not isinstance(entry, str) or entry == "_self_":
+            continue
+        if (path.parent / f"{entry}.yaml").exists():  # another option of the same group
+            sibling = OmegaConf.to_container(OmegaConf.load(path.parent / f"{entry}.yaml"))
+            sibling.pop("defaults", None)
+            base = _merge(base, _merge(_baseline(path.parent / f"{entry}.yaml"), sibling))
+            continue
+        key, schema = _schema_node(entry, group)
+        if schema is not None:
+            node = OmegaConf.to_container(OmegaConf.structured(schema))
+            base = _merge(base, {key: node} if key else node)
+    return base
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _repeated(values: dict, base: dict, prefix: str = "") -> list[str]:
+    """Keys of ``values`` that set what ``base`` already holds."""
+    out = []
+    for key, value in values.items():
+        if key == "defaults" or key not in base:
+            continue
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            out += _repeated(value, base[key], f"{prefix}{key}.")
+        elif _same(value, base[key]):
+            out.append(f"{prefix}{key}: {value!r}")
+    return out
+
+
+GROUP_FILES = sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml")
+                     if p.parent.name not in ("experiment", "debug"))
+
+
+@pytest.mark.parametrize("name", GROUP_FILES)
+def test_no_config_file_repeats_a_schema_default(name):
+    path = CONFIGS / name
+    values = OmegaConf.to_container(OmegaConf.load(path))
+    repeated = _repeated(values, _baseline(path))
+    assert not repeated, f"configs/{name} repeats defaults of its schema: {repeated}"
+
+
+@pytest.mark.parametrize("name", [f"experiment/{o}" for o in _options("experiment")]
+                         + [f"debug/{o}" for o in _options("debug")])
+def test_global_config_files_set_only_what_they_change(make_cfg, name):
+    """An experiment's values differ from the config its group choices compose without it."""
+    values = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{name}.yaml"))
+    choices = []
+    for entry in values.get("defaults") or []:
+        if isinstance(entry, dict):
+            for key, option in entry.items():
+                group = key.removeprefix("override").strip().lstrip("/")
+                choices.append(f"~{group}" if option is None else f"{group}={option}")
+    base = OmegaConf.to_container(make_cfg(*choices))
+    repeated = _repeated(values, base)
+    assert not repeated, f"configs/{name}.yaml sets what it would get anyway: {repeated}"

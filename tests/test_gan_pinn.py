@@ -80,12 +80,47 @@ def test_gan_step_refuses_supervised_regularizers_and_bad_models():
         WganStep(model=keras.Sequential(), optimizer={})
 
 
-def test_lazy_r1_under_the_trainer_counts_critic_updates():
-    step = _gan(regularizers=[R1Penalty(weight=1.0, every=2)])
+class SpyR1(R1Penalty):
+    """R1 that records, each time it is computed, the iteration its context gives and the
+    number of critic updates applied so far (the critic optimizer's iteration count)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.iterations = tf.Variable(tf.fill([64], tf.constant(-1, tf.int64)), trainable=False)
+        self.critic_updates = tf.Variable(tf.fill([64], tf.constant(-1, tf.int64)),
+                                          trainable=False)
+
+    def penalty(self, ctx):
+        with ctx.tape.stop_recording():
+            at = tf.reshape(self.count, [1, 1])
+            done = ctx.step.optimizers["critic"].iterations
+            self.iterations.scatter_nd_update(at, [tf.cast(ctx.iteration, tf.int64)])
+            self.critic_updates.scatter_nd_update(at, [tf.cast(done, tf.int64)])
+            self.count.assign_add(1)
+        return super().penalty(ctx)
+
+    def history(self):
+        n = int(self.count.numpy())
+        return self.iterations.numpy()[:n].tolist(), self.critic_updates.numpy()[:n].tolist()
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_lazy_r1_is_computed_on_every_kth_critic_update_exactly(run_eagerly):
+    """With n_critic=3 and every=2, R1 is due on the critic updates whose counter
+    ``global_step * n_critic + i`` is even, counted across generator steps: not on every
+    critic update of even generator steps."""
+    n_critic, every, steps = 3, 2, 4
+    spy = SpyR1(weight=1.0, every=every)
+    step = _gan(regularizers=[spy], n_critic=n_critic)
     data = ring_of_gaussians(n_samples=256, n_val=64, batch_size=32)
-    trainer = Trainer(epochs=1, max_steps=4, steps_per_execution=2)
-    logs = trainer.fit(step, data)
-    assert logs["step"] == 4 and logs["train/reg/r1"] > 0
+    Trainer(epochs=1, max_steps=steps, steps_per_execution=2,
+            run_eagerly=run_eagerly).fit(step, data)
+    due = [u for u in range(steps * n_critic) if u % every == 0]  # [0, 2, 4, 6, 8, 10]
+    iterations, critic_updates = spy.history()
+    assert iterations == due
+    assert critic_updates == due  # the penalty ran before those critic updates
+    assert int(step.optimizers["critic"].iterations.numpy()) == steps * n_critic
 
 
 def test_mode_coverage_of_a_perfect_and_a_collapsed_generator():

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import cli, regression_data
-from trainer import TapeStep, Trainer
+from trainer import StepInfo, TapeStep, Trainer
 from trainer.errors import UserError
 from trainer.regularizers import (
     HessianTrace,
@@ -19,7 +19,7 @@ from trainer.regularizers import (
     Regularizer,
 )
 from trainer.regularizers import functional as F
-from trainer.run import build, run
+from trainer.run import instantiate_node, run
 
 SUPERVISED = {
     "input_gradient": lambda **kw: InputGradientPenalty(**kw),
@@ -53,12 +53,14 @@ def _step(model, *regs, cls=TapeStep):
                regularizers=list(regs))
 
 
-def _record(step, x, y, compiled=False):
-    """``(total loss, loss, reg logs)`` of one recorded forward pass."""
+def _record(step, x, y, compiled=False, iteration=None):
+    """``(total loss, loss, reg logs)`` of one recorded forward pass (at global step
+    ``iteration``, a variable, or 0)."""
 
     def fn(x, y):
+        info = StepInfo.at() if iteration is None else StepInfo(iteration.read_value())
         with tf.GradientTape() as tape:
-            total, ctx, logs = step.record(x, y, tape)
+            total, ctx, logs = step.record(x, y, tape, info)
         return total, ctx.loss, logs
 
     out = tf.function(fn)(x, y) if compiled else fn(x, y)
@@ -310,10 +312,9 @@ def test_lazy_schedule_contributes_k_times_the_weight_on_schedule_and_zero_off_i
     penalty = _record(_step(model, InputGradientPenalty()), x, y)[2]["reg/input_gradient"]
     lazy = _step(model, InputGradientPenalty(weight=0.5, every=3))
     iteration = tf.Variable(0, dtype=tf.int64)
-    lazy.bind(iteration)
     for it in range(6):
         iteration.assign(it)
-        total, loss, logs = _record(lazy, x, y, compiled)
+        total, loss, logs = _record(lazy, x, y, compiled, iteration)
         if it % 3 == 0:
             assert total - loss == pytest.approx(3 * 0.5 * penalty, rel=1e-5)
         else:
@@ -327,11 +328,10 @@ def test_lazy_schedule_off_step_update_is_the_plain_loss_gradient():
     x, y = _batch()
     plain = _step(model).gradients_by_path((x, y))
     lazy = _step(model, ParameterGradientNorm(weight=2.0, every=4))
-    iteration = tf.Variable(1, dtype=tf.int64)
-    lazy.bind(iteration)
-    np.testing.assert_allclose(_flat(lazy.gradients_by_path((x, y))), _flat(plain), rtol=1e-6)
-    iteration.assign(4)
-    assert not np.allclose(_flat(lazy.gradients_by_path((x, y))), _flat(plain))
+    off, on = StepInfo.at(1), StepInfo.at(4)
+    np.testing.assert_allclose(_flat(lazy.gradients_by_path((x, y), off)), _flat(plain),
+                               rtol=1e-6)
+    assert not np.allclose(_flat(lazy.gradients_by_path((x, y), on)), _flat(plain))
 
 
 def test_every_must_be_positive():
@@ -398,14 +398,14 @@ def test_one_regularizer_and_a_list_compose_to_a_dict_by_name(make_cfg):
     both = make_cfg("+experiment=dense", "regularizer=[input_gradient,hessian_trace]",
                     "regularizer.hessian_trace.wrt=parameters")
     assert list(both.regularizer) == ["input_gradient", "hessian_trace"]
-    assert build(both.regularizer.hessian_trace).wrt == "parameters"
+    assert instantiate_node(both.regularizer.hessian_trace).wrt == "parameters"
 
 
 @pytest.mark.parametrize("option", ["input_gradient", "jacobian_norm", "hessian_trace",
                                     "param_grad_norm", "gradient_penalty", "r1", "r2"])
 def test_every_regularizer_config_builds_its_class_under_its_name(make_cfg, option):
     cfg = make_cfg(f"regularizer={option}", "seed=5")
-    reg = build(cfg.regularizer[option])
+    reg = instantiate_node(cfg.regularizer[option])
     assert isinstance(reg, Regularizer) and reg.name == option and reg.every == 1
     if hasattr(reg, "seed"):
         assert reg.seed == 5

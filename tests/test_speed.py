@@ -14,20 +14,20 @@ from trainer.data import DataModule
 from trainer.data import base as data_base
 from trainer.data.sources import IteratorSource, TensorSource, epoch_permutation
 from trainer.errors import UserError
-from trainer.loop import make_execution, sampled
+from trainer.loop import LoopOptions, make_execution, train_step_functions
 from trainer.pacing import BAND_SECONDS, FIRST_STEPS, Pacing, check_steps_per_execution
 from trainer.tape import global_norm
 
 
 # --- the sampled gradient norm ----------------------------------------------------------
 class _FlagStep(TapeStep):
-    """Records ``sampled()`` at every call (eager) or trace (compiled)."""
+    """Records ``info.sampled`` at every call (eager) or trace (compiled)."""
 
     flags: list
 
-    def train_step(self, batch):
-        self.flags.append(sampled())
-        return super().train_step(batch)
+    def train_step(self, batch, info=None):
+        self.flags.append(info.sampled)
+        return super().train_step(batch, info)
 
 
 @pytest.mark.parametrize("mode", ["eager", "compiled", "xla"])
@@ -40,8 +40,10 @@ def test_grad_norm_is_the_first_step_of_each_execution_and_only_computed_there(m
     step.flags = []
     step.build()
     source = TensorSource(x, y, batch_size=8, shuffle=False)
-    run = make_execution(step.train_step, source.next, run_eagerly=mode == "eager",
-                         jit_compile=mode == "xla", xla_loop=mode == "xla")
+    global_step = tf.Variable(0, dtype=tf.int64)
+    options = LoopOptions(run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    run = make_execution(train_step_functions(step, global_step), source.next, options,
+                         xla_loop=mode == "xla")
     for first in (0, 3):  # two executions of 3 steps: batches 0-2, then 3, 0, 1
         w, b = (v.numpy() for v in model.trainable_variables)
         xb, yb = x[first * 8:(first + 1) * 8], y[first * 8:(first + 1) * 8]
@@ -293,17 +295,17 @@ def test_global_norm_equals_tensorflows(shapes):
 
 # --- configs ----------------------------------------------------------------------------------
 def test_config_keys_for_the_speed_features(make_cfg, tmp_path):
-    from trainer.run import build
+    from trainer.run import instantiate_node
 
     cfg = make_cfg("data=synthetic", "data.in_memory=false", "trainer.steps_per_execution=16",
                    "trainer.jit_compile=true", "callbacks.profile.steps=[1,3]")
-    assert build(cfg.data).holds_in_memory() is False
-    trainer = build(cfg.trainer)(run_dir=str(tmp_path))
+    assert instantiate_node(cfg.data).holds_in_memory() is False
+    trainer = instantiate_node(cfg.trainer)(run_dir=str(tmp_path))
     assert trainer.steps_per_execution == 16 and trainer.jit_compile is True
-    assert build(cfg.callbacks.profile).steps == [1, 3]
+    assert instantiate_node(cfg.callbacks.profile).steps == [1, 3]
     defaults = make_cfg()
     assert defaults.trainer.steps_per_execution == "auto"
     assert defaults.trainer.jit_compile == "auto" and defaults.data.in_memory == "auto"
     assert list(defaults.callbacks.profile.steps) == []
     with pytest.raises(UserError, match="steps_per_execution=0"):
-        build(make_cfg("trainer.steps_per_execution=0").trainer)(run_dir=str(tmp_path))
+        instantiate_node(make_cfg("trainer.steps_per_execution=0").trainer)(run_dir=str(tmp_path))

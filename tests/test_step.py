@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import linear_model
-from trainer import TapeStep
-from trainer.loop import SAMPLED
+from trainer import StepInfo, TapeStep
+from trainer.keys import SAMPLED
 
 
 def _batch(n=8, d=3, seed=1):
@@ -102,9 +102,12 @@ def test_all_lazy_regularizers_take_a_plain_update_when_none_is_due(compiled):
         reg = [InputGradientPenalty(weight=0.5, every=2)] if regs else []
         step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.1), task="regression",
                         regularizers=reg)
-        step.bind(tf.Variable(iteration, dtype=tf.int64))
         step.build()
-        (tf.function(step.train_step) if compiled else step.train_step)((x, y))
+
+        def update(batch, step=step, iteration=iteration):
+            return step.train_step(batch, StepInfo.at(iteration))
+
+        (tf.function(update) if compiled else update)((x, y))
         results[name] = model.trainable_variables[0].numpy()
     np.testing.assert_array_equal(results["off"], results["plain"])
     assert not np.allclose(results["on"], results["plain"])

@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 from tensorboard.plugins.hparams import metadata as hp_metadata
@@ -89,3 +90,29 @@ def test_outputs_of_a_run(dense_run):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert "checkpoint" in ckpts and any(n.startswith("ckpt-46") for n in ckpts)
     assert np.isfinite(metrics["val/loss"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Trainer.gradients_by_path runs the step's forward pass in training mode on the probe "
+    "batch, which draws from the dropout layers' SeedGenerator and shifts every later "
+    "dropout mask; remove this mark once probing leaves the RNG state alone"))
+def test_gradient_histograms_do_not_change_the_run(make_cfg, tmp_path):
+    """Inspecting gradients (histograms on the fixed probe batch) must not change training:
+    with dropout, whose seed generator would show any extra random draw, a run writing
+    histograms after every step ends with bit-identical weights to a run writing none."""
+    weights = {}
+    for every in (1, 0):
+        cfg = make_cfg(
+            "data=synthetic", "data.task=classification", "model.hidden_units=[16]",
+            "model.dropout=0.5", "trainer.epochs=2", "trainer.steps_per_execution=1",
+            f"callbacks.tensorboard.histogram_every_n_steps={every}",
+            "callbacks.tensorboard.histogram_min_interval_seconds=0",
+            "callbacks.progress.mode=log",
+        )
+        run(cfg, run_dir=tmp_path / str(every))
+        weights[every] = keras.models.load_model(tmp_path / str(every) / "model.keras").weights
+    probed = load(tmp_path / "1" / "tb" / "train").Tensors("gradients/mlp/dense_0/kernel")
+    assert len(probed) > 10  # the gradients really were inspected, after every step
+    assert len(weights[1]) == len(weights[0])
+    for a, b in zip(weights[1], weights[0]):
+        assert np.array_equal(a.numpy(), b.numpy()), a.path

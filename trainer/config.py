@@ -4,6 +4,10 @@ The YAML files under ``configs/`` name these schemas in their defaults lists, so
 Hydra rejects unknown keys and wrong types while composing, before TensorFlow is
 imported. Config builds objects: every ``_target_`` is a plain function or class
 taking keyword arguments.
+
+Each default is written once, here: a YAML file holds only what differs from its
+schema, and a target's own signature defaults must agree with its schema's
+(``tests/test_config.py`` checks both).
 """
 
 from dataclasses import dataclass, field

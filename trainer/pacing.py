@@ -57,25 +57,3 @@ class Pacing:
         wanted = max(1, min(round(TARGET_SECONDS * rate), MAX_STEPS))
         self.steps = min(wanted, 16 * self.steps)
         self._ramping = self.steps < wanted
-
-
-#: ``jit_compile="auto"`` uses XLA for in-memory runs of at least this many steps: the
-#: compilation takes 1-3 s here, and XLA saves ~0.1 ms a step on a small MLP.
-AUTO_XLA_MIN_STEPS = 10_000
-JIT_CHOICES = (True, False, "auto")
-
-
-def check_jit_compile(value):
-    """``True``, ``False`` or ``"auto"``."""
-    if not (isinstance(value, bool) or value == "auto"):
-        raise UserError(f"trainer.jit_compile={value!r} must be auto, true or false")
-    return value
-
-
-def choose_xla(jit_compile, *, fused: bool, run_eagerly: bool, planned_steps: float) -> bool:
-    """Whether to compile with XLA: as configured, or for ``"auto"`` when the whole
-    execution can be one XLA program (an in-memory source) and the run is long
-    enough for the compilation to pay back."""
-    if jit_compile != "auto":
-        return bool(jit_compile)
-    return fused and not run_eagerly and planned_steps >= AUTO_XLA_MIN_STEPS

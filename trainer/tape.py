@@ -87,7 +87,7 @@ class ResetPolicy:
     def __init__(
         self,
         *,
-        when=("nonfinite",),
+        when,
         threshold: float | None = None,
         spike_window: int = 50,
         spike_z: float = 6.0,
@@ -160,7 +160,13 @@ class ResetPolicy:
             self.window.scatter_nd_update([[slot]], [value])
             self.seen.assign_add(tf.cast(accepted, tf.int64))
 
+    def state(self) -> dict:
+        """Variables a restart needs: counters, the streak and the loss window."""
+        return {"resets": self.resets, "streak": self.streak, "failed_at": self.failed_at,
+                "last_reset": self.last_reset, "window": self.window, "seen": self.seen}
+
     def state_logs(self) -> dict:
+        """Logged after each execution: resets so far, and the step that failed (or -1)."""
         return {"tape/resets": self.resets, "tape/failed_at_step": self.failed_at}
 
     def raise_if_failed(self, state: dict) -> None:

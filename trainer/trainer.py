@@ -1,4 +1,4 @@
-"""Trainer: the compiled multi-step loop, evaluation, callbacks and recompilation."""
+"""Trainer: executions, evaluation, callbacks, recompilation; the owner of training state."""
 
 from __future__ import annotations
 
@@ -8,23 +8,37 @@ import time
 
 import tensorflow as tf
 
-from trainer.data.sources import sources_of
+from trainer.callbacks.base import Callback
+from trainer.data.base import Data
 from trainer.errors import UserError
 from trainer.freeze import variable_table
-from trainer.loop import EXAMPLES, make_source_execution, raise_if_xla_error
-from trainer.pacing import Pacing, check_jit_compile, check_steps_per_execution, choose_xla
-from trainer.regularizers.xla import raise_if_xla_failure
+from trainer.keys import EXAMPLES
+from trainer.loop import (
+    LoopOptions,
+    make_source_execution,
+    test_step_functions,
+    train_step_functions,
+)
+from trainer.pacing import Pacing, check_steps_per_execution
+from trainer.state import training_checkpoint
+from trainer.step import Step, StepInfo
+from trainer.xla import check_jit_compile, choose_xla, raise_if_xla_error
 
 log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Runs a step over a data module for a number of epochs.
+    """Runs a step over a data set for a number of epochs.
 
     Each execution is one call of a compiled function that runs
     ``steps_per_execution`` steps on the graph side; callbacks run between
-    executions and at epoch boundaries, and see ``(step, logs)`` with flat,
+    executions and at epoch boundaries, and see ``(global_step, logs)`` with flat,
     slash-namespaced keys (``train/loss``, ``val/accuracy``).
+
+    The trainer owns the training state: its global step and epoch, and, from
+    ``fit`` on, ``checkpoint``, one ``tf.train.Checkpoint`` that gathers the
+    step's models, optimizers and state, the models' seed generators, the data
+    order and position and the callbacks' state (see ``trainer.state``).
 
     Args:
         epochs: passes over the training set.
@@ -35,9 +49,9 @@ class Trainer:
         run_eagerly: run the same step code without tf.function, for debugging.
         jit_compile: compile with XLA: the whole execution when the data is in memory,
             else the step. ``"auto"`` (default) does so for in-memory runs of at least
-            ``trainer.pacing.AUTO_XLA_MIN_STEPS`` steps, and falls back to no XLA (with
+            ``trainer.xla.AUTO_XLA_MIN_STEPS`` steps, and falls back to no XLA (with
             a warning) if XLA cannot compile the step; ``xla`` says what was chosen.
-        callbacks: objects with the ``trainer.callbacks.Callback`` hooks.
+        callbacks: ``trainer.callbacks.Callback`` objects.
         run_dir: where callbacks put their files (TensorBoard, checkpoints).
         hparams: flat hyperparameters of the run, for the TensorBoard HParams summary.
         config_text: the resolved config as YAML, logged as text.
@@ -68,20 +82,50 @@ class Trainer:
         self.jit_compile = check_jit_compile(jit_compile)
         self.xla = False
         self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, Callback):
+                raise UserError(f"callback {cb!r} is not a trainer.callbacks.Callback; "
+                                "subclass it and override the hooks it needs")
         self.run_dir = str(run_dir)
         self.hparams = dict(hparams or {})
         self.config_text = config_text
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.epoch = 0
         self.stop_training = False
         self.trace_count = 0
         self.history: list[dict] = []
         self.logs: dict = {}
-        self.step = None
-        self.data = None
+        self.step: Step | None = None
+        self.data: Data | None = None
+        self.checkpoint: tf.train.Checkpoint | None = None
+        self.variable_table = ""
         self._variables_key = None
         self._fit_flags = None
         self._pace = None
+
+    # --- the public state callbacks read ---------------------------------------------------
+    @property
+    def models(self) -> dict:
+        """The step's models by name."""
+        return self.step.models
+
+    @property
+    def current_step(self) -> int:
+        """The global step as a Python int (reads the variable)."""
+        return int(self.global_step.numpy())
+
+    def validation_batches(self) -> list:
+        """The validation set once, as ``(x, y)`` numpy batches in a fixed order."""
+        return self.data.validation_batches()
+
+    def gradients_by_path(self) -> dict:
+        """Gradients on a fixed training batch, keyed by variable path (for histograms).
+
+        A fixed probe batch keeps the data order, and so the run, independent of
+        how often gradients are inspected.
+        """
+        return {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
 
     # --- building the compiled functions ------------------------------------------------
     def _count_trace(self):
@@ -93,12 +137,9 @@ class Trainer:
             logs = {"learning_rate": next(iter(opts.values())).learning_rate}
         else:
             logs = {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
-        if hasattr(self.step, "state_logs"):
-            logs.update(self.step.state_logs())
-        return logs
-
-    def _advance(self):
-        self.global_step.assign_add(1)
+        # The execution returns the global step with its logs: the host learns it without
+        # a variable read of its own.
+        return {**logs, **self.step.state_logs(), "global_step": self.global_step}
 
     def _compile(self, evaluation: bool = False) -> None:
         """(Re)build the step's optimizer state and the compiled training functions.
@@ -109,27 +150,24 @@ class Trainer:
         Keras users recompile by hand).
         """
         self.step.build()
-        if hasattr(self.step, "bind"):
-            self.step.bind(self.global_step)
         self._variables_key = self._trainable_key()
         self.variable_table = variable_table(self.step.models.values())
         log.info("variables:\n%s", self.variable_table)
         auto = self.jit_compile == "auto"
-        common = dict(run_eagerly=self.run_eagerly, jit_compile=self.xla, xla_fallback=auto,
-                      on_trace=self._count_trace)
-        reset = getattr(self.step, "reset", None)
-        retry = reset is not None and reset.max_retries > 0
-        if auto:
-            common["last_jit"] = False
+        options = LoopOptions(run_eagerly=self.run_eagerly, jit_compile=self.xla,
+                              xla_fallback=auto, short_batch_jit=False if auto else None)
         self._train_fn = make_source_execution(
-            self.step.train_step, self._train_source,
-            state_logs=self._state_logs, after_step=self._advance,
-            retry_if=(lambda: reset.last_reset) if retry else None,
-            max_retries=reset.max_retries if retry else 0, **common,
-        )
+            train_step_functions(self.step, self.global_step), self._train_source, options,
+            state_logs=self._state_logs, on_trace=self._count_trace)
         if evaluation:
-            self._eval_fn = make_source_execution(self.step.test_step, self._val_source, **common)
-        grads = self.step.gradients_by_path
+            self._eval_fn = make_source_execution(
+                test_step_functions(self.step), self._val_source, options,
+                on_trace=self._count_trace)
+
+        def grads(batch):
+            info = StepInfo(global_step=self.global_step.read_value())
+            return self.step.gradients_by_path(batch, info)
+
         self._grads_fn = grads if self.run_eagerly else tf.function(grads)
 
     def _trainable_key(self):
@@ -143,8 +181,25 @@ class Trainer:
         self._compile()
         return True
 
+    def _prepare(self, step, data) -> None:
+        _check_contract(step, data)
+        self.step, self.data = step, data
+        self._train_source, self._val_source = data.train_source(), data.val_source()
+        self._probe_batch = data.probe_batch()
+        self.steps_per_epoch = data.steps_per_epoch("train")
+        self._val_steps = data.steps_per_epoch("val")
+        planned = self.epochs * self.steps_per_epoch - self.current_step
+        if self.max_steps is not None:
+            planned = min(planned, self._budget_left(self.current_step))
+        self.xla = choose_xla(self.jit_compile, fused=self._train_source.xla_loop,
+                              run_eagerly=self.run_eagerly, planned_steps=planned)
+        self._compile(evaluation=True)
+        self.checkpoint = training_checkpoint(
+            global_step=self.global_step, epoch=self.epoch_variable, step=step,
+            source=self._train_source, callbacks=self.callbacks)
+
     # --- the loop ---------------------------------------------------------------------
-    def fit(self, step, data) -> dict:
+    def fit(self, step: Step, data: Data) -> dict:
         """Train ``step`` on ``data``; return the final logs (last epoch's train and val).
 
         Calling ``fit`` again with the same step and data (after raising ``epochs``)
@@ -152,17 +207,7 @@ class Trainer:
         """
         flags = (self.run_eagerly, self.jit_compile)
         if step is not self.step or data is not self.data or flags != self._fit_flags:
-            self.step, self.data = step, data
-            self._train_source, self._val_source = sources_of(data)
-            self._probe_batch = next(iter(data.train_dataset().take(1)))
-            self.steps_per_epoch = data.steps_per_epoch("train")
-            self._val_steps = data.steps_per_epoch("val")
-            planned = self.epochs * self.steps_per_epoch - self.current_step
-            if self.max_steps is not None:
-                planned = min(planned, self._budget_left())
-            self.xla = choose_xla(self.jit_compile, fused=self._train_source.xla_loop,
-                                  run_eagerly=self.run_eagerly, planned_steps=planned)
-            self._compile(evaluation=True)
+            self._prepare(step, data)
             self._fit_flags = flags
         if self._pace is None or self._pace.setting != self.steps_per_execution:
             self._pace = Pacing(self.steps_per_execution)
@@ -170,48 +215,45 @@ class Trainer:
         self._callback("on_fit_start")
         start = time.perf_counter()
         train_seconds = 0.0
-        first_epoch = int(self.global_step.numpy()) // self.steps_per_epoch
-        for epoch in range(first_epoch, self.epochs):
-            self.epoch = epoch
-            if self._budget_left() <= 0 or self.stop_training:
+        # The global step is the one count of progress: the epoch and the position in it
+        # are derived from it (an execution never crosses an epoch boundary).
+        global_step = self.current_step
+        per_epoch = self.steps_per_epoch
+        for epoch in range(global_step // per_epoch, self.epochs):
+            if self._budget_left(global_step) <= 0 or self.stop_training:
                 break
-            self._train_source.start_epoch(epoch)
+            self.epoch = epoch
+            self.epoch_variable.assign(epoch)
+            if global_step == epoch * per_epoch:
+                self._train_source.start_epoch(epoch)
             self._callback("on_epoch_start", epoch)
-            sums, examples, done = {}, 0.0, 0
-            # The global step mirrored on the host: no variable read (a sync) per execution.
-            now = self.current_step
-            while done < self.steps_per_epoch and self._budget_left(now) > 0:
+            sums, examples, state = {}, 0.0, {}
+            while (position := global_step - epoch * per_epoch) < per_epoch:
+                if self._budget_left(global_step) <= 0:
+                    break
                 self.recompile_if_needed()
-                n = min(self._pace.steps, self.steps_per_epoch - done, self._budget_left(now))
+                n = min(self._pace.steps, per_epoch - position, self._budget_left(global_step))
                 traces = self.trace_count
                 t0 = time.perf_counter()
-                try:
-                    out, state = self._train_fn(n)
-                except tf.errors.OpError as e:
-                    if self.jit_compile:
-                        raise_if_xla_failure(e, self.step)
-                        raise_if_xla_error(e, "the training step")
-                    raise
+                out, state = self._run_training(n, position)
                 elapsed = time.perf_counter() - t0
                 self._pace.observe(n, elapsed, traced=self.trace_count != traces)
                 train_seconds += elapsed
-                done += n
-                now += n
+                global_step = int(state.pop("global_step"))
                 weight = out.pop(EXAMPLES)
                 examples += weight
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-                if hasattr(self.step, "check_state"):
-                    self.step.check_state(state)
+                self.step.check_state(state)
                 logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
                 logs["time/steps_per_second"] = n / elapsed
-                self._callback("on_execution_end", now, logs)
+                self._callback("on_execution_end", global_step, logs)
                 if self.stop_training:
                     break
             logs = {f"train/{k}": v / examples if examples else 0.0 for k, v in sums.items()}
             logs.update({f"train/{k}": v for k, v in state.items()})
             logs.update(self.evaluate())
-            logs.update(epoch=epoch + 1, step=self.current_step)
+            logs.update(epoch=epoch + 1, step=global_step)
             _check_finite(logs, epoch)
             self.logs = logs
             self.history.append(logs)
@@ -220,6 +262,14 @@ class Trainer:
                      "time/fit_seconds": time.perf_counter() - start}
         self._callback("on_fit_end", self.logs)
         return self.logs
+
+    def _run_training(self, num_steps: int, position: int):
+        try:
+            return self._train_fn(num_steps, position)
+        except tf.errors.OpError as e:
+            if self.jit_compile:
+                raise_if_xla_error(e, "the training step", self.step.regularizers)
+            raise
 
     def evaluate(self) -> dict:
         """Loss and metrics over the whole validation set, keys prefixed ``val/``."""
@@ -231,26 +281,27 @@ class Trainer:
         out.pop(EXAMPLES)
         return {f"val/{k}": v for k, v in out.items()}
 
-    def gradients_by_path(self) -> dict:
-        """Gradients on a fixed training batch, keyed by variable path (for histograms).
-
-        A fixed probe batch keeps the data order, and so the run, independent of
-        how often gradients are inspected.
-        """
-        return {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
-
-    @property
-    def current_step(self) -> int:
-        return int(self.global_step.numpy())
-
-    def _budget_left(self, now: int | None = None) -> float:
+    def _budget_left(self, global_step: int) -> float:
         if self.max_steps is None:
             return math.inf
-        return self.max_steps - (self.current_step if now is None else now)
+        return self.max_steps - global_step
 
     def _callback(self, hook, *args):
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
+
+
+def _check_contract(step, data) -> None:
+    """The one type check of what ``fit`` is given, with errors that say what is missing."""
+    if not isinstance(step, Step):
+        raise UserError(f"the step {type(step).__name__} is not a trainer.Step; subclass "
+                        "trainer.Step (or trainer.TapeStep) and define train_step(batch, info)")
+    if type(step).train_step is Step.train_step:
+        raise UserError(f"the step {type(step).__name__} does not define "
+                        "train_step(batch, info)")
+    if not isinstance(data, Data):
+        raise UserError(f"the data {type(data).__name__} is not a trainer.data.Data; use "
+                        "trainer.DataModule or subclass trainer.data.Data")
 
 
 def _check_finite(logs: dict, epoch: int) -> None:

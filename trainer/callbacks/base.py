@@ -4,21 +4,44 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer.errors import UserError
+
 
 class Callback:
     """Base class; override any hook. Every hook gets the trainer first.
 
-    Hooks run on the host between executions, never inside the compiled step.
+    Hooks run on the host between executions, never inside the compiled step, and
+    use only the trainer's public API (``trainer.models``, ``trainer.global_step``,
+    ``trainer.current_step``, ``trainer.epoch``, ``trainer.validation_batches()``,
+    ``trainer.checkpoint``, ...), never the step's or the data source's internals.
+    ``global_step`` is the trainer's global step at the hook (a Python int).
     ``logs`` are flat dicts of Python floats with slash-namespaced keys.
+
+    A callback whose state must survive a restart returns it from ``state()``; the
+    trainer saves it in ``trainer.checkpoint`` under ``callbacks/<state_key>`` and
+    restores it before ``on_fit_start``.
     """
 
+    #: The callback's name in the checkpoint (``callbacks/<state_key>``); it must stay
+    #: the same across versions, or a restart cannot find the saved state. Needed only
+    #: when ``state()`` is not empty.
+    state_key: str | None = None
+
+    def state(self) -> dict:
+        """The trackable state (``tf.Variable``s or trackables) to checkpoint, by name.
+
+        Created in ``__init__`` (before the trainer builds its checkpoint) and read
+        on the host; the default has none.
+        """
+        return {}
+
     def on_fit_start(self, trainer) -> None:
-        """Before the first execution (the step is already compiled)."""
+        """Before the first execution (the step is compiled, the checkpoint restored)."""
 
     def on_epoch_start(self, trainer, epoch: int) -> None:
         """Before the first execution of epoch ``epoch`` (0-based)."""
 
-    def on_execution_end(self, trainer, step: int, logs: dict) -> None:
+    def on_execution_end(self, trainer, global_step: int, logs: dict) -> None:
         """After each execution; ``logs`` are means over its steps (``train/...``)."""
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict) -> None:
@@ -32,3 +55,25 @@ def resolve(trainer, path: str) -> Path:
     """A callback's path, relative to the trainer's run directory unless absolute."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(trainer.run_dir) / p
+
+
+def callback_states(callbacks) -> dict:
+    """``{state_key: state()}`` of the callbacks that have state, for ``trainer.checkpoint``.
+
+    Raises a ``UserError`` when a callback with state has no ``state_key`` or two
+    share one (two ``EarlyStopping`` callbacks: set ``state_key`` on one instance).
+    """
+    states = {}
+    for cb in callbacks:
+        state = cb.state()
+        if not state:
+            continue
+        key = cb.state_key
+        if not key:
+            raise UserError(f"callback {type(cb).__name__} has state but no state_key; "
+                            "set the class attribute state_key")
+        if key in states:
+            raise UserError(f"two callbacks save their state as callbacks/{key}; give one "
+                            "of them another state_key")
+        states[key] = state
+    return states

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import math
 
+import tensorflow as tf
+
 from trainer.callbacks.base import Callback
 from trainer.errors import UserError
 
@@ -14,6 +16,10 @@ log = logging.getLogger(__name__)
 class EarlyStopping(Callback):
     """Sets ``trainer.stop_training`` after ``patience`` epochs without improvement.
 
+    The best value, the epochs waited and the stopped epoch live in ``tf.Variable``s
+    (``state()``), so a resumed run keeps counting its patience where it stopped;
+    ``best``, ``wait`` and ``stopped_epoch`` read them as Python numbers.
+
     Args:
         monitor: a key of the epoch logs, such as ``val/loss``.
         mode: ``"min"`` or ``"max"``.
@@ -21,14 +27,38 @@ class EarlyStopping(Callback):
         min_delta: the smallest change that counts as improvement.
     """
 
+    state_key = "early_stopping"
+
     def __init__(self, *, monitor: str = "val/loss", mode: str = "min", patience: int = 5,
                  min_delta: float = 0.0):
         if mode not in ("min", "max"):
             raise UserError(f"callbacks.early_stopping.mode={mode!r} must be 'min' or 'max'")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
-        self.best = math.inf if mode == "min" else -math.inf
-        self.wait = 0
-        self.stopped_epoch = None
+        # Created here, before the trainer builds its checkpoint; float64 keeps the
+        # host's value exactly. stopped_epoch -1 stands for "not stopped".
+        self._best = tf.Variable(math.inf if mode == "min" else -math.inf, dtype=tf.float64,
+                                 trainable=False, name="best")
+        self._wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
+        self._stopped = tf.Variable(-1, dtype=tf.int64, trainable=False, name="stopped_epoch")
+
+    def state(self) -> dict:
+        return {"best": self._best, "wait": self._wait, "stopped_epoch": self._stopped}
+
+    @property
+    def best(self) -> float:
+        """The best monitored value so far (``inf``/``-inf`` before the first epoch)."""
+        return float(self._best.numpy())
+
+    @property
+    def wait(self) -> int:
+        """Epochs since the last improvement."""
+        return int(self._wait.numpy())
+
+    @property
+    def stopped_epoch(self) -> int | None:
+        """The 0-based epoch at which training was stopped, or None."""
+        epoch = int(self._stopped.numpy())
+        return None if epoch < 0 else epoch
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.monitor not in logs:
@@ -36,15 +66,16 @@ class EarlyStopping(Callback):
                 f"callbacks.early_stopping.monitor={self.monitor!r} is not logged; "
                 f"choose one of {sorted(k for k in logs if '/' in k)}"
             )
-        value = logs[self.monitor]
-        better = (value < self.best - self.min_delta if self.mode == "min"
-                  else value > self.best + self.min_delta)
+        value, best = float(logs[self.monitor]), self.best
+        better = (value < best - self.min_delta if self.mode == "min"
+                  else value > best + self.min_delta)
         if better:
-            self.best, self.wait = value, 0
+            self._best.assign(value)
+            self._wait.assign(0)
             return
-        self.wait += 1
+        self._wait.assign_add(1)
         if self.wait >= self.patience:
-            self.stopped_epoch = epoch
+            self._stopped.assign(epoch)
             trainer.stop_training = True
             log.info("early stopping at epoch %d: %s did not improve for %d epochs",
                      epoch + 1, self.monitor, self.patience)

@@ -47,38 +47,40 @@ class ProfileCallback(Callback):
     def on_epoch_start(self, trainer, epoch):
         self._update(trainer, trainer.current_step)
 
-    def on_execution_end(self, trainer, step, logs):
-        self._update(trainer, step)
+    def on_execution_end(self, trainer, global_step, logs):
+        self._update(trainer, global_step)
 
     def on_fit_end(self, trainer, logs):
         if self._started_at is not None:
             self._stop(trainer.current_step)
 
-    def _update(self, trainer, step: int) -> None:
+    def _update(self, trainer, global_step: int) -> None:
+        # A one-shot window, so not a Periodic: two thresholds and "at least one execution
+        # long" are the whole rule, and a resumed run already past the start still traces.
         if not self.steps or self.recorded is not None:
             return
         start, stop = self.steps
         if self._started_at is None:
-            if step >= start:
-                self._start(trainer, step)
-        elif step >= stop and step > self._started_at:
-            self._stop(step)
+            if global_step >= start:
+                self._start(trainer, global_step)
+        elif global_step >= stop and global_step > self._started_at:
+            self._stop(global_step)
 
-    def _start(self, trainer, step: int) -> None:
+    def _start(self, trainer, global_step: int) -> None:
         path = resolve(trainer, self.log_dir)
         path.mkdir(parents=True, exist_ok=True)
         try:
             tf.profiler.experimental.start(str(path))
         except tf.errors.AlreadyExistsError:
             log.warning("profile: another profiler session is running; not profiling")
-            self.recorded = (step, step)
+            self.recorded = (global_step, global_step)
             return
-        self._started_at = step
+        self._started_at = global_step
         self._path = path
 
-    def _stop(self, step: int) -> None:
+    def _stop(self, global_step: int) -> None:
         tf.profiler.experimental.stop()
-        self.recorded = (self._started_at, step)
+        self.recorded = (self._started_at, global_step)
         self._started_at = None
         log.info("profile: steps %d-%d recorded under %s/plugins/profile", *self.recorded,
                  self._path)

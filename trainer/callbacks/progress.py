@@ -38,10 +38,10 @@ class ProgressCallback(Callback):
             print(f"Epoch {epoch + 1}/{trainer.epochs}")
             self.bar = keras.utils.Progbar(trainer.steps_per_epoch, stateful_metrics=[])
 
-    def on_execution_end(self, trainer, step, logs):
+    def on_execution_end(self, trainer, global_step, logs):
         if self.bar is not None:
             values = [(k, v) for k, v in logs.items() if k.startswith("train/")]
-            self.bar.update(step - self._start, values=values)
+            self.bar.update(global_step - self._start, values=values)
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.bar is not None:

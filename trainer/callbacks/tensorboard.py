@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import tensorflow as tf
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks.base import Callback, resolve
+from trainer.errors import UserError
+from trainer.periodic import Periodic
 
 
 class TensorBoardCallback(Callback):
@@ -18,11 +18,12 @@ class TensorBoardCallback(Callback):
       ``learning_rate``, ``time/steps_per_second``) into ``train``;
     - every epoch: the validation logs into ``val`` under the same tags, so
       TensorBoard draws train and validation on one chart;
-    - every ``histogram_every_n_steps`` steps (at the first execution boundary
-      past each multiple; 0 turns them off), but not within
-      ``histogram_min_interval_seconds`` of the previous ones: histograms of every
-      weight and of its gradient on a fixed probe batch, and ``grad_norm/<path>``
-      per variable;
+    - at the start and every ``histogram_every_n_steps`` steps (at the first
+      execution boundary at or past each multiple; 0 turns them off), but not
+      within ``histogram_min_interval_seconds`` of the previous ones (a held-back
+      set is written at the first boundary after that): histograms of every weight
+      of ``trainer.models`` and of its gradient on a fixed probe batch
+      (``trainer.gradients_by_path()``), and ``grad_norm/<path>`` per variable;
     - at the start: the resolved config and the variable table (path, shape,
       parameters, trainable or frozen) as text, and the HParams session
       (``log_dir`` itself is the session, ``train``/``val`` its metric groups).
@@ -30,8 +31,8 @@ class TensorBoardCallback(Callback):
     Args:
         log_dir: relative to the run directory unless absolute.
         histogram_every_n_steps: histogram interval in steps; 0 disables.
-        histogram_min_interval_seconds: skip a due histogram this soon after the last
-            one. Histograms cost a few milliseconds; a fast loop passes 100 steps
+        histogram_min_interval_seconds: hold due histograms back this soon after the
+            last ones. Histograms cost a few milliseconds; a fast loop passes 100 steps
             every few milliseconds, and would spend a tenth of its time on them.
             0 writes one every ``histogram_every_n_steps`` exactly.
 
@@ -41,12 +42,21 @@ class TensorBoardCallback(Callback):
 
     def __init__(self, *, log_dir: str = "tb", histogram_every_n_steps: int = 100,
                  histogram_min_interval_seconds: float = 10.0):
+        if histogram_every_n_steps < 0 or histogram_min_interval_seconds < 0:
+            raise UserError(
+                "callbacks.tensorboard.histogram_every_n_steps and "
+                "histogram_min_interval_seconds must be >= 0 (0 steps turns histograms off); "
+                f"got {histogram_every_n_steps} and {histogram_min_interval_seconds}")
         self.log_dir = log_dir
-        self.histogram_every_n_steps = histogram_every_n_steps
+        self.histogram_every_n_steps = int(histogram_every_n_steps)
         self.histogram_min_interval_seconds = float(histogram_min_interval_seconds)
         self.writers = {}
-        self._last_histogram_bucket = -1
-        self._last_histogram_time = None
+        self._histogram_when = Periodic(every_n_steps=self.histogram_every_n_steps,
+                                        min_seconds=self.histogram_min_interval_seconds,
+                                        at_start=True)
+        # Writers flush themselves every 10 events; an explicit flush (three file writes)
+        # keeps TensorBoard current, and once every few seconds is current enough.
+        self._flush_when = Periodic(every_seconds=5.0)
         self._opened_for = None
 
     def _writer(self, name):
@@ -54,17 +64,28 @@ class TensorBoardCallback(Callback):
 
     def on_fit_start(self, trainer):
         root = resolve(trainer, self.log_dir)
-        if self._opened_for != (root, trainer.step):
-            self._open(root, list(trainer.step.models.values()))
-            self._opened_for = (root, trainer.step)
-        step = trainer.current_step
-        with self._writer("").as_default(step=step):
+        models = list(trainer.models.values())
+        if not self._opened_for_same(root, models):
+            self._open(root, models)
+            self._opened_for = (root, models)
+        global_step = trainer.current_step
+        with self._writer("").as_default(step=global_step):
             if trainer.hparams:
                 hp.hparams(trainer.hparams)
             if trainer.config_text:
                 tf.summary.text("config", "```\n" + trainer.config_text + "\n```")
             tf.summary.text("variables", trainer.variable_table)
-        self._write_histograms(trainer, step)
+        self._histogram_when.reset(global_step)
+        self._flush_when.reset(global_step)
+        self._write_histograms(trainer, global_step, start=True)
+
+    def _opened_for_same(self, root, models) -> bool:
+        """Whether the writers and compiled functions are those of this run dir and models."""
+        if self._opened_for is None:
+            return False
+        opened_root, opened_models = self._opened_for
+        return (opened_root == root and len(opened_models) == len(models)
+                and all(a is b for a, b in zip(opened_models, models)))
 
     def _open(self, root, models):
         self.writers = {
@@ -79,21 +100,16 @@ class TensorBoardCallback(Callback):
         self._histograms = tf.function(
             lambda step, grads: _histograms(train, step, grads, models), autograph=False)
         self._scalar_plans = {}
-        self._flushed_at = time.monotonic()
 
-    def on_execution_end(self, trainer, step, logs):
-        self._scalars(logs, step)
-        if self.histogram_every_n_steps:
-            self._write_histograms(trainer, step)
+    def on_execution_end(self, trainer, global_step, logs):
+        self._scalars(logs, global_step)
+        self._write_histograms(trainer, global_step)
 
     def on_epoch_end(self, trainer, epoch, logs):
         self._scalars({k: v for k, v in logs.items() if k.startswith("val/")}, logs["step"])
-        # Writers flush themselves every 10 events; an explicit flush (three file writes)
-        # keeps TensorBoard current, and once every few seconds is current enough.
-        if time.monotonic() - self._flushed_at >= 5.0:
+        if self._flush_when.due(logs["step"]):
             for w in self.writers.values():
                 w.flush()
-            self._flushed_at = time.monotonic()
 
     def on_fit_end(self, trainer, logs):
         if trainer.hparams:
@@ -125,15 +141,11 @@ class TensorBoardCallback(Callback):
         for group_keys, fn in plan:
             fn(step, tf.constant([logs[k] for k in group_keys], tf.float32))
 
-    def _write_histograms(self, trainer, step):
-        n = self.histogram_every_n_steps
-        if not n or step // n == self._last_histogram_bucket:
-            return
-        now, last = time.monotonic(), self._last_histogram_time
-        if last is not None and now - last < self.histogram_min_interval_seconds:
-            return
-        self._last_histogram_bucket, self._last_histogram_time = step // n, now
-        self._histograms(tf.constant(step, tf.int64), trainer.gradients_by_path())
+    def _write_histograms(self, trainer, global_step, *, start: bool = False):
+        if not self.histogram_every_n_steps:
+            return  # off, also at the start
+        if self._histogram_when.due(global_step, start=start):
+            self._histograms(tf.constant(global_step, tf.int64), trainer.gradients_by_path())
 
 
 def _scalar_writer(writer, tags):

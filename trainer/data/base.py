@@ -11,7 +11,50 @@ TASKS = ("classification", "regression")
 IN_MEMORY_MAX_BYTES = 512 * 2**20
 
 
-class DataModule:
+class Data:
+    """What the trainer and the driver need of a data set; subclass it for your own.
+
+    ``DataModule`` implements it for arrays in memory. A subclass provides the
+    task and shapes (the driver builds the model from them), the training and
+    validation sources the compiled loop pulls batches from, the number of
+    steps in one pass, a fixed probe batch and the validation batches.
+    """
+
+    #: ``"classification"`` or ``"regression"``: picks the default loss and metrics.
+    task: str = "classification"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example's features."""
+        raise NotImplementedError
+
+    @property
+    def num_outputs(self) -> int:
+        """Width of the model's output layer."""
+        raise NotImplementedError
+
+    def steps_per_epoch(self, split: str = "train") -> int:
+        """Batches in one pass over ``split`` (``"train"`` or ``"val"``)."""
+        raise NotImplementedError
+
+    def train_source(self):
+        """A ``trainer.data.sources.Source`` of training batches, shuffled per epoch."""
+        raise NotImplementedError
+
+    def val_source(self):
+        """A ``Source`` of validation batches in a fixed order, endlessly repeated."""
+        raise NotImplementedError
+
+    def probe_batch(self):
+        """A fixed training batch ``(x, y)``: gradient histograms are taken on it."""
+        raise NotImplementedError
+
+    def validation_batches(self) -> list:
+        """The validation set once, as ``(x, y)`` numpy batches in a fixed order."""
+        raise NotImplementedError
+
+
+class DataModule(Data):
     """Train and validation arrays plus how to batch them.
 
     Every data config builds one of these. The arrays are checked once here
@@ -161,6 +204,16 @@ class DataModule:
 
         ds = tf.data.Dataset.from_tensor_slices((self.x_val, self.y_val))
         return ds.batch(self.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
+
+    def probe_batch(self):
+        """The first training batch of epoch 0 (a tensor pair)."""
+        return next(iter(self.train_dataset().take(1)))
+
+    def validation_batches(self) -> list:
+        """The validation arrays in ``batch_size`` slices, in order."""
+        size = self.batch_size
+        return [(self.x_val[i:i + size], self.y_val[i:i + size])
+                for i in range(0, len(self.x_val), size)]
 
     def holds_in_memory(self) -> bool:
         """Whether the sources hold the arrays as tensors (see ``in_memory``)."""

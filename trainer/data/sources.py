@@ -5,17 +5,43 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-class IteratorSource:
+class Source:
+    """What the compiled loop needs of a batch source.
+
+    ``next()`` runs inside the compiled execution (once per batch); the other
+    members run on the host. Its state (``state()``) is part of the trainer's
+    checkpoint: the data order and the position in it.
+    """
+
+    #: Whether ``next()`` can run inside an XLA program (then a whole execution can be one).
+    xla_loop = False
+    #: Examples in an epoch's short last batch when ``next()`` yields only full batches and
+    #: ``next_any()`` the short one (see ``trainer.loop.make_source_execution``); else 0.
+    tail = 0
+
+    def next(self):
+        """The next batch (inside the compiled loop)."""
+        raise NotImplementedError
+
+    def next_any(self):
+        """The next batch, full or short (a source with ``tail`` overrides this)."""
+        return self.next()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called on the host before the first batch of ``epoch`` (0-based)."""
+
+    def state(self) -> dict:
+        """Trackable state a restart needs, by name (order, position, iterator)."""
+        return {}
+
+
+class IteratorSource(Source):
     """Batches from an endless ``tf.data`` pipeline, through one long-lived iterator.
 
     The iterator is created once, outside any tf.function, and captured by the
-    compiled loop, so epochs neither retrace nor rebuild the pipeline.
+    compiled loop, so epochs neither retrace nor rebuild the pipeline. Its
+    position (and the pipeline's shuffle state) is checkpointed with it.
     """
-
-    #: XLA cannot compile iterator ops, so only the step (not the loop) is jit-compiled.
-    xla_loop = False
-    #: Short last batches come through the pipeline as they are (dynamic shape).
-    tail = 0
 
     def __init__(self, dataset: tf.data.Dataset):
         self.dataset = dataset
@@ -26,6 +52,10 @@ class IteratorSource:
 
     def start_epoch(self, epoch: int) -> None:
         """Nothing to do: the pipeline reshuffles by itself at the end of each pass."""
+
+    def state(self) -> dict:
+        """The iterator: tf.data saves its position and buffers."""
+        return {"iterator": self.iterator}
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch) -> tf.Tensor:
@@ -39,7 +69,7 @@ def epoch_permutation(num_examples: int, seed: int, epoch) -> tf.Tensor:
     return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int32), seed)
 
 
-class TensorSource:
+class TensorSource(Source):
     """Batches sliced by index from tensors held in memory, inside the compiled loop.
 
     Holds ``x`` and ``y`` as tensors, the epoch's order of the examples and the
@@ -79,16 +109,23 @@ class TensorSource:
         self.steps_per_epoch = self.full_batches + (1 if self.tail else 0)
         self.order = tf.Variable(tf.range(self.num_examples, dtype=tf.int32), trainable=False,
                                  name="source_order")
+        #: Batches drawn in this epoch (retried steps draw more than one).
         self.position = tf.Variable(0, dtype=tf.int32, trainable=False, name="source_position")
-        #: Steps run in this epoch, counted on the host (the plan, not the device position).
-        self.planned = 0
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="source_epoch")
+        # The seed is saved so that a restart can tell a checkpoint of another order.
+        self.seed_variable = tf.Variable(self.seed, dtype=tf.int64, trainable=False,
+                                         name="source_seed")
 
     def start_epoch(self, epoch: int) -> None:
         """Draw the order of ``epoch`` and rewind to its first batch."""
         if self.shuffle:
             self.order.assign(epoch_permutation(self.num_examples, self.seed, epoch))
         self.position.assign(0)
-        self.planned = 0
+        self.epoch.assign(epoch)
+
+    def state(self) -> dict:
+        """Epoch, position and seed; the order is a function of seed and epoch."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed_variable}
 
     def _gather(self, indices):
         return tf.gather(self.x, indices), tf.gather(self.y, indices)
@@ -115,14 +152,3 @@ class TensorSource:
         start = position * self.batch_size
         stop = tf.minimum(start + self.batch_size, self.num_examples)
         return self._gather(self.order[start:stop])
-
-
-def sources_of(data) -> tuple:
-    """The training and validation sources of a data module.
-
-    ``DataModule`` picks in-memory or streaming itself (``train_source``); any
-    other object with ``train_dataset()`` and ``val_dataset()`` is streamed.
-    """
-    if hasattr(data, "train_source"):
-        return data.train_source(), data.val_source()
-    return IteratorSource(data.train_dataset()), IteratorSource(data.val_dataset())

@@ -49,7 +49,7 @@ class Regularizer:
     @property
     def scope(self) -> str:
         """The name scope of the penalty's ops: XLA errors name it, so the failing
-        regularizer can be named (``trainer.regularizers.xla``)."""
+        regularizer can be named (``trainer.xla.raise_if_xla_error``)."""
         return f"regularizer_{self.name}"
 
     def contribute(self, ctx):
@@ -72,6 +72,10 @@ class Regularizer:
             tf.equal(ctx.iteration % self.every, 0), due, lambda: tf.constant(0.0)
         )
         return contribution, self.last_value()
+
+    def state(self) -> dict:
+        """Variables a restart needs: the value computed last (what off-schedule steps log)."""
+        return {"last": self._last}
 
     def last_value(self):
         """The value computed last (what ``reg/<name>`` logs on steps it is not due)."""
