@@ -51,8 +51,8 @@ class Recorder(Callback):
     def on_epoch_start(self, trainer, epoch):
         self.calls.append(("epoch_start", epoch))
 
-    def on_execution_end(self, trainer, step, logs):
-        self.calls.append(("execution_end", step))
+    def on_execution_end(self, trainer, global_step, logs):
+        self.calls.append(("execution_end", global_step))
 
     def on_epoch_end(self, trainer, epoch, logs):
         self.calls.append(("epoch_end", epoch))

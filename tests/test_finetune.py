@@ -93,7 +93,8 @@ def test_experiment_freezes_unfreezes_and_groups(make_cfg, tmp_path, caplog):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["params/frozen"] == 64 * 32 + 32
     assert metrics["params/trainable"] == (32 * 16 + 16) + (16 * 5 + 5)
-    assert metrics["val/accuracy"] > 0.2  # three short epochs: well above chance, no more
+    # 5 classes (chance 0.2); three short epochs reach 0.64-0.72 over seeds 0-4.
+    assert metrics["val/accuracy"] > 0.5
     # (d) the backbone group runs at lr * lr_scale, the head at lr.
     assert set(optimizer.optimizers) == {"base", "group_0"}
     assert float(optimizer.optimizers["base"].learning_rate) == pytest.approx(1e-2)

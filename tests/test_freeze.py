@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import regression_data
-from trainer import FreezeSchedule, GroupedOptimizer, TapeStep, Trainer
+from trainer import Callback, FreezeSchedule, GroupedOptimizer, TapeStep, Trainer
 from trainer.errors import UserError
 from trainer.freeze import param_counts, set_trainable, variable_table
 
@@ -98,6 +98,78 @@ def test_unfreeze_schedule_recompiles_and_trains_the_new_variables(run_eagerly):
     assert any("body_kernel" in s for s in step.optimizer.slot_paths())
     # The optimizer kept counting: 3 epochs x 7 steps, no reset when it was rebuilt.
     assert int(step.optimizer.iterations.numpy()) == 21
+
+
+def _adam_state(grouped) -> dict:
+    """Every optimizer variable (moments, iteration count) by name, without the optimizer's
+    own prefix (a rebuilt optimizer may be named differently)."""
+    return {v.path.split("/", 1)[-1]: v.numpy().copy()
+            for opt in grouped.optimizers.values() for v in opt.variables}
+
+
+class _AdamAcrossUnfreeze(Callback):
+    """After a FreezeSchedule that unfreezes ``body`` at epoch 2: snapshots the optimizer at
+    the end of epoch 1, right after the rebuild, and after the first step of epoch 2; keeps
+    the weights and gradients that first step starts from."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if epoch == 0:
+            self.before = _adam_state(trainer.step.optimizer)
+
+    def on_epoch_start(self, trainer, epoch):
+        if epoch == 1:
+            assert trainer.recompile_if_needed()  # what the loop does before its next execution
+            self.rebuilt = _adam_state(trainer.step.optimizer)
+            self.weights = {v.path: v.numpy().copy() for v in trainer.step.trainable_variables}
+            grads = trainer.step.gradients_by_path(self.batch)
+            self.grads = {k: g.numpy() for k, g in grads.items()}
+
+    def on_execution_end(self, trainer, step, logs):
+        if trainer.epoch == 1 and not hasattr(self, "after"):
+            self.after = _adam_state(trainer.step.optimizer)
+            self.stepped = {v.path: v.numpy().copy() for v in trainer.step.trainable_variables}
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_unfreezing_carries_adam_moments_over_and_training_continues_from_them(run_eagerly):
+    """The optimizer rebuilt for the new trainable set keeps the Adam state (m, v, the
+    iteration count) of the variables that were already trainable, and the next update is
+    Adam's, by hand, from that state; the newly trainable variables start from zero moments."""
+    model = _mlp()
+    set_trainable([model], ["body/*"], False)
+    data = regression_data(shuffle=False)  # epoch 2 starts with the first 16 examples
+    batch = (tf.constant(data.x_train[:16]), tf.constant(data.y_train[:16]))
+    lr, b1, b2, eps = 1e-2, 0.9, 0.999, 1e-7
+    adam = keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2, epsilon=eps)
+    probe = _AdamAcrossUnfreeze(batch)
+    schedule = FreezeSchedule(unfreeze=[{"at_epoch": 2, "patterns": ["body/*"]}])
+    step = TapeStep(model=model, optimizer=adam, task="regression")
+    Trainer(epochs=2, steps_per_execution=1, run_eagerly=run_eagerly,
+            callbacks=[schedule, probe]).fit(step, data)
+    before, rebuilt, after = probe.before, probe.rebuilt, probe.after
+    assert before["iteration"] == 7 and any("head" in k for k in before)
+    assert not any("body" in k for k in before)  # frozen in epoch 1: no slots
+    for name, value in before.items():  # carried over, bit for bit
+        np.testing.assert_array_equal(rebuilt[name], value, err_msg=name)
+    t = rebuilt["iteration"] + 1
+    alpha = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+    for path, w in probe.weights.items():
+        slot = "_".join(path.split("/"))
+        g = probe.grads[path]
+        m0 = rebuilt[f"{slot}_momentum"]
+        v0 = rebuilt[f"{slot}_velocity"]
+        if "body" in path:
+            assert not m0.any() and not v0.any(), path  # new variables: fresh moments
+        m = m0 + (g - m0) * (1 - b1)
+        v = v0 + (g**2 - v0) * (1 - b2)
+        np.testing.assert_allclose(after[f"{slot}_momentum"], m, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(after[f"{slot}_velocity"], v, rtol=1e-5, atol=1e-10)
+        np.testing.assert_allclose(probe.stepped[path], w - alpha * m / (np.sqrt(v) + eps),
+                                   rtol=1e-5, atol=1e-7)
+    assert after["iteration"] == t
 
 
 def test_parameter_groups_scale_the_learning_rate():

@@ -37,7 +37,8 @@ def test_custom_step_example_trains_through_the_config(make_cfg, tmp_path, readm
                    "+step.beta=0.2", "trainer.max_steps=30", f"trainer.run_eagerly={eager}",
                    "callbacks=none")
     metrics = run(cfg, run_dir=tmp_path)
-    assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.5
+    # 10 classes (chance 0.1); 30 steps reach about 0.86.
+    assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.7
 
 
 @pytest.mark.parametrize("eager", [False, True])
@@ -58,7 +59,7 @@ def test_sampled_diagnostic_example_logs_once_per_execution(tmp_path, eager):
     class Check(Callback):
         seen = []
 
-        def on_execution_end(self, trainer, step, logs):
+        def on_execution_end(self, trainer, global_step, logs):
             # One step per execution: the sample is that step, after its update.
             norm = np.sqrt(sum(float(np.sum(v.numpy() ** 2)) for v in model.trainable_variables))
             self.seen.append((logs["train/weight_norm"], norm, logs["train/grad_norm"]))

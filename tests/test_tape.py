@@ -69,6 +69,59 @@ def test_unconnected_head_is_left_alone_and_named_once(caplog, run_eagerly, poli
         assert warnings == []
 
 
+class _PassThrough(keras.layers.Layer):
+    """Returns its input; its weight is trainable but no loss ever reaches it."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(3,), initializer="ones", name="w")
+
+    def call(self, x):
+        return x
+
+
+#: Models built by ``model_with_an_unreached_weight`` from a config, newest last.
+BUILT = []
+
+
+def model_with_an_unreached_weight(*, input_shape, num_outputs, **_):
+    """A linear model followed by a pass-through layer whose weight the loss never reaches."""
+    model = keras.Sequential([keras.Input(tuple(input_shape)), keras.layers.Dense(num_outputs),
+                              _PassThrough(name="unreached")], name="partly_reached")
+    BUILT.append(model)
+    return model
+
+
+@pytest.mark.parametrize("policy", ["none", "zero"])
+def test_unconnected_gradients_from_the_config_reach_the_step(make_cfg, tmp_path, caplog,
+                                                              policy):
+    """``tape.unconnected_gradients=zero`` must reach the step: with AdamW a zero gradient
+    still applies the decoupled weight decay, so the unreached weight decays by exactly
+    ``(1 - lr * weight_decay)`` per step; with ``none`` it is left alone and named once."""
+    from trainer.run import run
+
+    lr, decay, steps = 0.1, 0.5, 3
+    cfg = make_cfg(
+        "data=synthetic", "optimizer=adamw", f"optimizer.learning_rate={lr}",
+        f"optimizer.weight_decay={decay}", "trainer.epochs=1", f"trainer.max_steps={steps}",
+        "trainer.steps_per_execution=1", "callbacks=none",
+        "model._target_=tests.test_tape.model_with_an_unreached_weight",
+        f"tape.unconnected_gradients={policy}",
+    )
+    with caplog.at_level(logging.WARNING):
+        run(cfg, run_dir=tmp_path)
+    w = BUILT[-1].get_layer("unreached").w.numpy()
+    named = [r for r in caplog.records if "unreached/w" in r.getMessage()]
+    if policy == "none":
+        np.testing.assert_array_equal(w, np.ones(3, np.float32))
+        assert len(named) == 1
+    else:
+        expected = np.ones(3, np.float32)
+        for _ in range(steps):
+            expected = expected - expected * np.float32(decay) * np.float32(lr)
+        np.testing.assert_allclose(w, expected, rtol=1e-6)
+        assert named == []
+
+
 def test_no_gradient_at_all_is_an_error():
     class Detached(TapeStep):
         def compute_loss(self, x, y, training):
@@ -112,6 +165,57 @@ def test_metrics_computed_under_stop_recording_leave_gradients_unchanged(compile
     np.testing.assert_allclose(model.trainable_variables[0].numpy(), w - x.numpy().T @ r,
                                rtol=1e-5)
     assert float(logs["kernel_sq"]) == pytest.approx(float((w**2).sum()))
+
+
+class ShadowNormStep(TapeStep):
+    """Logs the norm of a trainable variable that the loss never reads (an EMA-style shadow
+    copy), and keeps the variables the step's tape watched when its gradients were taken."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.shadow = tf.Variable([3.0, 4.0], trainable=True, name="metric_shadow")
+        self.watched = []
+
+    def compute_metrics(self, y, y_pred):
+        return {**super().compute_metrics(y, y_pred), "shadow_norm": tf.norm(self.shadow)}
+
+    def gradients(self, tape, loss, variables):
+        self.watched.append(list(tape.watched_variables()))
+        return super().gradients(tape, loss, variables)
+
+
+class ShadowPolicy(ResetPolicy):
+    """A reset policy whose loss check also reads a trainable variable (never true)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.shadow = tf.Variable(1.0, trainable=True, name="policy_shadow")
+
+    def check_loss(self, loss):
+        return tf.logical_or(super().check_loss(loss), self.shadow < 0.0)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_metrics_and_reset_checks_are_not_recorded_on_the_tape(compiled, reset):
+    """The default step computes its metrics and the reset policy's checks under
+    ``tape.stop_recording()``. Neither changes a gradient if recorded (neither is part of
+    the loss), so what the guarantee observably means is: the tape does not record them,
+    and a trainable variable that only a metric or the reset check reads is not watched.
+    The tape still watches exactly the model's variables."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, name="lin")])
+    policy = ShadowPolicy(when=["nonfinite", "spike"], spike_window=2) if reset else None
+    step = ShadowNormStep(model=model, optimizer=keras.optimizers.SGD(0.1), task="regression",
+                          reset=policy)
+    step.build()
+    x, y = tf.constant([[1.0, 2.0], [3.0, -1.0]]), tf.constant([[1.0], [0.0]])
+    logs = (tf.function(step.train_step) if compiled else step.train_step)((x, y))
+    assert float(logs["shadow_norm"]) == pytest.approx(5.0)
+    (watched,) = step.watched
+    names = sorted(v.name for v in watched)
+    assert names == sorted(f"{v.path}:0" for v in model.trainable_variables)
+    assert not any(v is step.shadow or (reset and v is policy.shadow) for v in watched)
 
 
 # --- tape reset ------------------------------------------------------------------------
@@ -170,6 +274,39 @@ def test_retry_records_the_next_batch_instead(run_eagerly):
     clean, _, _, _ = _reset_fit(_planted(clean=True), epochs=2, max_steps=10)
     for a, b in zip(model.weights, clean.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("run_eagerly", [False, True])
+@pytest.mark.parametrize("when", ["threshold", "nonfinite"])
+def test_reset_steps_are_left_out_of_the_epoch_means(when, run_eagerly):
+    """A discarded step counts neither in train/loss nor in the metrics' example weights.
+
+    One batch is planted (a huge target, or a NaN feature); with learning rate 0 the
+    weights stay fixed, so the epoch's means are the per-example values on the other
+    batches, computed here directly.
+    """
+    n, batch, bad = 60, 8, 2  # 7 full batches and a short one of 4; batch 2 is planted
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 3)).astype("float32")
+    y = (x @ np.array([[1.0], [-2.0], [0.5]])).astype("float32")
+    if when == "threshold":
+        y[bad * batch + 1] = 1e4
+    else:
+        x[bad * batch + 1, 0] = np.nan
+    data = DataModule(x_train=x, y_train=y, x_val=x[:8] * 0, y_val=y[:8] * 0,
+                      task="regression", batch_size=batch, shuffle=False, allow_nonfinite=True)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="lin")])
+    policy = ResetPolicy(when=[when], threshold=1e3 if when == "threshold" else None)
+    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.0), task="regression",
+                    reset=policy)
+    logs = Trainer(epochs=1, steps_per_execution=3, run_eagerly=run_eagerly).fit(step, data)
+    assert logs["train/tape/resets"] == 1
+    keep = np.ones(n, bool)
+    keep[bad * batch:(bad + 1) * batch] = False
+    err = model(x[keep]).numpy().astype("float64") - y[keep]
+    assert logs["train/loss"] == pytest.approx(np.mean(err**2), rel=1e-6)
+    assert logs["train/mae"] == pytest.approx(np.mean(np.abs(err)), rel=1e-6)
 
 
 def test_spike_detection_skips_the_huge_batch_only():

@@ -92,10 +92,6 @@ def test_outputs_of_a_run(dense_run):
     assert np.isfinite(metrics["val/loss"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Trainer.gradients_by_path runs the step's forward pass in training mode on the probe "
-    "batch, which draws from the dropout layers' SeedGenerator and shifts every later "
-    "dropout mask; remove this mark once probing leaves the RNG state alone"))
 def test_gradient_histograms_do_not_change_the_run(make_cfg, tmp_path):
     """Inspecting gradients (histograms on the fixed probe batch) must not change training:
     with dropout, whose seed generator would show any extra random draw, a run writing

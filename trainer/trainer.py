@@ -122,10 +122,18 @@ class Trainer:
     def gradients_by_path(self) -> dict:
         """Gradients on a fixed training batch, keyed by variable path (for histograms).
 
-        A fixed probe batch keeps the data order, and so the run, independent of
-        how often gradients are inspected.
+        Inspecting leaves the run alone: a fixed probe batch keeps the data order,
+        and the state the forward pass moves (dropout's seed generators, batch-norm
+        statistics, the step's state) is put back afterwards, so a run with
+        histograms every step ends bit-identical to one without.
         """
-        return {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
+        moved = [v for m in self.step.models.values() for v in m.non_trainable_variables]
+        moved += tf.nest.flatten(self.step.state())
+        saved = [v.numpy() for v in moved]
+        grads = {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
+        for v, value in zip(moved, saved):
+            v.assign(value)
+        return grads
 
     # --- building the compiled functions ------------------------------------------------
     def _count_trace(self):
