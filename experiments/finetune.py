@@ -26,7 +26,7 @@ def _pretrained_backbone(input_shape, units, activation, dropout, *, classes, ep
                          learning_rate, batch_size, seed):
     """Train a fresh backbone with a throwaway head on the digits ``classes``."""
     from trainer.data import digits
-    from trainer.step import TapeStep
+    from trainer.supervised import TapeStep
     from trainer.trainer import Trainer
 
     source = digits(classes=list(classes), batch_size=batch_size, seed=seed)

@@ -9,6 +9,8 @@ regularizer from the ``regularizer`` config group (``gradient_penalty`` by defau
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import tensorflow as tf
 
@@ -140,7 +142,7 @@ class WganStep(Step):
         coverage_share: float = 0.01,
     ):
         for what, value in (("model", model), ("optimizer", optimizer)):
-            if not hasattr(value, "keys") or set(value.keys()) != {"generator", "critic"}:
+            if not isinstance(value, Mapping) or set(value) != {"generator", "critic"}:
                 raise UserError(f"the GAN step needs {what} with keys generator and critic; "
                                 f"got {value!r}")
         wrong = [r.name for r in regularizers if r.applies_to != "critic"]
@@ -254,9 +256,9 @@ class WganStep(Step):
         ``coverage_share`` of the samples within 3 standard deviations of them
         (out of ``gan/modes``).
         """
-        modes = getattr(data, "modes", None)
-        if modes is None:
+        if not isinstance(data, MixtureData):
             return {}
+        modes = data.modes
         x = self.sample(self.eval_samples)
         dist = np.linalg.norm(x[:, None, :] - modes[None], axis=-1)
         nearest = dist.argmin(axis=1)

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from trainer.errors import UserError
 from trainer.metrics import accuracy
-from trainer.step import TapeStep
+from trainer.supervised import TapeStep
 
 
 def two_head_mlp(

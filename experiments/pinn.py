@@ -17,7 +17,7 @@ import tensorflow as tf
 from trainer.data.base import DataModule
 from trainer.errors import UserError
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
-from trainer.step import TapeStep
+from trainer.supervised import TapeStep
 
 
 class Poisson1D:

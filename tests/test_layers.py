@@ -20,7 +20,7 @@ LAYERS = [
                 "trainer.config"]),
     ("tape and building blocks", ["trainer.tape", "trainer.freeze", "trainer.optim",
                                   "trainer.regularizers", "trainer.models", "trainer.data"]),
-    ("step", ["trainer.step"]),
+    ("step", ["trainer.step", "trainer.supervised"]),
     ("compiler", ["trainer.loop", "trainer.xla", "trainer.pacing"]),
     ("trainer", ["trainer.trainer", "trainer.state", "trainer.callbacks"]),
     ("driver", ["trainer.run", "trainer.__main__", "trainer.experiments"]),
@@ -73,7 +73,7 @@ def test_imports_point_down(name, path):
 
 
 def test_the_step_layer_knows_nothing_of_the_loop():
-    for name in ("trainer.step", "trainer.tape", "trainer.keys"):
+    for name in ("trainer.step", "trainer.supervised", "trainer.tape", "trainer.keys"):
         path = ROOT / (name.replace(".", "/") + ".py")
         assert not {"trainer.loop", "trainer.trainer", "trainer.xla"} & _imports(path), name
 

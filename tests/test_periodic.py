@@ -34,6 +34,15 @@ def test_several_multiples_in_one_execution_fire_once():
     assert fired(when, [3, 17, 18, 19, 20]) == [17, 20]
 
 
+def test_on_steps_fire_at_the_first_boundary_at_or_past_each_listed_step_one_per_firing():
+    # Boundaries every 4 steps: 2 is served at 4; 3 was passed then too, but waits for 8.
+    assert fired(Periodic(on_steps=[3, 2]), [0, 4, 8, 12]) == [4, 8]
+    assert fired(Periodic(on_steps=[5, 9]), [0, 4, 8, 12, 16]) == [8, 12]
+    when = Periodic(on_steps=[2])
+    when.reset(100)  # listed steps are not skipped by a reset: a passed one is still due
+    assert when.due(104) and not when.due(108)
+
+
 def test_nothing_is_due_when_every_trigger_is_off():
     when = Periodic(clock=Clock())
     assert fired(when, range(0, 1000, 7)) == []

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 _LAST = "last:"
 
-#: ``step_fns(next_batch, jit)`` -> ``{sampled: step_fn}``: the step functions of one
+#: ``step_functions(next_batch, jit)`` -> ``{sampled: step_fn}``: the step functions of one
 #: execution, by whether they run the execution's sampled step. A ``step_fn()`` pulls its
 #: batch with ``next_batch()``, runs one step and returns float32 logs with ``WEIGHT`` and
 #: ``SAMPLED`` set; with ``jit`` the step's math is compiled by XLA on its own.
@@ -71,7 +71,7 @@ def train_step_functions(step, global_step: tf.Variable) -> StepFunctions:
     return make
 
 
-def test_step_functions(step) -> StepFunctions:
+def eval_step_functions(step) -> StepFunctions:
     """Step functions that run ``step.test_step`` on one batch (no update, no sampling)."""
 
     def make(next_batch, jit: bool) -> dict:
@@ -99,7 +99,7 @@ def _accumulate(step_fn, sums, keys):
     return (values if sums is None else sums + values), sample
 
 
-def make_execution(step_fns: StepFunctions, next_batch: Callable, options: LoopOptions, *,
+def make_execution(step_functions: StepFunctions, next_batch: Callable, options: LoopOptions, *,
                    xla_loop: bool = False, state_logs: Callable[[], dict] | None = None,
                    on_trace: Callable[[], None] | None = None) -> Callable:
     """Build ``run(num_steps) -> (means, state)``.
@@ -118,17 +118,17 @@ def make_execution(step_fns: StepFunctions, next_batch: Callable, options: LoopO
     """
     names: list[str] = []
 
-    def execute(step_fns_by_mode, num_steps):
+    def execute(step_fns, num_steps):
         if on_trace is not None:
             on_trace()
         keys: list[str] = []
-        sums, sample = _accumulate(step_fns_by_mode[True], None, keys)
+        sums, sample = _accumulate(step_fns[True], None, keys)
         # A while loop, not `for _ in tf.range(...)`: AutoGraph gives range loops a
         # maximum_iterations that XLA takes as a compile-time constant, which would
         # recompile the fused execution for every new step count.
         done = tf.constant(1)
         while done < num_steps:
-            sums, _ = _accumulate(step_fns_by_mode[False], sums, keys)
+            sums, _ = _accumulate(step_fns[False], sums, keys)
             done += 1
         examples = sums[-1]
         logs = {k: tf.math.divide_no_nan(sums[i], examples) for i, k in enumerate(keys)}
@@ -141,10 +141,10 @@ def make_execution(step_fns: StepFunctions, next_batch: Callable, options: LoopO
         return tf.stack([tf.cast(logs[k], tf.float64) for k in names])
 
     def compiled(step_jit: bool, whole_jit: bool):
-        step_fns_by_mode = step_fns(next_batch, step_jit)
+        step_fns = step_functions(next_batch, step_jit)
 
         def executing(num_steps):
-            return execute(step_fns_by_mode, num_steps)
+            return execute(step_fns, num_steps)
 
         return executing if options.run_eagerly else tf.function(executing, jit_compile=whole_jit)
 
@@ -190,7 +190,7 @@ def merge_executions(first: tuple[dict, dict], second: tuple[dict, dict]) -> tup
     return means, state
 
 
-def make_source_execution(step_fns: StepFunctions, source, options: LoopOptions,
+def make_source_execution(step_functions: StepFunctions, source, options: LoopOptions,
                           **kwargs) -> Callable:
     """``make_execution`` over a batch source; returns ``run(num_steps, position)``.
 
@@ -207,13 +207,14 @@ def make_source_execution(step_fns: StepFunctions, source, options: LoopOptions,
     it saves on short runs. ``kwargs`` are ``make_execution``'s.
     """
     if not source.tail:
-        single = make_execution(step_fns, source.next, options, xla_loop=source.xla_loop,
+        single = make_execution(step_functions, source.next, options, xla_loop=source.xla_loop,
                                 **kwargs)
         return lambda num_steps, position=0: single(num_steps)
     if not options.jit_compile or options.run_eagerly:
-        single = make_execution(step_fns, source.next_any, options, **kwargs)
+        single = make_execution(step_functions, source.next_any, options, **kwargs)
         return lambda num_steps, position=0: single(num_steps)
-    fused = make_execution(step_fns, source.next, options, xla_loop=source.xla_loop, **kwargs)
+    fused = make_execution(step_functions, source.next, options, xla_loop=source.xla_loop,
+                           **kwargs)
     last = []  # built on first use: runs that never reach an epoch's end never trace it
 
     def last_step():
@@ -221,7 +222,7 @@ def make_source_execution(step_fns: StepFunctions, source, options: LoopOptions,
             jit = options.short_batch_jit
             short = dataclasses.replace(options, jit_compile=options.jit_compile if jit is None
                                         else jit)
-            last.append(make_execution(step_fns, source.next_any, short, **kwargs))
+            last.append(make_execution(step_functions, source.next_any, short, **kwargs))
         return last[0](1)
 
     def run(num_steps: int, position: int = 0):

@@ -26,6 +26,10 @@ class Periodic:
     - ``every_n_epochs=n``: at an epoch end (``due(..., epoch_end=epoch)``) when
       ``(epoch + 1) // n`` (epochs completed, in multiples of ``n``) differs from
       its value at the last firing or ``reset``.
+    - ``on_steps=[a, b, ...]``: at the first boundary at or past each listed step,
+      one listed step per firing: a step passed at the boundary of the previous
+      firing waits for the next boundary (a profiler window's start and stop are
+      then at least one execution apart). ``reset`` leaves them alone.
     - ``every_seconds=s``: when ``s`` seconds have passed since the last firing
       (or the ``reset``), at whatever boundary ``due`` is next called; independent
       of steps and epochs.
@@ -43,6 +47,7 @@ class Periodic:
 
     Args:
         every_n_steps: step interval; 0 turns the step trigger off.
+        on_steps: global steps to fire at (at the first boundary at or past each).
         every_n_epochs: epoch interval; 0 turns the epoch trigger off.
         every_seconds: time interval; 0 turns the time trigger off.
         min_seconds: the throttle on the step and epoch triggers; 0 turns it off.
@@ -62,6 +67,7 @@ class Periodic:
         self,
         *,
         every_n_steps: int = 0,
+        on_steps=(),
         every_n_epochs: int = 0,
         every_seconds: float = 0.0,
         min_seconds: float = 0.0,
@@ -74,6 +80,8 @@ class Periodic:
             if value < 0:
                 raise ValueError(f"Periodic: {name}={value} must be >= 0 (0 turns it off)")
         self.every_n_steps = int(every_n_steps)
+        self.on_steps = sorted({int(s) for s in on_steps})
+        self._pending = list(self.on_steps)  # listed steps not fired at yet
         self.every_n_epochs = int(every_n_epochs)
         self.every_seconds = float(every_seconds)
         self.min_seconds = float(min_seconds)
@@ -120,7 +128,8 @@ class Periodic:
             # The action already ran at this step: what came due since is served by it.
             self._consume(global_step, epoch_end)
             return False
-        counted = self._step_due(global_step) or self._epoch_due(epoch_end)
+        listed = bool(self._pending) and global_step >= self._pending[0]
+        counted = self._step_due(global_step) or self._epoch_due(epoch_end) or listed
         held = (self.min_seconds > 0 and self.last_time is not None
                 and now - self.last_time < self.min_seconds)
         timed = self.every_seconds > 0 and now - self._since >= self.every_seconds
@@ -129,6 +138,8 @@ class Periodic:
             return False
         self.last_step, self.last_time, self._since = global_step, now, now
         self._consume(global_step, epoch_end)
+        if listed:
+            self._pending.pop(0)
         return True
 
     def _step_due(self, global_step: int) -> bool:
@@ -150,6 +161,7 @@ class Periodic:
 
     def __repr__(self) -> str:
         on = {k: v for k, v in (("every_n_steps", self.every_n_steps),
+                                ("on_steps", self.on_steps),
                                 ("every_n_epochs", self.every_n_epochs),
                                 ("every_seconds", self.every_seconds),
                                 ("min_seconds", self.min_seconds),

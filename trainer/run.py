@@ -245,9 +245,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         _atomic_write(r.run_dir / filename, m.save)
     metrics = {k: v for k, v in logs.items() if isinstance(v, int | float)}
     metrics.update(param_counts(r.models.values()))
-    if hasattr(r.step, "final_metrics"):
-        # Experiment-specific results measured after training (GAN mode coverage, PINN error).
-        metrics.update(r.step.final_metrics(r.data))
+    # Experiment-specific results measured after training (GAN mode coverage, PINN error).
+    metrics.update(r.step.final_metrics(r.data))
     _atomic_write(
         r.run_dir / "metrics.json",
         lambda p: Path(p).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n"),

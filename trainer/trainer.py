@@ -15,8 +15,8 @@ from trainer.freeze import variable_table
 from trainer.keys import EXAMPLES
 from trainer.loop import (
     LoopOptions,
+    eval_step_functions,
     make_source_execution,
-    test_step_functions,
     train_step_functions,
 )
 from trainer.pacing import Pacing, check_steps_per_execution
@@ -169,7 +169,7 @@ class Trainer:
             state_logs=self._state_logs, on_trace=self._count_trace)
         if evaluation:
             self._eval_fn = make_source_execution(
-                test_step_functions(self.step), self._val_source, options,
+                eval_step_functions(self.step), self._val_source, options,
                 on_trace=self._count_trace)
 
         def grads(batch):

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from trainer.callbacks.base import Callback, resolve
 from trainer.errors import UserError
+from trainer.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class ProfileCallback(Callback):
         self.log_dir = log_dir
         self.recorded: tuple[int, int] | None = None
         self._started_at: int | None = None
+        # Fires at the first boundary at or past the start, then at the first one at or past
+        # the stop that is at least one execution later: the profiler switches only between
+        # compiled executions.
+        self._when = Periodic(on_steps=steps)
 
     def on_fit_start(self, trainer):
         self._update(trainer, trainer.current_step)
@@ -55,15 +60,11 @@ class ProfileCallback(Callback):
             self._stop(trainer.current_step)
 
     def _update(self, trainer, global_step: int) -> None:
-        # A one-shot window, so not a Periodic: two thresholds and "at least one execution
-        # long" are the whole rule, and a resumed run already past the start still traces.
-        if not self.steps or self.recorded is not None:
+        if self.recorded is not None or not self._when.due(global_step):
             return
-        start, stop = self.steps
         if self._started_at is None:
-            if global_step >= start:
-                self._start(trainer, global_step)
-        elif global_step >= stop and global_step > self._started_at:
+            self._start(trainer, global_step)
+        else:
             self._stop(global_step)
 
     def _start(self, trainer, global_step: int) -> None:
