@@ -9,7 +9,10 @@ Markdown report (``benchmarks/RESULTS.md``) with the ratios against the targets.
 Cases: A overhead-bound MLP 32-64-64-1 (steps_per_execution 1, 32, 256);
 B compute-bound MLP 784-1024-1024-10 and the machine's matmul peak; C the
 input-gradient penalty on A and B, every step and every 16; D overheads
-(TensorBoard, checkpoints, eager, time to first step).
+(TensorBoard, checkpoints, eager, time to first step); E endurance (resident
+memory and open file handles over 5,000 steps of nested- and persistent-tape
+steps with TensorBoard and checkpoints on, in a child process:
+``benchmarks/endurance.py``).
 """
 
 from __future__ import annotations
@@ -203,11 +206,13 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="small data, short windows: a smoke test of about 2 minutes")
+                        help="small data, short windows, short endurance runs: a smoke test "
+                        "of about 3 minutes")
     parser.add_argument("--windows", type=int, help="timed windows per variant (7; quick 2)")
     parser.add_argument("--window-seconds", type=float,
                         help="seconds per window (0.7; quick 0.1)")
-    parser.add_argument("--groups", default="A,B,D", help="groups to run (default A,B,D)")
+    parser.add_argument("--groups", default="A,B,D,E", help="groups to run (default A,B,D,E; "
+                        "C is timed within A and B)")
     parser.add_argument("--out", type=Path, help="JSON output (benchmarks/results.json; quick: "
                         "benchmarks/quick.json)")
     parser.add_argument("--markdown", type=Path, help="report (benchmarks/RESULTS.md; quick: "
@@ -241,6 +246,12 @@ def main(argv=None) -> dict:
             result["first_step"]["xla" if jit else "compiled"] = time_to_first_step(jit)
     groups = plan(args.quick)
     for name in args.groups.split(","):
+        if name == "E":  # not timed windows: one long run per step, measured as it goes
+            from benchmarks.endurance import run_in_subprocess
+
+            log("group E: endurance, in a child process")
+            result["endurance"] = run_in_subprocess(args.quick, log=log)
+            continue
         log(f"group {name}: {len(groups[name])} variants")
         result["groups"][name] = measure(groups.pop(name), windows=windows,
                                          window_seconds=window_seconds, log=log)

@@ -160,6 +160,17 @@ def summarize(result: dict) -> tuple[dict, list]:
         if comp and eager:
             case["compiled_vs_eager"] = ratio(comp, eager)
         cases["D"] = case
+    e = result.get("endurance")
+    if e:
+        case = {}
+        for name, r in e["runs"].items():
+            case[name] = {k: r[k] for k in ("steps", "rss_growth", "rss_mb_per_1000_steps",
+                                            "late_rss_mb_per_1000_steps", "open_files_growth")}
+            # Flat is the expectation; 5% leaves room for the allocator's caches settling.
+            target("E", f"E {name}: RSS growth over {r['steps']:,} steps", r["rss_growth"],
+                   "<=", 0.05)
+            target("E", f"E {name}: open file handles growth", r["open_files_growth"], "<=", 0)
+        cases["E"] = case
     return cases, targets
 
 
@@ -190,11 +201,16 @@ def _fmt(value, op=None):
 
 def table(result: dict) -> str:
     """Every variant: median steps/s, spread, and the targets, as plain text."""
-    lines = [f"{'variant':<44} {'steps/s':>10} {'spread':>7}"]
+    lines = [f"{'variant':<44} {'steps/s':>10} {'spread':>7}"] if result["groups"] else []
     for group in result["groups"].values():
         for name, r in group.items():
             extra = f"  ({r['gflops']['median']:.0f} GFLOP/s)" if "gflops" in r else ""
             lines.append(f"{name:<44} {r['median']:>10,.0f} {100 * r['spread']:>6.0f}%{extra}")
+    for name, r in result.get("endurance", {}).get("runs", {}).items():
+        lines.append(f"E/{name}: {r['steps']:,} steps, RSS {r['start']['rss_mb']:,.0f} -> "
+                     f"{r['end']['rss_mb']:,.0f} MiB ({r['rss_mb_per_1000_steps']:+.1f} MiB per "
+                     f"1,000 steps), open files {r['start']['open_files']} -> "
+                     f"{r['end']['open_files']}")
     lines.append("")
     for t in result["targets"]:
         mark = "met" if t["met"] else "NOT MET"
@@ -247,6 +263,7 @@ def markdown_report(result: dict) -> str:
                        f"{times['total_s']:.2f} s (compose {times['compose_s']:.2f} s, build "
                        f"{times['build_s']:.2f} s, first execution incl. trace "
                        f"{times['first_execution_s']:.2f} s)")
+    out += _endurance_report(result.get("endurance"))
     b = result["cases"].get("B", {})
     if "peak_gflops" in b:
         out += ["", f"Matmul peak (2048x2048 float32): {b['peak_gflops']:.0f} GFLOP/s; the "
@@ -261,3 +278,32 @@ def markdown_report(result: dict) -> str:
                        f"{r['max']:,.0f} | {100 * r['spread']:.0f}% |")
     out.append("")
     return "\n".join(out)
+
+
+def _endurance_report(e) -> list:
+    """The E section of RESULTS.md: each run's memory and file handles, start to end."""
+    if not e:
+        return []
+    st = e["settings"]
+    out = ["", "## E: endurance", "",
+           f"{st['steps']:,} steps per run, steps_per_execution={st['steps_per_execution']}, "
+           f"epochs of {st['epoch_steps']} steps; TensorBoard scalars every execution, "
+           f"histograms and a checkpoint (max_to_keep=3) every {st['checkpoint_every']} "
+           "steps, evaluation every epoch; in a child process of its own. Start: the end of "
+           "the first epoch (everything traced and run once); samples after a garbage "
+           "collection.",
+           "",
+           "| run | steps/s | RSS after 1st execution | RSS start | RSS end | growth | "
+           "per 1,000 steps | second half, per 1,000 steps | open files (1st, start, end) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in e["runs"].items():
+        first, start, end = r["first_execution"], r["start"], r["end"]
+        out.append(f"| {name} | {r['steps_per_second']:,.0f} | {first['rss_mb']:,.0f} MiB | "
+                   f"{start['rss_mb']:,.0f} MiB | {end['rss_mb']:,.0f} MiB | "
+                   f"{100 * r['rss_growth']:+.1f}% | {r['rss_mb_per_1000_steps']:+.1f} MiB | "
+                   f"{r['late_rss_mb_per_1000_steps']:+.1f} MiB | "
+                   f"{first['open_files']}, {start['open_files']}, {end['open_files']} |")
+    out += ["", "RSS (MiB) at each epoch end, by step:", ""]
+    for name, r in e["runs"].items():
+        out.append(f"- {name}: " + ", ".join(f"{s}: {m:,.0f}" for s, m, _ in r["samples"]))
+    return out

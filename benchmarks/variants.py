@@ -290,7 +290,7 @@ class TrainerVariant(Variant):
         kwargs = {} if self.xla is None else {"jit_compile": self.xla}
         self.clock = _TrainerClock()
         callbacks = [factory() for factory in self.callback_factories] + [self.clock]
-        self.trainer = Trainer(epochs=1000, steps_per_execution=self.spe, run_eagerly=self.eager,
+        self.trainer = Trainer(epochs=10**9, steps_per_execution=self.spe, run_eagerly=self.eager,
                                callbacks=callbacks, run_dir=self.run_dir or ".", **kwargs)
         self.run(1)
         self.meta["xla"] = self.trainer.xla

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
 
-from trainer import TapeStep, Trainer
+from trainer import Callback, TapeStep, Trainer
 from trainer.data import DataModule
 
 
@@ -45,3 +46,24 @@ def cli(*args, cwd, env=None, timeout=300):
         [sys.executable, "-m", "trainer", *args], cwd=cwd, env=full_env,
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+class Pause(Callback):
+    """Sleeps after each execution: stretches a tiny run so a signal can land inside it."""
+
+    def __init__(self, *, seconds: float = 0.01):
+        self.seconds = seconds
+
+    def on_execution_end(self, trainer, global_step, logs):
+        time.sleep(self.seconds)
+
+
+class Crash(Callback):
+    """Raises at the first execution boundary at or past ``at_step``: a crash in-process."""
+
+    def __init__(self, *, at_step: int):
+        self.at_step = at_step
+
+    def on_execution_end(self, trainer, global_step, logs):
+        if global_step >= self.at_step:
+            raise RuntimeError(f"crash at step {global_step}")

@@ -84,7 +84,7 @@ class FakeTrainer:
         self._val = list(val)
         self.checkpoint = tf.train.Checkpoint(
             global_step=self.global_step, models=models,
-            callbacks=callback_states(self.callbacks))
+            callbacks=callback_states(self.callbacks, self))
 
     @property
     def current_step(self):
@@ -182,10 +182,10 @@ def test_early_stopping_state_survives_a_restart(tmp_path):
     trainer = FakeTrainer(tmp_path, {"model": linear_model()}, epochs=3, callbacks=[first])
     trainer.drive(logs_for=losses([1.0, 0.5, 0.7]))
     assert (first.best, first.wait) == (0.5, 1)
-    path = tf.train.Checkpoint(callbacks=callback_states([first])).write(str(tmp_path / "c"))
+    path = tf.train.Checkpoint(callbacks=callback_states([first], None)).write(str(tmp_path / "c"))
 
     second = EarlyStopping(patience=3)
-    tf.train.Checkpoint(callbacks=callback_states([second])).read(path).assert_consumed()
+    tf.train.Checkpoint(callbacks=callback_states([second], None)).read(path).assert_consumed()
     assert (second.best, second.wait, second.stopped_epoch) == (0.5, 1, None)
     resumed = FakeTrainer(tmp_path, {"model": linear_model()}, epochs=10, callbacks=[second])
     resumed.global_step.assign(21)
@@ -200,20 +200,20 @@ def test_callback_states_need_distinct_keys():
     from trainer.callbacks.base import callback_states
     from trainer.errors import UserError
 
-    assert callback_states([CheckpointCallback(), ProgressCallback()]) == {}
+    assert callback_states([CheckpointCallback(), ProgressCallback()], None) == {}
     with pytest.raises(UserError, match="callbacks/early_stopping"):
-        callback_states([EarlyStopping(), EarlyStopping()])
+        callback_states([EarlyStopping(), EarlyStopping()], None)
     other = EarlyStopping(monitor="val/accuracy", mode="max")
     other.state_key = "early_stopping_accuracy"
-    assert set(callback_states([EarlyStopping(), other])) == {"early_stopping",
+    assert set(callback_states([EarlyStopping(), other], None)) == {"early_stopping",
                                                              "early_stopping_accuracy"}
 
     class Keyless(Callback):
-        def state(self):
+        def state(self, trainer):
             return {"v": tf.Variable(1)}
 
     with pytest.raises(UserError, match="Keyless has state but no state_key"):
-        callback_states([Keyless()])
+        callback_states([Keyless()], None)
 
 
 def _mlp_with_frozen_body():
@@ -249,7 +249,7 @@ def test_freeze_schedule_reapplies_the_restored_unfreezes_to_fresh_models(tmp_pa
     resumed = FakeTrainer(tmp_path, {"net": fresh}, epochs=5, callbacks=[again])
     resumed.checkpoint.read(path).assert_consumed()
     assert again.position == 1 and "net/mid/kernel" not in _trainable(fresh)
-    again.on_fit_start(resumed)
+    again.on_restore(resumed)
     assert _trainable(fresh) == _trainable(model)  # re-applied before the first execution
     resumed.global_step.assign(21)
     resumed.drive()

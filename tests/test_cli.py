@@ -1,4 +1,4 @@
-"""The real CLI in a subprocess: a run, a multirun, user config dirs, and bad input."""
+"""The real CLI in a subprocess: a run, a multirun, user config dirs (bad input: test_errors)."""
 
 import json
 
@@ -37,37 +37,6 @@ def test_user_config_directory_on_the_search_path(tmp_path):
     assert p.returncode == 0, p.stderr
     # The user's file is used; the experiment still overrides hidden_units after it.
     assert "name: tiny" in (run_dir / ".hydra" / "config.yaml").read_text()
-
-
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("trainer.epoch=3", "Key 'epoch' not in 'TrainerConfig'"),
-        ("trainer.epochs=many", "full_key: trainer.epochs"),
-        ("data=csv", "config key data.path"),
-        ("data=npz data.path=/nonexistent/x.npz", "/nonexistent/x.npz: no such file"),
-    ],
-)
-def test_bad_input_exits_nonzero_naming_the_culprit_and_writes_nothing(
-    tmp_path, override, expected
-):
-    run_dir = tmp_path / "run"
-    p = cli("+experiment=dense", *override.split(), f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert p.returncode != 0
-    assert expected in p.stderr
-    assert "Traceback" not in p.stderr
-    assert not (run_dir / "checkpoints").exists()
-    assert not (run_dir / "metrics.json").exists()
-
-
-def test_user_errors_are_one_line(tmp_path):
-    bad = tmp_path / "bad.csv"
-    bad.write_text("a,label\n1,0\noops,1\n")
-    p = cli("+experiment=dense", "data=csv", f"data.path={bad}", "data.target=label",
-            f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert p.returncode == 2
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: {bad}: line 3, column 'a': 'oops' is not a number"]
 
 
 def _free_port():

@@ -61,7 +61,9 @@ def test_a_metrics_write_failing_midway_leaves_the_previous_file_intact(
     monkeypatch.undo()
     assert (tmp_path / "metrics.json").read_bytes() == previous
     assert json.loads(previous)["step"] == 2
-    assert sorted(_files(tmp_path)) == ["metrics.json", "model.keras"]
+    # The run's files (the lock, the history) and no temporary one.
+    assert sorted(_files(tmp_path)) == [".trainer.lock", "history.jsonl", "metrics.json",
+                                        "model.keras"]
 
 
 class NanScoreStep(TapeStep):

@@ -1,14 +1,24 @@
 """TensorBoard event files, read back with TensorBoard's reader, match the run."""
 
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.util import tensor_util
 
+from tests.helpers import regression_data
 from tests.tb_reader import load, scalars
+from trainer import TapeStep, TensorBoardCallback, Trainer
+from trainer.callbacks import Callback
+from trainer.experiments.plot import ImageCallback
 from trainer.run import run
 
 
@@ -112,3 +122,152 @@ def test_gradient_histograms_do_not_change_the_run(make_cfg, tmp_path):
     assert len(weights[1]) == len(weights[0])
     for a, b in zip(weights[1], weights[0]):
         assert np.array_equal(a.numpy(), b.numpy()), a.path
+
+
+# --- a resumed run continues the curves -------------------------------------------------------
+
+class Logged(Callback):
+    """What a run logged, by global step: train loss per execution, val loss per epoch."""
+
+    def __init__(self):
+        self.train, self.val = {}, {}
+
+    def on_execution_end(self, trainer, global_step, logs):
+        self.train[global_step] = logs["train/loss"]
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.val[logs["step"]] = logs["val/loss"]
+
+
+PER_EPOCH = 7  # regression_data(): 100 examples in batches of 16
+RESUMED_AT = PER_EPOCH  # the end of the first epoch
+
+
+class Shade(ImageCallback):
+    """A flat grey image of the given shade (tells which run drew it)."""
+
+    tag = "shade"
+
+    def __init__(self, shade: int):
+        super().__init__(every_n_steps=5)
+        self.shade = shade
+
+    def draw(self, trainer):
+        return np.full((4, 4, 3), self.shade, np.uint8)
+
+
+def _fit_linear(run_dir, *, spe, start_step=0, shade=0) -> Logged:
+    """A linear regression fit of 3 epochs from ``start_step`` (the weights fresh, named
+    alike in every process, so both runs write the same tags), with images of ``shade``
+    in their own event file; what it logged."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="linear")],
+                             name="regressor")
+    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.05), task="regression")
+    logged = Logged()
+    tb = TensorBoardCallback(histogram_every_n_steps=5, histogram_min_interval_seconds=0)
+    trainer = Trainer(epochs=3, steps_per_execution=spe, callbacks=[Shade(shade), tb, logged],
+                      run_dir=run_dir)
+    trainer.global_step.assign(start_step)  # what restoring a checkpoint of that step does
+    trainer.fit(step, regression_data())
+    return logged
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory):
+    """A run interrupted after 3 epochs, resumed in the same run directory at step 7.
+
+    The first process logged up to step 21 in executions of 2 steps (2, 4, 6, 7, 9, 11,
+    13, 14, ...); the second starts from step 7 with fresh weights (so its points differ
+    from the first's) and executions of 4 (11, 14, 18, 21): the first's point at 9
+    falls between the resumed step and the second's first point, where TensorBoard's
+    Rust data server drops nothing unless told (see ``write_restart_marker``).
+    """
+    run_dir = tmp_path_factory.mktemp("resumed")
+    first = _fit_linear(run_dir, spe=2)
+    second = _fit_linear(run_dir, spe=4, start_step=RESUMED_AT, shade=255)
+    return run_dir, first, second
+
+
+def test_resumed_run_replaces_the_interrupted_points(resumed_run):
+    run_dir, first, second = resumed_run
+    assert max(first.train) == 3 * PER_EPOCH and min(second.train) == 11
+    expected = {s: v for s, v in first.train.items() if s <= RESUMED_AT} | second.train
+    acc = load(run_dir / "tb" / "train")
+    loss = scalars(acc, "loss")
+    assert [s for s, _ in loss] == sorted(expected)  # each step once, in order
+    assert [v for _, v in loss] == pytest.approx([expected[s] for s in sorted(expected)])
+    assert {s for s, _ in loss}.isdisjoint({9, 13, 16, 20})  # the first run's, past step 7
+    val = load(run_dir / "tb" / "val")
+    expected_val = {PER_EPOCH: first.val[PER_EPOCH]} | second.val
+    assert scalars(val, "loss") == [(s, pytest.approx(v)) for s, v in sorted(expected_val.items())]
+
+
+def test_resumed_run_histograms_and_texts_once_per_step(resumed_run):
+    run_dir, _, _ = resumed_run
+    acc = load(run_dir / "tb" / "train")
+    # First run: at 0 and past each multiple of 5 (6, 11, 16, 20); the resumed one at its
+    # start (7) and past 10, 15, 20 (11, 18, 21).
+    for tag in ("weights/regressor/linear/kernel", "grad_norm/regressor/linear/kernel"):
+        assert [e.step for e in acc.Tensors(tag)] == [0, 6, 7, 11, 18, 21], tag
+    root = load(run_dir / "tb")
+    assert [e.step for e in root.Tensors("variables")] == [0, RESUMED_AT]
+
+
+def test_resumed_run_images_once_per_step(resumed_run):
+    """Images come from ImageCallback's own event file in ``tb/train``, listed first:
+    the TensorBoard callback still opens first, so its restart marker precedes them."""
+    run_dir, _, _ = resumed_run
+    images = load(run_dir / "tb" / "train").Tensors("shade")
+    # First run: at the start, past each multiple of 5 and at the end (0, 6, 11, 16, 20,
+    # 21); the resumed one at 7, 11, 18, 21.
+    assert [e.step for e in images] == [0, 6, 7, 11, 18, 21]
+    shades = [int(tf.io.decode_png(tensor_util.make_ndarray(e.tensor_proto)[2])[0, 0, 0])
+              for e in images]
+    assert shades == [0, 0, 255, 255, 255, 255]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _served_scalars(logdir, run, tag, *, load_fast: str) -> list:
+    """``(step, value)`` of a scalar as a real ``tensorboard`` server returns it."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
+         "127.0.0.1", "--port", str(port), f"--load_fast={load_fast}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run={run}&tag={tag}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    points = json.loads(r.read())
+                if points:
+                    return [(step, value) for _, step, value in points]
+            except OSError:
+                pass  # not up yet, or the run not loaded yet
+            time.sleep(0.5)
+        raise AssertionError(f"tensorboard --load_fast={load_fast} never served {run}/{tag}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("load_fast", ["true", "false"])
+def test_real_tensorboard_shows_the_resumed_curves(resumed_run, load_fast):
+    """The server's readers: ``true`` is the Rust data server (the default when it is
+    installed), which ignores SessionLog START and drops points per tag instead;
+    ``false`` is the Python multiplexer, which purges on START."""
+    run_dir, first, second = resumed_run
+    expected = {s: v for s, v in first.train.items() if s <= RESUMED_AT} | second.train
+    served = _served_scalars(run_dir / "tb", "train", "loss", load_fast=load_fast)
+    assert [s for s, _ in served] == sorted(expected)
+    assert [v for _, v in served] == pytest.approx([expected[s] for s in sorted(expected)])
+    expected_val = {PER_EPOCH: first.val[PER_EPOCH]} | second.val
+    served = _served_scalars(run_dir / "tb", "val", "loss", load_fast=load_fast)
+    assert served == [(s, pytest.approx(v)) for s, v in sorted(expected_val.items())]

@@ -29,6 +29,13 @@ class TrainerConfig:
     run_eagerly: bool = False
     # auto (XLA for long in-memory runs, falling back if it cannot compile), true or false.
     jit_compile: Any = "auto"
+    # auto (continue from the run dir's newest checkpoint, if any), never, or a path to a
+    # run dir or a checkpoint.
+    resume: str = "auto"
+    # Where resume=auto looks: the checkpoint callback's directory.
+    checkpoint_dir: str = II("oc.select:callbacks.checkpoint.directory,checkpoints")
+    # TensorFlow's op determinism, for ops whose results may vary from run to run.
+    deterministic: bool = False
 
 
 @dataclass
@@ -173,9 +180,15 @@ class CheckpointConfig:
     _target_: str = "trainer.CheckpointCallback"
     directory: str = "checkpoints"
     max_to_keep: int = 3
+    # Step and epoch saves (0 turns either off), held back while the last save is more
+    # recent than min_interval_seconds; every_seconds saves at least that often.
+    every_n_steps: int = 0
     every_n_epochs: int = 1
-    # A due save is skipped if the last one is more recent (0: every every_n_epochs).
+    every_seconds: float = 60.0
     min_interval_seconds: float = 30.0
+    # An epoch log (e.g. val/accuracy) to keep the best checkpoint by, and min or max.
+    monitor: Optional[str] = None
+    mode: str = "min"
 
 
 @dataclass
@@ -199,6 +212,8 @@ class EarlyStoppingConfig:
     mode: str = "min"
     patience: int = 5
     min_delta: float = 0.0
+    # Give the models the weights of the best epoch at the end of fit (not when preempted).
+    restore_best_weights: bool = False
 
 
 @dataclass

@@ -71,6 +71,24 @@ def set_trainable(models, patterns, trainable: bool, *, where: str = "freeze.pat
     return len(chosen)
 
 
+def require_trainable(models, patterns, *, where: str = "freeze.patterns") -> None:
+    """Raise a ``UserError`` if ``patterns`` left no variable of ``models`` trainable.
+
+    Call it after freezing a run's models. With nothing trainable the step takes
+    no gradient and changes nothing, and Keras says nothing: the run would go
+    through every epoch and report ``params/trainable`` 0. The message lists the
+    layers, so the user can narrow the patterns to some of them.
+    """
+    models = list(models)
+    if any(m.trainable_variables for m in models):
+        return
+    layers = sorted({v.path.rsplit("/", 1)[0] for m in models for v in m.weights})
+    example = f"{layers[0]}/*" if layers else "some_layer/*"
+    raise UserError(f"{where}={list(patterns)} freezes every variable, so nothing would "
+                    f"train; freeze only some layers (e.g. {where}=[{example}]) of: "
+                    f"{', '.join(layers)}")
+
+
 def variable_rows(models) -> list[tuple[str, tuple, int, str]]:
     """``(path, shape, parameters, "trainable" | "frozen")`` for every variable."""
     rows = []

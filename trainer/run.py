@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
 import json
 import logging
@@ -19,21 +21,136 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from trainer.config import TapeConfig
+from trainer.config import Config, OptimizerConfig, SgdConfig, StepConfig, TapeConfig
 from trainer.errors import UserError
-from trainer.freeze import param_counts, set_trainable
+from trainer.freeze import param_counts, require_trainable, set_trainable
+from trainer.lock import run_dir_lock
+from trainer.preemption import EXIT_PREEMPTED, Preempted
 
 log = logging.getLogger(__name__)
 
 
 def validate(cfg: DictConfig) -> dict:
-    """Resolve every value and fail on missing ones, before anything heavy starts."""
+    """Resolve every value and fail on unknown keys, missing values and impossible
+    values, before anything heavy starts; return the resolved config as containers."""
+    _check_known_keys(cfg)
     try:
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         raise UserError(f"config key {key}: {str(e).splitlines()[0]}; set it on the command "
                         f"line, e.g. {key}=...") from None
+    _check_rates(container)
+    return container
+
+
+# Root keys that are not the run's: compose(return_hydra_config=True) keeps Hydra's own node.
+_ROOT_EXTRAS = {"hydra"}
+# Schemas whose targets take keys they do not list (a Keras optimizer's beta_1, epsilon).
+_OPEN_SCHEMAS = (OptimizerConfig, SgdConfig)
+# Keys a node may set beyond its schema: a step's config may bind an argument the driver
+# would otherwise offer it (step.task=regression), see step_kwargs.
+_EXTRA_KEYS = {StepConfig: {"model", "optimizer", "task", "regularizers",
+                            "unconnected_gradients", "reset"}}
+
+
+def _check_known_keys(node: DictConfig, prefix: str = "", root=None) -> None:
+    """Fail on a key its node's schema does not declare, wherever that key would be
+    silently ignored or would crash the node's target.
+
+    Hydra rejects an unknown key it is asked to override, but ``+key=value`` adds a
+    key anywhere (Hydra's own error for ``trainer.epoch=3`` suggests
+    ``+trainer.epoch=3``). A node the driver reads itself (the root, ``freeze``,
+    ``tape``) would ignore it: ``+resmue=true`` would train from scratch without a
+    word. A node whose ``_target_`` is still its schema's would pass it on, and the
+    target would fail with a traceback once TensorFlow has started. A node with
+    another ``_target_`` (``+step.beta=0.2`` for a custom step) or an open schema
+    passes its keys on to a target that may take them; ``callbacks`` and
+    ``regularizer`` take new entries.
+    """
+    root = node if root is None else root
+    schema = Config if not prefix else OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema) and _closed(node, schema):
+        fields = {f.name for f in dataclasses.fields(schema)}
+        allowed = fields | _EXTRA_KEYS.get(schema, set()) | (set() if prefix else _ROOT_EXTRAS)
+        for key in node:
+            if key not in allowed:
+                raise UserError(_unknown_key_message(root, f"{prefix}{key}", sorted(fields)))
+    for key, child in node.items_ex(resolve=False):
+        if isinstance(child, DictConfig) and f"{prefix}{key}" != "hydra":
+            _check_known_keys(child, f"{prefix}{key}.", root)
+
+
+def _closed(node: DictConfig, schema) -> bool:
+    """Whether ``node`` takes only its schema's keys (see ``_check_known_keys``)."""
+    if "_target_" not in node:
+        return True
+    default = next((f.default for f in dataclasses.fields(schema) if f.name == "_target_"), None)
+    return node.get("_target_") == default and not issubclass(schema, _OPEN_SCHEMAS)
+
+
+def _unknown_key_message(root: DictConfig, key: str, siblings: list[str]) -> str:
+    """One line naming ``key``, the nearest existing key, and the override to fix."""
+    by_leaf: dict[str, list[str]] = {}
+    for path in _key_paths(OmegaConf.to_container(root, resolve=False)):
+        if path != key and not path.startswith((f"{key}.", "hydra.")):
+            by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    where = key.rsplit(".", 1)[0] if "." in key else "the root"
+    hint = (f"did you mean {min(by_leaf[close[0]], key=len)}?" if close
+            else f"{where} takes {', '.join(k for k in siblings if not k.startswith('_'))}")
+    override = _override_adding(key)
+    fix = f"fix or remove the override {override}" if override else "fix or remove it"
+    if not close and "." in key and OmegaConf.select(root, f"{where}._target_") is not None:
+        fix += f", or point {where}._target_ at your own callable that takes {leaf}"
+    return f"config key {key} does not exist ({hint}); {fix}"
+
+
+def _key_paths(container, prefix: str = "") -> list[str]:
+    """Every dotted key of a config container, nested ones included."""
+    paths = []
+    if isinstance(container, dict):
+        for key, value in container.items():
+            paths.append(f"{prefix}{key}")
+            paths.extend(_key_paths(value, f"{prefix}{key}."))
+    return paths
+
+
+def _override_adding(key: str) -> str | None:
+    """The command-line override that added ``key`` (``+resmue=true``), if one did."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    for override in HydraConfig.get().overrides.task:
+        name = override.lstrip("+~").split("=", 1)[0]
+        if name == key or name.startswith(f"{key}."):
+            return override
+    return None
+
+
+_RATE_KEYS = ("learning_rate", "initial_learning_rate", "lr_scale")
+
+
+def _check_rates(container, prefix: str = "") -> None:
+    """Fail on a negative or non-finite learning rate anywhere in the config.
+
+    Keras takes ``learning_rate=-1`` without a word and climbs the loss; the driver
+    knows every optimizer node (``optimizer``, a GAN's ``optimizer.critic``, a
+    schedule's ``initial_learning_rate``, a group's ``lr_scale``), so it checks them.
+    """
+    items = (container.items() if isinstance(container, dict)
+             else enumerate(container) if isinstance(container, list) else ())
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if (key in _RATE_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
+                and not (math.isfinite(value) and value >= 0)):
+            example = "0.1" if key == "lr_scale" else "1e-3"
+            why = "a negative rate climbs the loss" if value < 0 else "it is not a number"
+            raise UserError(f"{path}={value} must be a finite number >= 0 ({why}); set e.g. "
+                            f"{path}={example}")
+        _check_rates(value, f"{path}.")
 
 
 def instantiate_node(node, **kwargs):
@@ -44,6 +161,11 @@ def instantiate_node(node, **kwargs):
         cause = e.__cause__
         if isinstance(cause, UserError):
             raise cause from None
+        if isinstance(cause, TypeError) and "keyword argument" in str(cause):
+            # A misspelt key on a node the schemas do not type (a regularizer, a step).
+            target = node.get("_target_", "?") if hasattr(node, "get") else "?"
+            raise UserError(f"{target}: {cause}; check the spelling of that key in its "
+                            "config node") from None
         raise
 
 
@@ -186,6 +308,17 @@ class Run:
         return self.step.models
 
 
+def _run_dir(run_dir: str | os.PathLike | None) -> Path:
+    """``run_dir``, else Hydra's output directory, else the working directory; created."""
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
 def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     """Validate ``cfg`` and build the run's objects: data, model, optimizer, step, callbacks
     and trainer, seeded by ``cfg.seed``, with ``freeze.patterns`` applied.
@@ -194,12 +327,11 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     Hydra's output directory, else the working directory. Nothing is trained.
     """
     container = validate(cfg)
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
+    run_dir = _run_dir(run_dir)
 
-        run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "."
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # The data first: its errors (a missing file, a malformed CSV) come before TensorFlow
+    # starts, in a second and without its start-up lines.
+    data = instantiate_node(cfg.data)
 
     import keras
 
@@ -208,7 +340,6 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     # TensorFlow's own INFO lines (checkpoint sharding, ...) drown the run's log.
     logging.getLogger("absl").setLevel(logging.WARNING)
     keras.utils.set_random_seed(cfg.seed)
-    data = instantiate_node(cfg.data)
     model = instantiate_node(cfg.model)(input_shape=data.input_shape,
                                         num_outputs=data.num_outputs)
     optimizer = _optimizer(cfg.optimizer)
@@ -217,6 +348,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     step = factory(**step_kwargs(factory, offered))
     if cfg.freeze.patterns:
         set_trainable(step.models.values(), list(cfg.freeze.patterns), False)
+        require_trainable(step.models.values(), list(cfg.freeze.patterns))
     callbacks = [instantiate_node(c) for c in cfg.callbacks.values() if c is not None]
     if cfg.freeze.unfreeze:
         callbacks.insert(0, FreezeSchedule(unfreeze=container["freeze"]["unfreeze"]))
@@ -233,16 +365,37 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
 def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Build everything from ``cfg``, train, and write the run's outputs.
 
-    Returns the final metrics (also written to ``<run_dir>/metrics.json``) and saves
+    Returns the final metrics (also written to ``<run_dir>/metrics.json``), saves
     each model as ``<run_dir>/model.keras`` (or ``<name>.keras`` for a step's other
-    models). ``run_dir`` defaults to Hydra's output directory, else the working directory.
+    models) and the epochs' logs as ``<run_dir>/history.jsonl``. ``run_dir`` defaults
+    to Hydra's output directory, else the working directory; one process at a time
+    trains in it. A run stopped by SIGTERM or SIGINT writes its outputs so far and
+    raises ``Preempted``.
     """
-    r = build(cfg, run_dir)
-    logs = r.trainer.fit(r.step, r.data)
+    validate(cfg)
+    run_dir = _run_dir(run_dir)
+    with run_dir_lock(run_dir):
+        r = build(cfg, run_dir)
+        r.trainer.fit(r.step, r.data)
+        metrics = write_outputs(r)
+    if r.trainer.preempted:
+        raise Preempted(signal=r.trainer.preempted, global_step=r.trainer.current_step,
+                        run_dir=run_dir)
+    return metrics
 
+
+def write_outputs(r: Run) -> dict:
+    """The run's models, ``history.jsonl`` and ``metrics.json``, each written atomically.
+
+    After a resume they describe the whole run: the history and the last logs come
+    back with the checkpoint. Returns the metrics.
+    """
+    logs = r.trainer.logs
     for name, m in r.models.items():
         filename = "model.keras" if name == "model" else f"{name}.keras"
         _atomic_write(r.run_dir / filename, m.save)
+    lines = "".join(json.dumps(epoch, sort_keys=True) + "\n" for epoch in r.trainer.history)
+    _atomic_write(r.run_dir / "history.jsonl", lambda p: Path(p).write_text(lines))
     metrics = {k: v for k, v in logs.items() if isinstance(v, int | float)}
     metrics.update(param_counts(r.models.values()))
     # Experiment-specific results measured after training (GAN mode coverage, PINN error).
@@ -256,12 +409,19 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
 
 
 def run_or_exit(cfg: DictConfig):
-    """Run and return the sweep objective; a user error exits 2 with one line on stderr."""
+    """Run and return the sweep objective.
+
+    A user error exits 2 with one line on stderr; a run preempted by SIGTERM or SIGINT
+    exits ``EXIT_PREEMPTED`` (75) after saving, with one line saying how to resume.
+    """
     try:
         metrics = run(cfg)
     except (UserError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     key = cfg.get("optimized_metric")
     if key is None:
         return None
@@ -270,3 +430,21 @@ def run_or_exit(cfg: DictConfig):
         sys.exit(2)
     value = metrics[key]
     return value if math.isfinite(value) else math.inf
+
+
+def _one_line(error: Exception) -> str:
+    """The error's own message on one line.
+
+    ``UserError`` passes through ``tf.function`` tracing untouched (``ag_pass_through``);
+    should a TensorFlow version re-raise it AutoGraph's way anyway, the message starts
+    with ~15 lines of "in user code:" frames and ends with ``UserError: <message>``,
+    and AutoGraph keeps the original text as ``ag_error_metadata.cause_message``.
+    """
+    text = str(error)
+    cause = getattr(getattr(error, "ag_error_metadata", None), "cause_message", None)
+    marker = f"{type(error).__name__}: "
+    if isinstance(cause, str):
+        text = cause.removeprefix(marker)
+    elif text.startswith("in user code:") and marker in text:
+        text = text[text.rindex(marker) + len(marker):]
+    return " ".join(text.split())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import tensorflow as tf
 
 from trainer.callbacks.base import callback_states
@@ -21,10 +23,11 @@ def seed_generators(models: dict) -> dict:
     return out
 
 
-def training_checkpoint(*, global_step, epoch, step, source, callbacks) -> tf.train.Checkpoint:
+def training_checkpoint(trainer, *, step, source, callbacks) -> tf.train.Checkpoint:
     """One ``tf.train.Checkpoint`` of everything that must survive a restart.
 
-    - ``global_step``, ``epoch``: the trainer's counters;
+    - ``global_step``, ``epoch``, ``progress``: the trainer's counters and its host-side
+      progress (``Progress``: the epochs' history, the open epoch's running sums);
     - ``models``, ``optimizers``: the step's (optimizer slots and iterations);
     - ``seed_generators``: the models' random-number state (``seed_generators``);
     - ``step``: the step's own state (``Step.state()``: regularizers, reset policy);
@@ -34,12 +37,50 @@ def training_checkpoint(*, global_step, epoch, step, source, callbacks) -> tf.tr
     The objects are tracked, not copied: a save writes their current values.
     """
     return tf.train.Checkpoint(
-        global_step=global_step,
-        epoch=epoch,
+        global_step=trainer.global_step,
+        epoch=trainer.epoch_variable,
+        progress=trainer.progress,
         models=step.models,
         optimizers=step.optimizers,
         seed_generators=seed_generators(step.models),
         step=step.state(),
         data=source.state(),
-        callbacks=callback_states(callbacks),
+        callbacks=callback_states(callbacks, trainer),
     )
+
+
+class Progress(tf.train.experimental.PythonState):
+    """The trainer's host-side progress, written into the checkpoint as JSON at each save.
+
+    Nothing is copied while training: ``serialize`` runs only when a checkpoint is
+    written, so keeping this state costs no step any time.
+
+    Attributes:
+        history: the logs of every finished epoch, in order.
+        open_epoch: the epoch started and not yet ended (its steps may all be done:
+            a resumed run then runs its evaluation and epoch-end callbacks), or None.
+        sums, examples: the open epoch's example-weighted sums of the train logs and
+            their total weight, so its means cover the whole epoch across a restart.
+        state: the last execution's state logs (learning rate, counters).
+        stopped: fit was ended by a callback (early stopping): a resumed run stays stopped.
+    """
+
+    def __init__(self):
+        self.history: list[dict] = []
+        self.open_epoch: int | None = None
+        self.sums: dict = {}
+        self.examples = 0.0
+        self.state: dict = {}
+        self.stopped = False
+
+    def serialize(self) -> str:
+        return json.dumps({"history": self.history, "open_epoch": self.open_epoch,
+                           "sums": self.sums, "examples": self.examples, "state": self.state,
+                           "stopped": self.stopped})
+
+    def deserialize(self, string_value) -> None:
+        text = string_value.decode() if isinstance(string_value, bytes) else string_value
+        saved = json.loads(text)
+        self.history, self.open_epoch = saved["history"], saved["open_epoch"]
+        self.sums, self.examples = saved["sums"], saved["examples"]
+        self.state, self.stopped = saved["state"], saved["stopped"]

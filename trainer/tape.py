@@ -161,9 +161,13 @@ class ResetPolicy:
             self.seen.assign_add(tf.cast(accepted, tf.int64))
 
     def state(self) -> dict:
-        """Variables a restart needs: counters, the streak and the loss window."""
-        return {"resets": self.resets, "streak": self.streak, "failed_at": self.failed_at,
-                "last_reset": self.last_reset, "window": self.window, "seen": self.seen}
+        """Variables a restart needs: counters, the streak and the loss window.
+
+        Not ``failed_at``: a run resumed after stopping on too many resets (perhaps
+        with other settings) starts armed again, with its streak.
+        """
+        return {"resets": self.resets, "streak": self.streak, "last_reset": self.last_reset,
+                "window": self.window, "seen": self.seen}
 
     def state_logs(self) -> dict:
         """Logged after each execution: resets so far, and the step that failed (or -1)."""

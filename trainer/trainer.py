@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -20,7 +21,9 @@ from trainer.loop import (
     train_step_functions,
 )
 from trainer.pacing import Pacing, check_steps_per_execution
-from trainer.state import training_checkpoint
+from trainer.preemption import Preemption
+from trainer.resume import candidates, check_resume, readable, restore
+from trainer.state import Progress, training_checkpoint
 from trainer.step import Step, StepInfo
 from trainer.xla import check_jit_compile, choose_xla, raise_if_xla_error
 
@@ -35,10 +38,16 @@ class Trainer:
     executions and at epoch boundaries, and see ``(global_step, logs)`` with flat,
     slash-namespaced keys (``train/loss``, ``val/accuracy``).
 
-    The trainer owns the training state: its global step and epoch, and, from
-    ``fit`` on, ``checkpoint``, one ``tf.train.Checkpoint`` that gathers the
-    step's models, optimizers and state, the models' seed generators, the data
-    order and position and the callbacks' state (see ``trainer.state``).
+    The trainer owns the training state: its global step and epoch, its progress
+    (the epochs' history, the open epoch's running sums) and, from ``fit`` on,
+    ``checkpoint``, one ``tf.train.Checkpoint`` that gathers the step's models,
+    optimizers and state, the models' seed generators, the data order and position
+    and the callbacks' state (see ``trainer.state``). With ``resume`` it reads a
+    checkpoint back before training, and continues from its exact step.
+
+    SIGTERM and SIGINT during ``fit`` stop it at the next execution boundary
+    (``preempted`` then names the signal); the callbacks' ``on_fit_end`` runs, so
+    the checkpoint callback saves, and the epoch stays open for a resumed run.
 
     Args:
         epochs: passes over the training set.
@@ -55,6 +64,14 @@ class Trainer:
         run_dir: where callbacks put their files (TensorBoard, checkpoints).
         hparams: flat hyperparameters of the run, for the TensorBoard HParams summary.
         config_text: the resolved config as YAML, logged as text.
+        resume: ``"auto"`` (continue from the newest checkpoint of the checkpoint
+            callback's directory in ``run_dir``, if there is one), ``"never"``, or
+            a path: a run directory, a checkpoint directory or a checkpoint prefix.
+        checkpoint_dir: where ``resume="auto"`` looks, relative to ``run_dir``
+            (the checkpoint callback's ``directory``).
+        deterministic: turn on TensorFlow's op determinism
+            (``tf.config.experimental.enable_op_determinism``), for ops whose
+            results may otherwise vary from run to run.
     """
 
     def __init__(
@@ -69,6 +86,9 @@ class Trainer:
         run_dir: str = ".",
         hparams: dict | None = None,
         config_text: str = "",
+        resume: str = "auto",
+        checkpoint_dir: str = "checkpoints",
+        deterministic: bool = False,
     ):
         if epochs < 1:
             raise UserError(f"trainer.epochs={epochs} must be at least 1")
@@ -81,11 +101,17 @@ class Trainer:
         self.run_eagerly = run_eagerly
         self.jit_compile = check_jit_compile(jit_compile)
         self.xla = False
-        self.callbacks = list(callbacks)
-        for cb in self.callbacks:
+        for cb in callbacks:
             if not isinstance(cb, Callback):
                 raise UserError(f"callback {cb!r} is not a trainer.callbacks.Callback; "
                                 "subclass it and override the hooks it needs")
+        # Stable: the given order, with callbacks that save the others' state last.
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        self.resume = check_resume(resume)
+        self.checkpoint_dir = checkpoint_dir
+        self.deterministic = bool(deterministic)
+        if self.deterministic:
+            tf.config.experimental.enable_op_determinism()
         self.run_dir = str(run_dir)
         self.hparams = dict(hparams or {})
         self.config_text = config_text
@@ -94,8 +120,12 @@ class Trainer:
         self.epoch = 0
         self.stop_training = False
         self.trace_count = 0
-        self.history: list[dict] = []
+        self.progress = Progress()
         self.logs: dict = {}
+        #: The checkpoint the last ``fit`` resumed from, or None.
+        self.restored_from: str | None = None
+        self._preemption = Preemption()
+        self._stopped_when_restored = False
         self.step: Step | None = None
         self.data: Data | None = None
         self.checkpoint: tf.train.Checkpoint | None = None
@@ -109,6 +139,16 @@ class Trainer:
     def models(self) -> dict:
         """The step's models by name."""
         return self.step.models
+
+    @property
+    def history(self) -> list[dict]:
+        """The logs of every finished epoch (restored with the checkpoint on resume)."""
+        return self.progress.history
+
+    @property
+    def preempted(self) -> str | None:
+        """The signal that stopped the last ``fit`` (``"SIGTERM"``, ``"SIGINT"``), or None."""
+        return self._preemption.name or None
 
     @property
     def current_step(self) -> int:
@@ -196,22 +236,36 @@ class Trainer:
         self._probe_batch = data.probe_batch()
         self.steps_per_epoch = data.steps_per_epoch("train")
         self._val_steps = data.steps_per_epoch("val")
-        planned = self.epochs * self.steps_per_epoch - self.current_step
+        # The whole run, not what is left of it: a resumed run must choose as the
+        # interrupted one did, or its numbers would differ.
+        planned = self.epochs * self.steps_per_epoch
         if self.max_steps is not None:
-            planned = min(planned, self._budget_left(self.current_step))
+            planned = min(planned, self.max_steps)
         self.xla = choose_xla(self.jit_compile, fused=self._train_source.xla_loop,
                               run_eagerly=self.run_eagerly, planned_steps=planned)
+        self.checkpoint = training_checkpoint(self, step=step, source=self._train_source,
+                                              callbacks=self.callbacks)
+        paths = candidates(self.resume, Path(self.run_dir), self.checkpoint_dir)
+        path = readable(paths) if paths else None
+        if path:
+            # The callbacks' state first: what it implies (the freeze schedule's unfreezes)
+            # decides which variables the optimizer is built for, before the full restore.
+            tf.train.Checkpoint(callbacks=self.checkpoint.callbacks).read(path).expect_partial()
+            self._callback("on_restore")
         self._compile(evaluation=True)
-        self.checkpoint = training_checkpoint(
-            global_step=self.global_step, epoch=self.epoch_variable, step=step,
-            source=self._train_source, callbacks=self.callbacks)
+        if path:
+            restore(self.checkpoint, path)
+            self.restored_from = path
+            self._after_restore()
 
     # --- the loop ---------------------------------------------------------------------
     def fit(self, step: Step, data: Data) -> dict:
         """Train ``step`` on ``data``; return the final logs (last epoch's train and val).
 
-        Calling ``fit`` again with the same step and data (after raising ``epochs``)
-        continues with the functions already compiled, as Keras does.
+        With ``resume`` the training state is first read back from a checkpoint, and
+        training continues from its global step, in the middle of an epoch if it was
+        saved there. Calling ``fit`` again with the same step and data (after raising
+        ``epochs``) continues with the functions already compiled, as Keras does.
         """
         flags = (self.run_eagerly, self.jit_compile)
         if step is not self.step or data is not self.data or flags != self._fit_flags:
@@ -219,25 +273,40 @@ class Trainer:
             self._fit_flags = flags
         if self._pace is None or self._pace.setting != self.steps_per_execution:
             self._pace = Pacing(self.steps_per_execution)
-        self.stop_training = False
-        self._callback("on_fit_start")
+        # A run that a callback stopped (early stopping) stays stopped when resumed.
+        self.stop_training, self._stopped_when_restored = self._stopped_when_restored, False
+        self._preemption = Preemption()
         start = time.perf_counter()
+        with self._preemption.watch():
+            self._callback("on_fit_start")
+            train_seconds = self._train()
+            self.progress.stopped = self.stop_training and not self._preemption.requested
+            self.logs = {**self.logs, "time/train_seconds": train_seconds,
+                         "time/fit_seconds": time.perf_counter() - start}
+            self._callback("on_fit_end", self.logs)
+        return self.logs
+
+    def _train(self) -> float:
+        """The epochs and executions of ``fit``; returns the seconds spent in executions."""
         train_seconds = 0.0
+        progress, per_epoch = self.progress, self.steps_per_epoch
         # The global step is the one count of progress: the epoch and the position in it
         # are derived from it (an execution never crosses an epoch boundary).
         global_step = self.current_step
-        per_epoch = self.steps_per_epoch
-        for epoch in range(global_step // per_epoch, self.epochs):
-            if self._budget_left(global_step) <= 0 or self.stop_training:
-                break
+        epoch = progress.open_epoch if progress.open_epoch is not None else (
+            global_step // per_epoch)
+        while epoch < self.epochs and not self.stop_training:
+            if progress.open_epoch != epoch:
+                if self._budget_left(global_step) <= 0:
+                    break
+                progress.open_epoch, progress.sums, progress.examples = epoch, {}, 0.0
+                self._train_source.start_epoch(epoch)
             self.epoch = epoch
             self.epoch_variable.assign(epoch)
-            if global_step == epoch * per_epoch:
-                self._train_source.start_epoch(epoch)
             self._callback("on_epoch_start", epoch)
-            sums, examples, state = {}, 0.0, {}
             while (position := global_step - epoch * per_epoch) < per_epoch:
-                if self._budget_left(global_step) <= 0:
+                if (self._budget_left(global_step) <= 0 or self.stop_training
+                        or self._preemption.requested):
                     break
                 self.recompile_if_needed()
                 n = min(self._pace.steps, per_epoch - position, self._budget_left(global_step))
@@ -249,27 +318,57 @@ class Trainer:
                 train_seconds += elapsed
                 global_step = int(state.pop("global_step"))
                 weight = out.pop(EXAMPLES)
-                examples += weight
+                progress.examples += weight
                 for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v * weight
-                self.step.check_state(state)
+                    progress.sums[k] = progress.sums.get(k, 0.0) + v * weight
+                progress.state = state
+                self._check_step_state(state)
                 logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
                 logs["time/steps_per_second"] = n / elapsed
                 self._callback("on_execution_end", global_step, logs)
-                if self.stop_training:
-                    break
-            logs = {f"train/{k}": v / examples if examples else 0.0 for k, v in sums.items()}
-            logs.update({f"train/{k}": v for k, v in state.items()})
+            if self._preemption.requested:
+                break  # the epoch stays open: a resumed run finishes it
+            examples = progress.examples
+            logs = {f"train/{k}": v / examples if examples else 0.0
+                    for k, v in progress.sums.items()}
+            logs.update({f"train/{k}": v for k, v in progress.state.items()})
             logs.update(self.evaluate())
             logs.update(epoch=epoch + 1, step=global_step)
             _check_finite(logs, epoch)
             self.logs = logs
-            self.history.append(logs)
+            if progress.history and progress.history[-1]["epoch"] == epoch + 1:
+                progress.history[-1] = logs  # the rest of an epoch a step budget had cut
+            else:
+                progress.history.append(logs)
+            finished = global_step - epoch * per_epoch >= per_epoch
+            # An epoch cut by the step budget stays open: a later fit (a larger budget, a
+            # resumed run) continues its data and its sums, and replaces its history entry.
+            progress.open_epoch = None if finished else epoch
             self._callback("on_epoch_end", epoch, logs)
-        self.logs = {**self.logs, "time/train_seconds": train_seconds,
-                     "time/fit_seconds": time.perf_counter() - start}
-        self._callback("on_fit_end", self.logs)
-        return self.logs
+            if not finished:
+                break
+            epoch += 1
+        return train_seconds
+
+    def _check_step_state(self, state: dict) -> None:
+        """The step's host-side check; a failing run saves its last good state first
+        (the callbacks' ``on_fit_end``: the checkpoint callback saves)."""
+        try:
+            self.step.check_state(state)
+        except UserError:
+            self._callback("on_fit_end", self.logs)
+            raise
+
+    def _after_restore(self) -> None:
+        """Host state that follows from a restored checkpoint."""
+        self._train_source.check_restored()
+        history = self.progress.history
+        self.logs = dict(history[-1]) if history else {}
+        self._stopped_when_restored = self.progress.stopped
+        open_epoch = self.progress.open_epoch
+        log.info("resumed from %s: global step %d, epoch %d%s", self.restored_from,
+                 self.current_step, (open_epoch if open_epoch is not None else len(history)) + 1,
+                 " (in progress)" if open_epoch is not None else "")
 
     def _run_training(self, num_steps: int, position: int):
         try:

@@ -17,23 +17,38 @@ class Callback:
     ``global_step`` is the trainer's global step at the hook (a Python int).
     ``logs`` are flat dicts of Python floats with slash-namespaced keys.
 
-    A callback whose state must survive a restart returns it from ``state()``; the
-    trainer saves it in ``trainer.checkpoint`` under ``callbacks/<state_key>`` and
-    restores it before ``on_fit_start``.
+    A callback whose state must survive a restart returns it from ``state(trainer)``;
+    the trainer saves it in ``trainer.checkpoint`` under ``callbacks/<state_key>``.
+    When a run resumes, the trainer reads the callbacks' state back first and calls
+    ``on_restore`` (before the step is compiled), then restores everything else, all
+    before ``on_fit_start``.
+
+    The trainer runs callbacks in the order given, stably sorted by ``order``: a
+    callback that saves the others' state (checkpoints) runs after them.
     """
+
+    #: Callbacks run sorted by this (stable); the checkpoint callback runs last (100).
+    order: int = 0
 
     #: The callback's name in the checkpoint (``callbacks/<state_key>``); it must stay
     #: the same across versions, or a restart cannot find the saved state. Needed only
     #: when ``state()`` is not empty.
     state_key: str | None = None
 
-    def state(self) -> dict:
+    def state(self, trainer) -> dict:
         """The trackable state (``tf.Variable``s or trackables) to checkpoint, by name.
 
-        Created in ``__init__`` (before the trainer builds its checkpoint) and read
-        on the host; the default has none.
+        Called once when the trainer builds its checkpoint (the models exist then,
+        so state shaped like them can be made here); read on the host. The default
+        has none.
         """
         return {}
+
+    def on_restore(self, trainer) -> None:
+        """After this callback's state was read back from a checkpoint, before the step
+        is compiled: re-establish what the state implies (the freeze schedule
+        re-applies the unfreezes of the restored run, so the optimizer is built for
+        the same variables as when the checkpoint was written)."""
 
     def on_fit_start(self, trainer) -> None:
         """Before the first execution (the step is compiled, the checkpoint restored)."""
@@ -57,7 +72,7 @@ def resolve(trainer, path: str) -> Path:
     return p if p.is_absolute() else Path(trainer.run_dir) / p
 
 
-def callback_states(callbacks) -> dict:
+def callback_states(callbacks, trainer) -> dict:
     """``{state_key: state()}`` of the callbacks that have state, for ``trainer.checkpoint``.
 
     Raises a ``UserError`` when a callback with state has no ``state_key`` or two
@@ -65,7 +80,7 @@ def callback_states(callbacks) -> dict:
     """
     states = {}
     for cb in callbacks:
-        state = cb.state()
+        state = cb.state(trainer)
         if not state:
             continue
         key = cb.state_key

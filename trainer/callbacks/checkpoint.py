@@ -1,8 +1,9 @@
-"""Checkpoints of the trainer's whole training state at the end of epochs."""
+"""Checkpoints of the trainer's whole training state: recent ones, and the best one."""
 
 from __future__ import annotations
 
 import logging
+import math
 
 import tensorflow as tf
 
@@ -12,80 +13,134 @@ from trainer.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
+MODES = ("min", "max")
+
 
 class CheckpointCallback(Callback):
-    """Saves ``trainer.checkpoint`` every ``every_n_epochs`` epochs, but not more often
-    than every ``min_interval_seconds``, and always at the end of ``fit``.
+    """Saves ``trainer.checkpoint`` when due, keeps the recent ones and the best one.
 
     ``trainer.checkpoint`` is the one ``tf.train.Checkpoint`` of everything that must
     survive a restart (models, optimizers, seed generators, data position, callback
-    state, global step, epoch); this callback only decides when to write it, through
-    a ``tf.train.CheckpointManager`` numbering checkpoints by global step. TensorFlow
-    writes each checkpoint to temporary files and renames them when complete, so an
-    interrupted save leaves the previous one intact.
+    state, global step, epoch, the epoch's running sums); this callback only decides
+    when to write it, through a ``tf.train.CheckpointManager`` numbering checkpoints
+    by global step (``<directory>/ckpt-<step>``). TensorFlow writes each checkpoint
+    to temporary files and renames them when complete, and updates the index last,
+    so a save interrupted by a kill leaves the previous checkpoints intact.
 
-    A save that comes due at the end of an epoch is written once every callback has
-    finished that epoch (at the next epoch's start, or at the end of ``fit``), so the
-    state of callbacks listed after this one (early stopping's patience) is that of
-    the same moment as the weights.
+    When: every ``every_n_steps`` steps and every ``every_n_epochs`` epochs (both
+    held back while the last save is more recent than ``min_interval_seconds``),
+    every ``every_seconds`` seconds, and always at the end of ``fit`` (the last
+    epoch, ``max_steps``, early stopping, a preemption). Saves happen at execution
+    boundaries, after every other callback (``order``), so their state is of the
+    same moment as the weights.
+
+    Best: with ``monitor`` (an epoch log such as ``val/accuracy``) and ``mode``, the
+    checkpoint of the best epoch so far is kept in ``<directory>/best``, and at the
+    end of ``fit`` (unless preempted) the models are given the best weights, so
+    ``model.keras`` holds them; the recent checkpoints keep the last state for
+    resuming.
 
     Args:
         directory: where checkpoints go, relative to the run directory.
         max_to_keep: how many recent checkpoints to keep.
-        every_n_epochs: save interval in epochs; 0 saves only at the end of ``fit``.
-        min_interval_seconds: hold a due save back while the previous one is more
-            recent than this; it is written at the first epoch end after that. A
-            save takes 10-20 ms even for a small model, so with epochs of a fraction
-            of a second saving every one would slow training by a tenth or more; the
-            default keeps the cost near zero. The end of ``fit`` (the last epoch,
-            ``max_steps``, early stopping) is always saved; 0 saves every
-            ``every_n_epochs``.
+        every_n_steps: save interval in steps; 0 turns it off.
+        every_n_epochs: save interval in epochs; 0 turns it off.
+        every_seconds: save at least this often (seconds); 0 turns it off. With the
+            default a kill loses at most about a minute of work.
+        min_interval_seconds: hold step and epoch saves back while the last save is
+            more recent than this. A save takes 10-20 ms even for a small model: with
+            epochs of a fraction of a second, saving every one would slow training by
+            a tenth; the default keeps the cost near zero. 0 saves every time it is due.
+        monitor: an epoch log to keep the best checkpoint by; None keeps none.
+        mode: ``"min"`` or ``"max"``: whether a smaller or a larger value is better.
     """
 
+    state_key = "checkpoint"
+    #: After every other callback: their state in the checkpoint is of the same moment.
+    order = 100
+
     def __init__(self, *, directory: str = "checkpoints", max_to_keep: int = 3,
-                 every_n_epochs: int = 1, min_interval_seconds: float = 30.0):
-        if every_n_epochs < 0 or min_interval_seconds < 0:
-            raise UserError("callbacks.checkpoint.every_n_epochs and min_interval_seconds "
-                            f"must be >= 0; got {every_n_epochs} and {min_interval_seconds}")
+                 every_n_steps: int = 0, every_n_epochs: int = 1, every_seconds: float = 60.0,
+                 min_interval_seconds: float = 30.0, monitor: str | None = None,
+                 mode: str = "min"):
+        for name, value in (("every_n_steps", every_n_steps), ("every_n_epochs", every_n_epochs),
+                            ("every_seconds", every_seconds),
+                            ("min_interval_seconds", min_interval_seconds)):
+            if value < 0:
+                raise UserError(f"callbacks.checkpoint.{name}={value} must be >= 0 (0 turns "
+                                "it off)")
+        if max_to_keep < 1:
+            raise UserError(f"callbacks.checkpoint.max_to_keep={max_to_keep} must be >= 1")
+        if mode not in MODES:
+            raise UserError(f"callbacks.checkpoint.mode={mode!r} must be 'min' or 'max'")
         self.directory = directory
-        self.max_to_keep = max_to_keep
+        self.max_to_keep = int(max_to_keep)
+        self.every_n_steps = int(every_n_steps)
         self.every_n_epochs = int(every_n_epochs)
+        self.every_seconds = float(every_seconds)
         self.min_interval_seconds = float(min_interval_seconds)
+        self.monitor, self.mode = monitor, mode
         self.manager: tf.train.CheckpointManager | None = None
-        self._when = Periodic(every_n_epochs=self.every_n_epochs,
+        self.best_manager: tf.train.CheckpointManager | None = None
+        self._when = Periodic(every_n_steps=self.every_n_steps,
+                              every_n_epochs=self.every_n_epochs,
+                              every_seconds=self.every_seconds,
                               min_seconds=self.min_interval_seconds, at_end=True)
-        self._pending = False
-        self._first_epoch = True
+        # The best monitored value so far: part of the training state, so a resumed run
+        # keeps the best checkpoint of the whole run.
+        self._best = tf.Variable(math.inf if mode == "min" else -math.inf, dtype=tf.float64,
+                                 trainable=False, name="best")
+
+    def state(self, trainer) -> dict:
+        return {"best": self._best} if self.monitor else {}
+
+    @property
+    def best(self) -> float:
+        """The best monitored value so far (``inf``/``-inf`` before the first epoch)."""
+        return float(self._best.numpy())
 
     def on_fit_start(self, trainer):
-        ckpt = trainer.checkpoint
+        ckpt, root = trainer.checkpoint, resolve(trainer, self.directory)
         if self.manager is None or self.manager.checkpoint is not ckpt:
-            self.manager = tf.train.CheckpointManager(
-                ckpt, str(resolve(trainer, self.directory)), max_to_keep=self.max_to_keep)
-        self._pending = False
-        self._first_epoch = True
+            self.manager = tf.train.CheckpointManager(ckpt, str(root),
+                                                      max_to_keep=self.max_to_keep)
+            if self.monitor:
+                self.best_manager = tf.train.CheckpointManager(ckpt, str(root / "best"),
+                                                               max_to_keep=1)
+        # Count from where this fit starts: a resumed run does not save at once for the
+        # intervals it passed before the restart.
+        self._when.reset(trainer.current_step, epoch=trainer.current_step
+                         // max(trainer.steps_per_epoch, 1))
+
+    def on_execution_end(self, trainer, global_step, logs):
+        if self._when.due(global_step):
+            self._save(global_step)
 
     def on_epoch_end(self, trainer, epoch, logs):
-        # Decided now, written once the other callbacks have finished the epoch.
-        self._pending |= self._when.due(trainer.current_step, epoch_end=epoch)
-
-    def on_epoch_start(self, trainer, epoch):
-        if self._pending:
-            self._save(trainer.current_step)
-        if self._first_epoch:
-            # Count epochs from where this fit starts (a resumed run): the hook's epoch
-            # is exact here, whatever the trainer's epoch read before the loop.
-            self._when.reset(trainer.current_step, epoch=epoch)
-            self._first_epoch = False
+        global_step = trainer.current_step
+        if self.monitor:
+            if self.monitor not in logs:
+                raise UserError(f"callbacks.checkpoint.monitor={self.monitor!r} is not logged; "
+                                f"choose one of {sorted(k for k in logs if '/' in k)}")
+            value = float(logs[self.monitor])
+            if value < self.best if self.mode == "min" else value > self.best:
+                self._best.assign(value)
+                path = self.best_manager.save(checkpoint_number=global_step)
+                log.info("best %s=%.4g: saved %s", self.monitor, value, path)
+        if self._when.due(global_step, epoch_end=epoch):
+            self._save(global_step)
 
     def on_fit_end(self, trainer, logs):
         global_step = trainer.current_step
-        # Stopped early, the last epoch, or a due save held back as too recent.
-        if self.manager is not None and (self._pending
-                                         or self._when.due(global_step, end=True)):
+        if self.manager is not None and self._when.due(global_step, end=True):
             self._save(global_step)
+        best = self.best_manager.latest_checkpoint if self.best_manager else None
+        if best and not trainer.preempted:
+            # Only the weights: the latest checkpoint (saved above) keeps the last state.
+            tf.train.Checkpoint(models=trainer.models).read(best).expect_partial()
+            log.info("the models hold the best weights (%s=%.4g, %s)", self.monitor,
+                     self.best, best)
 
     def _save(self, global_step: int) -> None:
         path = self.manager.save(checkpoint_number=global_step)
-        self._pending = False
         log.debug("saved checkpoint %s", path)

@@ -25,12 +25,16 @@ class EarlyStopping(Callback):
         mode: ``"min"`` or ``"max"``.
         patience: epochs without improvement to tolerate.
         min_delta: the smallest change that counts as improvement.
+        restore_best_weights: keep a copy of the weights of the best epoch (part of the
+            checkpointed state, so it survives a restart) and give them back to the
+            models at the end of ``fit``, whether it stopped early or not (not when
+            preempted: a resumed run must continue from the last weights).
     """
 
     state_key = "early_stopping"
 
     def __init__(self, *, monitor: str = "val/loss", mode: str = "min", patience: int = 5,
-                 min_delta: float = 0.0):
+                 min_delta: float = 0.0, restore_best_weights: bool = False):
         if mode not in ("min", "max"):
             raise UserError(f"callbacks.early_stopping.mode={mode!r} must be 'min' or 'max'")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
@@ -40,9 +44,19 @@ class EarlyStopping(Callback):
                                  trainable=False, name="best")
         self._wait = tf.Variable(0, dtype=tf.int64, trainable=False, name="wait")
         self._stopped = tf.Variable(-1, dtype=tf.int64, trainable=False, name="stopped_epoch")
+        self.restore_best_weights = bool(restore_best_weights)
+        self._weights: list = []  # the models' weights, in the order of the copies
+        self._best_weights: list = []  # copies made when the checkpoint is built
 
-    def state(self) -> dict:
-        return {"best": self._best, "wait": self._wait, "stopped_epoch": self._stopped}
+    def state(self, trainer) -> dict:
+        state = {"best": self._best, "wait": self._wait, "stopped_epoch": self._stopped}
+        if self.restore_best_weights:
+            if not self._weights:
+                self._weights = [v for m in trainer.models.values() for v in m.weights]
+                self._best_weights = [tf.Variable(v, trainable=False, name="best_weight")
+                                      for v in self._weights]
+            state["best_weights"] = self._best_weights
+        return state
 
     @property
     def best(self) -> float:
@@ -72,6 +86,8 @@ class EarlyStopping(Callback):
         if better:
             self._best.assign(value)
             self._wait.assign(0)
+            for copy, v in zip(self._best_weights, self._weights):
+                copy.assign(v)
             return
         self._wait.assign_add(1)
         if self.wait >= self.patience:
@@ -79,3 +95,9 @@ class EarlyStopping(Callback):
             trainer.stop_training = True
             log.info("early stopping at epoch %d: %s did not improve for %d epochs",
                      epoch + 1, self.monitor, self.patience)
+
+    def on_fit_end(self, trainer, logs):
+        if self._best_weights and math.isfinite(self.best) and not trainer.preempted:
+            for copy, v in zip(self._best_weights, self._weights):
+                v.assign(copy)
+            log.info("restored the weights of the best epoch (%s=%.4g)", self.monitor, self.best)

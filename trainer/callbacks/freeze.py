@@ -30,8 +30,9 @@ class FreezeSchedule(Callback):
     saved with the weights. Trainable flags are not checkpointed: a resumed run
     builds fresh models, frozen again by ``freeze.patterns``, while the restored
     weights were trained with the first ``position`` entries applied. So
-    ``on_fit_start`` (the trainer restores before it) re-applies those entries to
-    the fresh models, and the epoch rule applies the rest as they come due. Which
+    ``on_restore`` (the trainer calls it before building the optimizer, which then
+    gets slots for the same variables as when the checkpoint was written) re-applies
+    those entries to the fresh models, and the epoch rule applies the rest. Which
     entries *these* models have had is tracked apart from the checkpointed position
     (which a restore overwrites), so no entry is applied twice or skipped.
     """
@@ -48,7 +49,7 @@ class FreezeSchedule(Callback):
         self._position = tf.Variable(0, dtype=tf.int64, trainable=False, name="position")
         self._applied = 0  # entries applied to this process's models
 
-    def state(self) -> dict:
+    def state(self, trainer) -> dict:
         return {"position": self._position}
 
     @property
@@ -56,15 +57,18 @@ class FreezeSchedule(Callback):
         """How many entries (in ``at_epoch`` order) have been applied in this run."""
         return int(self._position.numpy())
 
-    def on_fit_start(self, trainer):
-        models = list(trainer.models.values())
-        for i, u in self._order:
-            _matched(models, u["patterns"], f"freeze.unfreeze[{i}].patterns")
+    def on_restore(self, trainer):
+        """Re-apply the entries the restored run had applied, before the optimizer is built."""
         restored = min(self.position, len(self._order))
         if restored > self._applied:
             log.info("freeze schedule: re-applying %d unfreeze entries of the restored run",
                      restored - self._applied)
             self._apply_through(trainer, restored)
+
+    def on_fit_start(self, trainer):
+        models = list(trainer.models.values())
+        for i, u in self._order:
+            _matched(models, u["patterns"], f"freeze.unfreeze[{i}].patterns")
 
     def on_epoch_start(self, trainer, epoch):
         due = sum(1 for _, u in self._order if epoch + 1 >= int(u["at_epoch"]))

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
 import tensorflow as tf
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 
 from trainer.callbacks.base import Callback, resolve
 from trainer.errors import UserError
 from trainer.periodic import Periodic
+
+log = logging.getLogger(__name__)
 
 
 class TensorBoardCallback(Callback):
@@ -38,7 +49,19 @@ class TensorBoardCallback(Callback):
 
     Writers stay open across repeated ``fit`` calls of a trainer (flushed at the
     end of each), so the compiled summary functions are traced once.
+
+    **Resumed runs** continue their curves at the checkpoint's global step ``S``, each
+    step once, although the interrupted process may have logged up to ``S + k``: when
+    the writers open on directories that already hold event files, each of them first
+    gets a restart marker (``write_restart_marker``), a small event file read after the
+    old files and before this process's, which makes TensorBoard's readers (the Rust
+    data server and the Python one) drop the interrupted run's points past the resume.
+    The old files are left as they are.
     """
+
+    #: Before the callbacks that write into its directories (``ImageCallback``), so
+    #: its restart marker is read before their new event files.
+    order = -10
 
     def __init__(self, *, log_dir: str = "tb", histogram_every_n_steps: int = 100,
                  histogram_min_interval_seconds: float = 10.0):
@@ -65,10 +88,10 @@ class TensorBoardCallback(Callback):
     def on_fit_start(self, trainer):
         root = resolve(trainer, self.log_dir)
         models = list(trainer.models.values())
-        if not self._opened_for_same(root, models):
-            self._open(root, models)
-            self._opened_for = (root, models)
         global_step = trainer.current_step
+        if not self._opened_for_same(root, models):
+            self._open(root, models, global_step)
+            self._opened_for = (root, models)
         with self._writer("").as_default(step=global_step):
             if trainer.hparams:
                 hp.hparams(trainer.hparams)
@@ -87,11 +110,20 @@ class TensorBoardCallback(Callback):
         return (opened_root == root and len(opened_models) == len(models)
                 and all(a is b for a, b in zip(opened_models, models)))
 
-    def _open(self, root, models):
-        self.writers = {
-            name: tf.summary.create_file_writer(str(root / name) if name else str(root))
-            for name in ("", "train", "val")
-        }
+    def _open(self, root, models, global_step: int):
+        for w in self.writers.values():  # all of their points on disk before the scan below
+            w.close()
+        dirs = {name: root / name if name else root for name in ("", "train", "val")}
+        existing = {name: event_files(d) for name, d in dirs.items()}
+        for name, files in existing.items():
+            if files:  # resumed, or restarted into a used directory
+                # The histogram set (with its grad_norm/ scalars) is written anew at the
+                # start; a carried copy at the same step would be a second point there.
+                rewritten = ("grad_norm/",) if name == "train" and self.histogram_every_n_steps \
+                    else ()
+                # Before this process's own files exist, so it is read before them.
+                write_restart_marker(dirs[name], global_step, files, rewritten=rewritten)
+        self.writers = {name: tf.summary.create_file_writer(str(d)) for name, d in dirs.items()}
         # Summaries are written by compiled functions: eagerly a histogram costs ~10 ms of
         # small ops and a scalar ~0.3 ms, which at 0.1 s per execution made TensorBoard half
         # the training time. They capture these writers and models. autograph=False: the
@@ -199,3 +231,130 @@ def _histogram(tag, data, step, bucket_count: int = 30):
         buckets = tf.stack([left, right, counts], axis=1)
     meta = histogram_metadata.create_summary_metadata(display_name=tag, description=None)
     tf.summary.write(tag, buckets, step=step, metadata=meta)
+
+
+# --- resuming into a directory that holds event files ---------------------------------------
+
+#: TensorBoard's readers (Python and Rust) take a file for an event file when its name holds this.
+_EVENT_FILE = "tfevents"
+_NAME_SECONDS = re.compile(r"tfevents\.(\d+)\.")
+
+
+def event_files(directory: Path) -> list[Path]:
+    """The event files directly in ``directory``, in the order TensorBoard reads them.
+
+    Both readers go through a directory's files sorted by name (Python's
+    ``DirectoryWatcher`` one after the other, the Rust data server's ``RunLoader``
+    in a ``BTreeMap``); writers name their files ``events.out.tfevents.<seconds>.
+    <host>...``, so the order is that of creation, to the second.
+    """
+    try:
+        return sorted(p for p in Path(directory).iterdir()
+                      if _EVENT_FILE in p.name and p.is_file())
+    except FileNotFoundError:
+        return []
+
+
+def _wait_past(files: list[Path]) -> None:
+    """Sleep until the clock's second is past the newest of ``files``' name seconds.
+
+    Files created afterwards then sort after ``files`` whatever their host, process id
+    and counter (the counter is not zero-padded: ``.10.`` sorts before ``.9.``). A
+    resumed process starts seconds after the interrupted one; only a run reopened in
+    the same process within the second waits, at most a second.
+    """
+    newest = max((int(m.group(1)) for f in files if (m := _NAME_SECONDS.search(f.name))),
+                 default=-1)
+    delay = newest + 1 - time.time()
+    if delay > 2:  # dated ahead of this clock (another machine's): waiting would not end soon
+        log.warning("event files dated %.0f s in the future in %s: TensorBoard may read this "
+                    "run's restart marker before them", delay, files[0].parent)
+    elif delay > 0:
+        time.sleep(delay)
+
+
+def _is_scalar(value, kinds) -> bool:
+    if value.HasField("simple_value"):  # TF1 and tensorboardX scalars
+        return True
+    meta = kinds.get(value.tag)
+    return meta is not None and meta.plugin_data.plugin_name == "scalars"
+
+
+def carried_scalars(files, step: int, *, rewritten=()) -> tuple[int, list]:
+    """Where a resumed run's points take over from the event files already there.
+
+    Reads ``files`` as TensorBoard does (in order, honouring the SessionLog STARTs of
+    earlier restarts) and returns ``(purge_step, events)``: the last step ``<= step``
+    at which they hold a scalar (``step`` when none does), and one event per scalar
+    tag with a point at that step (the last one read), except tags starting with a
+    prefix in ``rewritten``. The events are copies (step, wall time, value) with the
+    tag's summary metadata attached, so they stand on their own.
+    """
+    kinds = {}  # tag -> the SummaryMetadata it was written with (its first event has it)
+    last = {}  # tag -> (step, wall_time, Summary.Value): its last point at or before `step`
+    for path in files:
+        for event in LegacyEventFileLoader(str(path)).Load():
+            if event.session_log.status == event_pb2.SessionLog.START:
+                last = {tag: p for tag, p in last.items() if p[0] < event.step}
+            for value in event.summary.value:
+                if value.HasField("metadata") and value.metadata.plugin_data.plugin_name:
+                    kinds.setdefault(value.tag, value.metadata)
+                if event.step <= step and _is_scalar(value, kinds):
+                    last[value.tag] = (event.step, event.wall_time, value)
+    if not last:
+        return step, []
+    purge_step = max(p[0] for p in last.values())
+    events = []
+    for tag, (at, wall_time, value) in sorted(last.items()):
+        if at != purge_step or tag.startswith(tuple(rewritten)):
+            continue
+        copy = summary_pb2.Summary.Value()
+        copy.CopyFrom(value)
+        if tag in kinds:
+            copy.metadata.CopyFrom(kinds[tag])
+        events.append(event_pb2.Event(wall_time=wall_time, step=at,
+                                      summary=summary_pb2.Summary(value=[copy])))
+    return purge_step, events
+
+
+def write_restart_marker(directory: Path, step: int, files=None, *, rewritten=()) -> Path:
+    """Make TensorBoard continue ``directory``'s curves from global step ``step``.
+
+    Writes an event file that sorts after ``files`` (the directory's event files,
+    read now when not given) and before any file created later in the same second:
+    a file version, two ``SessionLog`` START events at ``purge_step`` and the
+    scalar points ``carried_scalars`` finds at ``purge_step``.
+
+    - TensorBoard's Python reader (``plugin_event_accumulator``, the server's with
+      ``--load_fast=false``) purges, on a START, every point read before it at a
+      step ``>= purge_step``. It takes a run's first START for a first session, not
+      a restart, and TensorFlow 2's writers write none, hence two. The copies that
+      follow put back the points at ``purge_step`` itself. (The legacy
+      ``event_accumulator`` purges only its TF1 reservoirs, not TF2's tensors.)
+    - The Rust data server (the default when installed) ignores START, but each time
+      series drops its points at steps ``>=`` a newly read point's: the copies drop
+      the interrupted run's later scalars, whatever steps its executions ended at;
+      the resumed run's own histograms and images, drawn at its start, drop theirs.
+
+    The file is written under a name TensorBoard ignores and renamed into place, so
+    a running TensorBoard never reads half of it. Returns its path.
+    """
+    directory = Path(directory)
+    files = event_files(directory) if files is None else list(files)
+    purge_step, carried = carried_scalars(files, step, rewritten=rewritten)
+    _wait_past(files)
+    now = time.time()
+    start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+    events = [event_pb2.Event(wall_time=now, file_version="brain.Event:2"),
+              *[event_pb2.Event(wall_time=now, step=purge_step, session_log=start)] * 2,
+              *carried]
+    # '-' sorts before any host name, so this file precedes the files this process's
+    # writers create in the same second (and follows every older one).
+    host, pid = socket.gethostname(), os.getpid()
+    path = directory / f"events.out.tfevents.{int(now):010d}.-restart.{host}.{pid}"
+    partial = directory / f".restart.{pid}.partial"
+    with tf.io.TFRecordWriter(str(partial)) as writer:
+        for event in events:
+            writer.write(event.SerializeToString())
+    os.replace(partial, path)
+    return path

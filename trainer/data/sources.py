@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.errors import UserError
+
 
 class Source:
     """What the compiled loop needs of a batch source.
@@ -33,6 +35,10 @@ class Source:
     def state(self) -> dict:
         """Trackable state a restart needs, by name (order, position, iterator)."""
         return {}
+
+    def check_restored(self) -> None:
+        """After a restore: raise a ``UserError`` if the restored state belongs to
+        another data order (another shuffle seed)."""
 
 
 class IteratorSource(Source):
@@ -124,8 +130,16 @@ class TensorSource(Source):
         self.epoch.assign(epoch)
 
     def state(self) -> dict:
-        """Epoch, position and seed; the order is a function of seed and epoch."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed_variable}
+        """Epoch, position in it, the epoch's order of the examples and the seed it came from."""
+        return {"epoch": self.epoch, "position": self.position, "order": self.order,
+                "seed": self.seed_variable}
+
+    def check_restored(self) -> None:
+        restored = int(self.seed_variable.numpy())
+        if restored != self.seed:
+            raise UserError(f"the checkpoint's data order comes from seed {restored}, this run's "
+                            f"from seed {self.seed}: set seed={restored} (or data.seed) to "
+                            "resume it, or start fresh with trainer.resume=never")
 
     def _gather(self, indices):
         return tf.gather(self.x, indices), tf.gather(self.y, indices)
