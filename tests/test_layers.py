@@ -22,8 +22,9 @@ LAYERS = [
                                   "trainer.regularizers", "trainer.models", "trainer.data"]),
     ("step", ["trainer.step", "trainer.supervised"]),
     ("compiler", ["trainer.loop", "trainer.xla", "trainer.pacing"]),
-    ("trainer", ["trainer.trainer", "trainer.state", "trainer.callbacks"]),
-    ("driver", ["trainer.run", "trainer.__main__", "trainer.experiments"]),
+    ("trainer", ["trainer.trainer", "trainer.state", "trainer.callbacks", "trainer.resume",
+                 "trainer.preemption"]),
+    ("driver", ["trainer.run", "trainer.__main__", "trainer.lock", "trainer.experiments"]),
 ]
 
 

@@ -73,6 +73,15 @@ def test_a_crashed_run_resumed_from_its_checkpoint_ends_bit_identical(make_cfg, 
     assert straight.trainer.history[-1]["train/tape/resets"] > 0  # the policy did fire
 
 
+def test_with_auto_steps_per_execution_the_weights_are_still_bit_identical(make_cfg,
+                                                                            tmp_path):
+    # Executions are sized by time, so the resumed run cuts them elsewhere: the logged
+    # means may differ in the last bits, the weights may not.
+    straight, resumed = _straight_and_resumed(
+        make_cfg, tmp_path, ["trainer.steps_per_execution=auto"], crash_at=23)
+    _assert_identical(_weights(resumed.models), _weights(straight.models))
+
+
 def test_resume_at_an_epoch_end_runs_the_epochs_evaluation_once(make_cfg, tmp_path):
     # The checkpoint at step 24 is written after the last execution of epoch 2 and before
     # its evaluation (execution boundaries come first): the resumed run must evaluate it.
@@ -91,6 +100,38 @@ def test_a_finished_run_resumed_trains_no_further_and_reports_its_metrics(make_c
     assert logs["val/loss"] == first["val/loss"] and logs["epoch"] == first["epoch"]
     history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert len(history) == 6 and history[-1]["val/loss"] == first["val/loss"]
+
+
+def test_an_early_stopped_run_stays_stopped_when_resumed(make_cfg, tmp_path):
+    # Patience 1 with a learning rate that overshoots: early stopping ends the run early.
+    cfg = make_cfg(*STATEFUL, "callbacks.early_stopping.patience=1", "optimizer.learning_rate=3",
+                   "trainer.epochs=20")
+    first = run(cfg, run_dir=tmp_path)
+    assert first["epoch"] < 20
+    again = build(cfg, tmp_path)
+    again.trainer.fit(again.step, again.data)
+    assert again.trainer.current_step == first["step"]
+    assert len(again.trainer.history) == first["epoch"]
+
+
+def test_a_run_ended_by_its_step_budget_is_not_evaluated_again(make_cfg, tmp_path):
+    # The budget cuts epoch 2 (12 steps an epoch): it stays open for a larger budget, but
+    # running the same command again reports it once, without evaluating it again.
+    cfg = make_cfg(*STATEFUL, "trainer.max_steps=17", "callbacks.early_stopping.patience=3")
+    run(cfg, run_dir=tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    again = build(cfg, tmp_path)
+    again.trainer.fit(again.step, again.data)
+    assert again.trainer.history == history
+    assert [h["step"] for h in again.trainer.history] == [12, 17]
+    es = next(cb for cb in again.callbacks if isinstance(cb, EarlyStopping))
+    before = es.wait
+    again.trainer.fit(again.step, again.data)  # and again, in the same process
+    assert es.wait == before and len(again.trainer.history) == 2
+    # A larger budget finishes the open epoch: its entry is replaced by the whole epoch's.
+    more = build(make_cfg(*STATEFUL, "trainer.max_steps=30"), tmp_path)
+    more.trainer.fit(more.step, more.data)
+    assert [h["step"] for h in more.trainer.history] == [12, 24, 30]
 
 
 def test_resume_never_starts_fresh_and_a_missing_path_is_an_error(make_cfg, tmp_path):
@@ -143,6 +184,13 @@ def test_a_checkpoint_of_another_optimizer_is_refused(make_cfg, tmp_path):
     run(make_cfg(*STATEFUL, "trainer.max_steps=5"), run_dir=tmp_path)
     other = build(make_cfg(*STATEFUL, "optimizer=sgd"), tmp_path)
     with pytest.raises(UserError, match="not in this run: optimizers/optimizer"):
+        other.trainer.fit(other.step, other.data)
+
+
+def test_a_checkpoint_of_another_batch_size_is_refused(make_cfg, tmp_path):
+    run(make_cfg(*STATEFUL, "trainer.max_steps=5"), run_dir=tmp_path)
+    other = build(make_cfg(*STATEFUL, "data.batch_size=16"), tmp_path)
+    with pytest.raises(UserError, match="written with 12 steps per epoch, this run has 24"):
         other.trainer.fit(other.step, other.data)
 
 
@@ -202,6 +250,13 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
     assert es.stopped_epoch is not None
     _, best_weights = min(seen, key=lambda s: s[0])
     _assert_identical([v.numpy() for v in model.weights], best_weights)
+    # The checkpoint written at the end keeps the last weights, for resuming: the swap
+    # to the best ones comes after it (on_fit_end runs in reverse order).
+    latest = tf.train.latest_checkpoint(str(tmp_path / "c"))
+    kernel = next(n for n, _ in tf.train.list_variables(latest)
+                  if n.startswith("models/model/") and "kernel" in n)
+    np.testing.assert_array_equal(tf.train.load_variable(latest, kernel), seen[-1][1][0])
+    assert not np.array_equal(seen[-1][1][0], best_weights[0])
 
 
 def test_a_run_stopped_by_too_many_resets_saves_its_last_good_state(tmp_path):

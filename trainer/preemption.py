@@ -18,11 +18,14 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class Preempted(Exception):
     """A run stopped by a signal after saving; ``python -m trainer`` exits ``EXIT_PREEMPTED``."""
 
-    def __init__(self, *, signal: str, global_step: int, run_dir):
+    def __init__(self, *, signal: str, global_step: int, run_dir, saved: bool = True):
         self.signal, self.global_step, self.run_dir = signal, global_step, run_dir
-        super().__init__(f"stopped by {signal} at step {global_step} after saving a checkpoint; "
-                         f"resume with the same command and hydra.run.dir={run_dir} "
-                         "(trainer.resume=auto continues from it)")
+        if saved:
+            what = (f"after saving a checkpoint; resume with the same command and "
+                    f"hydra.run.dir={run_dir} (trainer.resume=auto continues from it)")
+        else:
+            what = "without a checkpoint (no checkpoint callback): it cannot be resumed"
+        super().__init__(f"stopped by {signal} at step {global_step} {what}")
 
 
 class Preemption:

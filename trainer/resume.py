@@ -40,8 +40,15 @@ def candidates(resume: str, run_dir: Path, directory: str) -> list[str]:
     """
     if resume == "never":
         return []
+    own = _checkpoints_in(run_dir / directory)
     if resume == "auto":
-        return _checkpoints_in(run_dir / directory)
+        return own
+    if own:
+        # A run resumed from elsewhere into this dir, then stopped and started again with
+        # the same command: its own checkpoints are newer than the path it started from.
+        log.info("%s has checkpoints of its own: continuing from them, not from "
+                 "trainer.resume=%s", run_dir, resume)
+        return own
     path = Path(resume).expanduser()
     if Path(f"{path}.index").exists():
         return [str(path)]
@@ -79,18 +86,24 @@ def _variables(path: str) -> dict[str, tuple]:
             if not name.startswith(_BOOKKEEPING)}
 
 
-def check_compatible(checkpoint: tf.train.Checkpoint, path: str) -> None:
+def check_compatible(checkpoint: tf.train.Checkpoint, path: str, prefix: str = "") -> None:
     """Raise ``CheckpointMismatchError`` naming every variable that differs, before reading.
 
     The run's own checkpoint is written once to a temporary directory and the two
     listings are compared name by name and shape by shape: a missing variable, an
     extra one or another shape means another architecture, optimizer or config,
     and nothing is restored (TensorFlow would assign the matching variables and
-    fail on the first mismatch, a partial load).
+    fail on the first mismatch, a partial load). ``prefix`` compares only the keys
+    under it (a checkpoint of part of the run, such as ``callbacks/``). The copy is
+    written beside ``path``, on the disk that holds the checkpoints.
     """
-    with tempfile.TemporaryDirectory() as tmp:
+    try:
+        scratch = tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".expected-")
+    except OSError:  # a read-only checkpoint directory
+        scratch = tempfile.TemporaryDirectory()
+    with scratch as tmp:
         expected = _variables(checkpoint.write(str(Path(tmp) / "expected")))
-    saved = _variables(path)
+    saved = {k: v for k, v in _variables(path).items() if k.startswith(prefix)}
     missing = sorted(set(expected) - set(saved))
     extra = sorted(set(saved) - set(expected))
     # Variables only: other saved attributes (an iterator's state, Python state) are

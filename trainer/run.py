@@ -379,8 +379,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         r.trainer.fit(r.step, r.data)
         metrics = write_outputs(r)
     if r.trainer.preempted:
+        from trainer.callbacks import CheckpointCallback
+
+        saved = any(isinstance(cb, CheckpointCallback) for cb in r.trainer.callbacks)
         raise Preempted(signal=r.trainer.preempted, global_step=r.trainer.current_step,
-                        run_dir=run_dir)
+                        run_dir=run_dir, saved=saved)
     return metrics
 
 

@@ -63,6 +63,8 @@ class Progress(tf.train.experimental.PythonState):
             their total weight, so its means cover the whole epoch across a restart.
         state: the last execution's state logs (learning rate, counters).
         stopped: fit was ended by a callback (early stopping): a resumed run stays stopped.
+        steps_per_epoch: of the run that wrote the checkpoint (a resumed run checks it).
+        train_seconds, fit_seconds: time spent so far, across restarts.
     """
 
     def __init__(self):
@@ -72,15 +74,18 @@ class Progress(tf.train.experimental.PythonState):
         self.examples = 0.0
         self.state: dict = {}
         self.stopped = False
+        self.steps_per_epoch = 0
+        self.train_seconds = 0.0
+        self.fit_seconds = 0.0
+
+    _FIELDS = ("history", "open_epoch", "sums", "examples", "state", "stopped",
+               "steps_per_epoch", "train_seconds", "fit_seconds")
 
     def serialize(self) -> str:
-        return json.dumps({"history": self.history, "open_epoch": self.open_epoch,
-                           "sums": self.sums, "examples": self.examples, "state": self.state,
-                           "stopped": self.stopped})
+        return json.dumps({k: getattr(self, k) for k in self._FIELDS})
 
     def deserialize(self, string_value) -> None:
         text = string_value.decode() if isinstance(string_value, bytes) else string_value
         saved = json.loads(text)
-        self.history, self.open_epoch = saved["history"], saved["open_epoch"]
-        self.sums, self.examples = saved["sums"], saved["examples"]
-        self.state, self.stopped = saved["state"], saved["stopped"]
+        for k in self._FIELDS:
+            setattr(self, k, saved[k])

@@ -22,7 +22,7 @@ from trainer.loop import (
 )
 from trainer.pacing import Pacing, check_steps_per_execution
 from trainer.preemption import Preemption
-from trainer.resume import candidates, check_resume, readable, restore
+from trainer.resume import candidates, check_compatible, check_resume, readable, restore
 from trainer.state import Progress, training_checkpoint
 from trainer.step import Step, StepInfo
 from trainer.xla import check_jit_compile, choose_xla, raise_if_xla_error
@@ -118,13 +118,13 @@ class Trainer:
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.epoch = 0
-        self.stop_training = False
         self.trace_count = 0
         self.progress = Progress()
+        self.stop_training = False
         self.logs: dict = {}
         #: The checkpoint the last ``fit`` resumed from, or None.
         self.restored_from: str | None = None
-        self._preemption = Preemption()
+        self._preemption, self._cut_short = Preemption(), False
         self._stopped_when_restored = False
         self.step: Step | None = None
         self.data: Data | None = None
@@ -141,14 +141,31 @@ class Trainer:
         return self.step.models
 
     @property
+    def stop_training(self) -> bool:
+        """Set by a callback (early stopping) to end ``fit`` after the current execution.
+
+        It is part of the training state at once: a checkpoint written after it was set
+        resumes as a stopped run.
+        """
+        return self.progress.stopped
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        self.progress.stopped = bool(value)
+
+    @property
     def history(self) -> list[dict]:
         """The logs of every finished epoch (restored with the checkpoint on resume)."""
         return self.progress.history
 
     @property
     def preempted(self) -> str | None:
-        """The signal that stopped the last ``fit`` (``"SIGTERM"``, ``"SIGINT"``), or None."""
-        return self._preemption.name or None
+        """The signal that cut the last ``fit`` short (``"SIGTERM"``, ``"SIGINT"``), or None.
+
+        A signal that arrives once all the work is done (during the last evaluation or
+        ``on_fit_end``) cuts nothing short: the run is complete, not preempted.
+        """
+        return self._preemption.name if self._cut_short else None
 
     @property
     def current_step(self) -> int:
@@ -245,12 +262,16 @@ class Trainer:
                               run_eagerly=self.run_eagerly, planned_steps=planned)
         self.checkpoint = training_checkpoint(self, step=step, source=self._train_source,
                                               callbacks=self.callbacks)
+        self.progress.steps_per_epoch = self.steps_per_epoch
         paths = candidates(self.resume, Path(self.run_dir), self.checkpoint_dir)
         path = readable(paths) if paths else None
         if path:
             # The callbacks' state first: what it implies (the freeze schedule's unfreezes)
             # decides which variables the optimizer is built for, before the full restore.
-            tf.train.Checkpoint(callbacks=self.checkpoint.callbacks).read(path).expect_partial()
+            # Checked first, like the rest: no part of a foreign checkpoint is loaded.
+            callbacks_only = tf.train.Checkpoint(callbacks=self.checkpoint.callbacks)
+            check_compatible(callbacks_only, path, prefix="callbacks/")
+            callbacks_only.read(path).expect_partial()
             self._callback("on_restore")
         self._compile(evaluation=True)
         if path:
@@ -275,14 +296,20 @@ class Trainer:
             self._pace = Pacing(self.steps_per_execution)
         # A run that a callback stopped (early stopping) stays stopped when resumed.
         self.stop_training, self._stopped_when_restored = self._stopped_when_restored, False
-        self._preemption = Preemption()
+        self._preemption, self._cut_short = Preemption(), False
         start = time.perf_counter()
         with self._preemption.watch():
             self._callback("on_fit_start")
             train_seconds = self._train()
-            self.progress.stopped = self.stop_training and not self._preemption.requested
-            self.logs = {**self.logs, "time/train_seconds": train_seconds,
-                         "time/fit_seconds": time.perf_counter() - start}
+            # Optimizer state for the variables trainable now (an unfreeze at an epoch start
+            # that a preemption cut short), so the final checkpoint matches a resumed run.
+            self.recompile_if_needed()
+            progress = self.progress
+            progress.train_seconds += train_seconds
+            progress.fit_seconds += time.perf_counter() - start
+            # The whole run's, across restarts.
+            self.logs = {**self.logs, "time/train_seconds": progress.train_seconds,
+                         "time/fit_seconds": progress.fit_seconds}
             self._callback("on_fit_end", self.logs)
         return self.logs
 
@@ -296,6 +323,9 @@ class Trainer:
         epoch = progress.open_epoch if progress.open_epoch is not None else (
             global_step // per_epoch)
         while epoch < self.epochs and not self.stop_training:
+            if self._preemption.requested:
+                self._cut_short = True  # before opening an epoch: its start is not half done
+                break
             if progress.open_epoch != epoch:
                 if self._budget_left(global_step) <= 0:
                     break
@@ -304,6 +334,7 @@ class Trainer:
             self.epoch = epoch
             self.epoch_variable.assign(epoch)
             self._callback("on_epoch_start", epoch)
+            ran = False
             while (position := global_step - epoch * per_epoch) < per_epoch:
                 if (self._budget_left(global_step) <= 0 or self.stop_training
                         or self._preemption.requested):
@@ -313,6 +344,7 @@ class Trainer:
                 traces = self.trace_count
                 t0 = time.perf_counter()
                 out, state = self._run_training(n, position)
+                ran = True
                 elapsed = time.perf_counter() - t0
                 self._pace.observe(n, elapsed, traced=self.trace_count != traces)
                 train_seconds += elapsed
@@ -326,8 +358,13 @@ class Trainer:
                 logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
                 logs["time/steps_per_second"] = n / elapsed
                 self._callback("on_execution_end", global_step, logs)
-            if self._preemption.requested:
+            finished = global_step - epoch * per_epoch >= per_epoch
+            if self._preemption.requested and not finished:
+                self._cut_short = True
                 break  # the epoch stays open: a resumed run finishes it
+            last = progress.history[-1] if progress.history else {}
+            if not ran and not finished and last.get("step") == global_step:
+                break  # a step budget's cut, evaluated already: nothing new to report
             examples = progress.examples
             logs = {f"train/{k}": v / examples if examples else 0.0
                     for k, v in progress.sums.items()}
@@ -340,7 +377,6 @@ class Trainer:
                 progress.history[-1] = logs  # the rest of an epoch a step budget had cut
             else:
                 progress.history.append(logs)
-            finished = global_step - epoch * per_epoch >= per_epoch
             # An epoch cut by the step budget stays open: a later fit (a larger budget, a
             # resumed run) continues its data and its sums, and replaces its history entry.
             progress.open_epoch = None if finished else epoch
@@ -362,6 +398,12 @@ class Trainer:
     def _after_restore(self) -> None:
         """Host state that follows from a restored checkpoint."""
         self._train_source.check_restored()
+        saved = self.progress.steps_per_epoch
+        if saved and saved != self.steps_per_epoch:
+            raise UserError(
+                f"checkpoint {self.restored_from} was written with {saved} steps per epoch, this "
+                f"run has {self.steps_per_epoch} (another data.batch_size or data set): resume "
+                "with the config it was trained with, or start fresh with trainer.resume=never")
         history = self.progress.history
         self.logs = dict(history[-1]) if history else {}
         self._stopped_when_restored = self.progress.stopped
@@ -394,7 +436,10 @@ class Trainer:
         return self.max_steps - global_step
 
     def _callback(self, hook, *args):
-        for cb in self.callbacks:
+        # on_fit_end runs in reverse order, as teardown does: the checkpoint callback first
+        # saves the last state, then others may change the models (restore best weights).
+        callbacks = reversed(self.callbacks) if hook == "on_fit_end" else self.callbacks
+        for cb in callbacks:
             getattr(cb, hook)(self, *args)
 
 

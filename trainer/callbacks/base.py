@@ -24,7 +24,9 @@ class Callback:
     before ``on_fit_start``.
 
     The trainer runs callbacks in the order given, stably sorted by ``order``: a
-    callback that saves the others' state (checkpoints) runs after them.
+    callback that saves the others' state (checkpoints) runs after them. ``on_fit_end``
+    runs in the reverse order, as teardown does: the checkpoint callback first saves
+    the last state, then the others may change the models (restore best weights).
     """
 
     #: Callbacks run sorted by this (stable); the checkpoint callback runs last (100).

@@ -108,9 +108,11 @@ class CheckpointCallback(Callback):
                 self.best_manager = tf.train.CheckpointManager(ckpt, str(root / "best"),
                                                                max_to_keep=1)
         # Count from where this fit starts: a resumed run does not save at once for the
-        # intervals it passed before the restart.
-        self._when.reset(trainer.current_step, epoch=trainer.current_step
-                         // max(trainer.steps_per_epoch, 1))
+        # intervals it passed before the restart. The epoch that ends next is the open one
+        # (a resumed run may have all its steps done and only its end to run).
+        open_epoch = trainer.progress.open_epoch
+        self._when.reset(trainer.current_step, epoch=open_epoch if open_epoch is not None
+                         else trainer.current_step // max(trainer.steps_per_epoch, 1))
 
     def on_execution_end(self, trainer, global_step, logs):
         if self._when.due(global_step):
@@ -131,9 +133,11 @@ class CheckpointCallback(Callback):
             self._save(global_step)
 
     def on_fit_end(self, trainer, logs):
-        global_step = trainer.current_step
-        if self.manager is not None and self._when.due(global_step, end=True):
-            self._save(global_step)
+        # Always, even at the step of the last save: the state may have moved on since
+        # (an epoch's end, early stopping's decision). The trainer runs this hook first,
+        # before other callbacks change the models (early stopping's best weights).
+        if self.manager is not None:
+            self._save(trainer.current_step)
         best = self.best_manager.latest_checkpoint if self.best_manager else None
         if best and not trainer.preempted:
             # Only the weights: the latest checkpoint (saved above) keeps the last state.

@@ -89,8 +89,13 @@ class TensorBoardCallback(Callback):
         root = resolve(trainer, self.log_dir)
         models = list(trainer.models.values())
         global_step = trainer.current_step
+        # A resumed run whose open epoch has all its steps done evaluates it again at this
+        # step: the interrupted run's validation points at this step are replaced, not kept.
+        progress = trainer.progress
+        reevaluates = progress.open_epoch is not None and (
+            global_step - progress.open_epoch * trainer.steps_per_epoch >= trainer.steps_per_epoch)
         if not self._opened_for_same(root, models):
-            self._open(root, models, global_step)
+            self._open(root, models, global_step, reevaluates=reevaluates)
             self._opened_for = (root, models)
         with self._writer("").as_default(step=global_step):
             if trainer.hparams:
@@ -110,7 +115,7 @@ class TensorBoardCallback(Callback):
         return (opened_root == root and len(opened_models) == len(models)
                 and all(a is b for a, b in zip(opened_models, models)))
 
-    def _open(self, root, models, global_step: int):
+    def _open(self, root, models, global_step: int, reevaluates: bool = False):
         for w in self.writers.values():  # all of their points on disk before the scan below
             w.close()
         dirs = {name: root / name if name else root for name in ("", "train", "val")}
@@ -121,8 +126,9 @@ class TensorBoardCallback(Callback):
                 # start; a carried copy at the same step would be a second point there.
                 rewritten = ("grad_norm/",) if name == "train" and self.histogram_every_n_steps \
                     else ()
+                keep_until = global_step - 1 if name == "val" and reevaluates else global_step
                 # Before this process's own files exist, so it is read before them.
-                write_restart_marker(dirs[name], global_step, files, rewritten=rewritten)
+                write_restart_marker(dirs[name], keep_until, files, rewritten=rewritten)
         self.writers = {name: tf.summary.create_file_writer(str(d)) for name, d in dirs.items()}
         # Summaries are written by compiled functions: eagerly a histogram costs ~10 ms of
         # small ops and a scalar ~0.3 ms, which at 0.1 s per execution made TensorBoard half
