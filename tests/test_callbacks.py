@@ -73,14 +73,17 @@ class FakeTrainer:
     def __init__(self, run_dir, models, *, epochs=3, steps_per_epoch=7, callbacks=(),
                  val=()):
         from trainer.callbacks.base import callback_states
+        from trainer.state import Progress
 
         self.models = models
         self.global_step = tf.Variable(0, dtype=tf.int64)
         self.epoch, self.epochs, self.steps_per_epoch = 0, epochs, steps_per_epoch
         self.stop_training = False
+        self.preempted = None
+        self.progress = Progress()
         self.run_dir, self.hparams, self.config_text = str(run_dir), {}, ""
         self.variable_table = "| variable |"
-        self.callbacks = list(callbacks)
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)  # as the trainer does
         self._val = list(val)
         self.checkpoint = tf.train.Checkpoint(
             global_step=self.global_step, models=models,
@@ -112,7 +115,9 @@ class FakeTrainer:
         self._hook("on_fit_end", {})
 
     def _hook(self, name, *args):
-        for cb in self.callbacks:
+        # As the trainer does: on_fit_end in reverse order.
+        callbacks = reversed(self.callbacks) if name == "on_fit_end" else self.callbacks
+        for cb in callbacks:
             getattr(cb, name)(self, *args)
 
 
@@ -154,7 +159,7 @@ def test_checkpoint_interval_holds_saves_back_and_always_saves_the_end(tmp_path)
         return {"val/loss": 1.0}
 
     trainer.drive(logs_for=ten_second_epochs)
-    # Epoch 0; epochs 1-2 too soon; epoch 3 (30 s later), saved as epoch 4 starts; the end.
+    # Epoch 0; epochs 1-2 too soon; epoch 3 (30 s later); the end.
     assert _numbers(cb.manager) == [7, 28, 35]
 
 

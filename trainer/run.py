@@ -300,7 +300,7 @@ class Run:
     data: Any
     step: Any
     trainer: Any
-    callbacks: list = field(default_factory=list)
+    callbacks: list = field(default_factory=list)  # in the order the trainer runs them
 
     @property
     def models(self) -> dict:
@@ -358,8 +358,9 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
         hparams=flat_hparams(container),
         config_text=OmegaConf.to_yaml(cfg, resolve=True),
     )
+    # The trainer's list: the callbacks in the order they run.
     return Run(cfg=container, run_dir=run_dir, data=data, step=step, trainer=trainer,
-               callbacks=callbacks)
+               callbacks=trainer.callbacks)
 
 
 def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:

@@ -156,7 +156,9 @@ class ResetPolicy:
         if "spike" in self.when:
             slot = self.seen % self.spike_window
             accepted = tf.logical_not(reset)
-            value = tf.where(accepted, tf.cast(loss, tf.float32), self.window[slot])
+            # tf.gather, not window[slot]: XLA takes a slice start as a compile-time constant
+            # and would compile the step again for every position of the window.
+            value = tf.where(accepted, tf.cast(loss, tf.float32), tf.gather(self.window, slot))
             self.window.scatter_nd_update([[slot]], [value])
             self.seen.assign_add(tf.cast(accepted, tf.int64))
 
