@@ -51,8 +51,9 @@ def train_step_functions(step, global_step: tf.Variable) -> StepFunctions:
     def make(next_batch, jit: bool) -> dict:
         def bound(sampled: bool):
             def train_step(batch):
-                info = StepInfo(global_step=global_step.read_value(), sampled=sampled)
-                return step.train_step(batch, info)
+                # The variable itself, read where a step uses it: a read made here for every
+                # step would be a stateful op the graph keeps even when nothing uses it.
+                return step.train_step(batch, StepInfo(global_step=global_step, sampled=sampled))
 
             if jit:
                 # One jit-compiled function per sampling mode: a tf.function's cache does not

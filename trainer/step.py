@@ -21,7 +21,8 @@ class StepInfo:
     """What the loop tells a step about the update it runs.
 
     Attributes:
-        global_step: the global step before this update (int64 tensor). Lazy
+        global_step: the global step before this update (an int64 tensor, or the
+            trainer's variable, which the loop advances only after the step). Lazy
             schedules and stateless random draws read it, so they are the same
             eager, compiled and after a restart.
         sampled: whether this is its execution's sampled step (a Python bool,

@@ -230,7 +230,7 @@ class Trainer:
                 on_trace=self._count_trace)
 
         def grads(batch):
-            info = StepInfo(global_step=self.global_step.read_value())
+            info = StepInfo(global_step=self.global_step)
             return self.step.gradients_by_path(batch, info)
 
         self._grads_fn = grads if self.run_eagerly else tf.function(grads)
