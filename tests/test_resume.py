@@ -73,6 +73,15 @@ def test_a_crashed_run_resumed_from_its_checkpoint_ends_bit_identical(make_cfg, 
     assert straight.trainer.history[-1]["train/tape/resets"] > 0  # the policy did fire
 
 
+def test_a_run_resumed_after_its_unfreeze_ends_bit_identical(make_cfg, tmp_path):
+    # The unfreeze comes at epoch 3 (step 24); the checkpoint at 30 has it applied: the
+    # freeze schedule must re-apply it before the optimizer is built (Callback.on_restore).
+    straight, resumed = _straight_and_resumed(make_cfg, tmp_path, [], crash_at=33)
+    assert resumed.trainer.restored_from.endswith("ckpt-30")
+    _assert_identical(_weights(resumed.models), _weights(straight.models))
+    assert resumed.trainer.history == straight.trainer.history
+
+
 def test_with_auto_steps_per_execution_the_weights_are_still_bit_identical(make_cfg,
                                                                             tmp_path):
     # Executions are sized by time, so the resumed run cuts them elsewhere: the logged
