@@ -150,4 +150,8 @@ def restore(checkpoint: tf.train.Checkpoint, path: str) -> None:
     refused before anything is assigned (``check_compatible``), and every object of
     the run must get its value."""
     check_compatible(checkpoint, path)
-    checkpoint.read(path).assert_existing_objects_matched()
+    status = checkpoint.read(path)
+    status.assert_existing_objects_matched()
+    # Matched: what is left is bookkeeping (the save counter, made at the next save), which
+    # TensorFlow would otherwise warn about when the status is collected.
+    status.expect_partial()
