@@ -24,7 +24,8 @@ LAYERS = [
     ("compiler", ["trainer.loop", "trainer.xla", "trainer.pacing"]),
     ("trainer", ["trainer.trainer", "trainer.state", "trainer.callbacks", "trainer.resume",
                  "trainer.preemption"]),
-    ("driver", ["trainer.run", "trainer.__main__", "trainer.lock", "trainer.experiments"]),
+    ("driver", ["trainer.run", "trainer.__main__", "trainer.lock", "trainer.validation",
+                "trainer.experiments"]),
 ]
 
 
