@@ -68,6 +68,11 @@ class Callback:
         """After the last epoch, also when training stopped early."""
 
 
+def improved(value: float, best: float, mode: str, min_delta: float = 0.0) -> bool:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (``mode``: min or max)."""
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
 def resolve(trainer, path: str) -> Path:
     """A callback's path, relative to the trainer's run directory unless absolute."""
     p = Path(path).expanduser()

@@ -7,7 +7,7 @@ import math
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback, resolve
+from trainer.callbacks.base import Callback, improved, resolve
 from trainer.errors import UserError
 from trainer.periodic import Periodic
 
@@ -125,7 +125,7 @@ class CheckpointCallback(Callback):
                 raise UserError(f"callbacks.checkpoint.monitor={self.monitor!r} is not logged; "
                                 f"choose one of {sorted(k for k in logs if '/' in k)}")
             value = float(logs[self.monitor])
-            if value < self.best if self.mode == "min" else value > self.best:
+            if improved(value, self.best, self.mode):
                 self._best.assign(value)
                 path = self.best_manager.save(checkpoint_number=global_step)
                 log.info("best %s=%.4g: saved %s", self.monitor, value, path)

@@ -7,7 +7,7 @@ import math
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback
+from trainer.callbacks.base import Callback, improved
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,7 @@ class EarlyStopping(Callback):
                 f"choose one of {sorted(k for k in logs if '/' in k)}"
             )
         value, best = float(logs[self.monitor]), self.best
-        better = (value < best - self.min_delta if self.mode == "min"
-                  else value > best + self.min_delta)
-        if better:
+        if improved(value, best, self.mode, self.min_delta):
             self._best.assign(value)
             self._wait.assign(0)
             for copy, v in zip(self._best_weights, self._weights):
