@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data.base import DataModule
+from trainer.distribute import global_batch_size, local_rows
 from trainer.errors import UserError
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
 from trainer.regularizers import CriticContext
@@ -167,8 +168,13 @@ class WganStep(Step):
 
     # --- the math --------------------------------------------------------------------------
     def noise(self, n, *counters):
-        """``n`` latent vectors, a pure function of ``(seed, counters)``."""
-        return normal(tf.stack([n, self.latent_dim]), fold_seed(self.seed, "latent", *counters))
+        """``n`` latent vectors, a pure function of ``(seed, counters)``.
+
+        Under a strategy they are this replica's rows of the global batch's draw.
+        """
+        z = normal(tf.stack([global_batch_size(n), self.latent_dim]),
+                   fold_seed(self.seed, "latent", *counters))
+        return local_rows(z)
 
     def critic_objective(self, real, fake, tape, iteration):
         """``(total loss, critic loss, wasserstein estimate, penalty logs)``; inside ``tape``."""
@@ -215,7 +221,7 @@ class WganStep(Step):
             gen_loss = self.generator_objective(self.noise(n, step, 1))
         grads = self.apply(tape, gen_loss, gen_vars, self.generator_optimizer)
         logs["generator_loss"] = gen_loss
-        logs["grad_norm"] = tf.linalg.global_norm([g for g in grads if g is not None])
+        logs["grad_norm"] = self.grad_norm(grads)
         return logs
 
     def test_step(self, batch) -> dict:

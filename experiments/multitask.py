@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from trainer.distribute import batch_mean, step_variable
 from trainer.errors import UserError
 from trainer.metrics import accuracy
 from trainer.supervised import TapeStep
@@ -115,9 +116,9 @@ class MultitaskStep(TapeStep):
         super().__init__(model=model, optimizer=optimizer, task=task,
                          unconnected_gradients=unconnected_gradients)
         self.pcgrad = bool(pcgrad)
-        self.ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self.ce = batch_mean(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         # Created here, outside any tf.function: the run-wide count of conflicting steps.
-        self.conflicts = tf.Variable(0, dtype=tf.int64, trainable=False, name="pcgrad_conflicts")
+        self.conflicts = step_variable(0, dtype=tf.int64, name="pcgrad_conflicts")
 
     def state(self) -> dict:
         """Adds the count of conflicting steps."""

@@ -91,6 +91,8 @@ class ImageCallback(Callback):
             each multiple); 0 draws only at the start and at the end.
     """
 
+    chief_only = True
+
     tag = "image"
     description = ""
 

@@ -12,8 +12,14 @@ from hydra.core.global_hydra import GlobalHydra
 
 from trainer.callbacks import Callback
 from trainer.config import register_configs
+from trainer.distribute import split_cpu
 
 register_configs()
+
+# Two logical CPU devices, made before any test starts TensorFlow: the mirrored-strategy
+# tests run two replicas in this process (a device set cannot change once TF has started).
+# Everything else runs on the first, as on any host.
+split_cpu(2)
 
 # Overrides that shrink any config to a few fast steps.
 FAST = [

@@ -1,6 +1,7 @@
 """Progress output, checkpoints, callback state, and callbacks on a fake trainer."""
 
 import logging
+import time
 
 import keras
 import numpy as np
@@ -80,6 +81,8 @@ class FakeTrainer:
         self.epoch, self.epochs, self.steps_per_epoch = 0, epochs, steps_per_epoch
         self.stop_training = False
         self.preempted = None
+        self.is_chief = True
+        self.clock = time.monotonic
         self.progress = Progress()
         self.run_dir, self.hparams, self.config_text = str(run_dir), {}, ""
         self.variable_table = "| variable |"
@@ -151,8 +154,9 @@ def test_checkpoint_saves_the_trainers_checkpoint_once_every_callback_finished_t
 
 def test_checkpoint_interval_holds_saves_back_and_always_saves_the_end(tmp_path):
     cb = CheckpointCallback(directory="ckpt", max_to_keep=5, min_interval_seconds=30)
-    cb._when._clock = clock = FakeClock()
+    clock = FakeClock()
     trainer = FakeTrainer(tmp_path, {"model": linear_model()}, epochs=5, callbacks=[cb])
+    trainer.clock = clock  # the checkpoint callback times its saves by the trainer's clock
 
     def ten_second_epochs(epoch):
         clock.t += 10

@@ -17,15 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Lowest first. A name matches a module and everything under it; the longest match wins.
 LAYERS = [
     ("bottom", ["trainer.errors", "trainer.keys", "trainer.metrics", "trainer.periodic",
-                "trainer.config"]),
+                "trainer.config", "trainer.distribute"]),
     ("tape and building blocks", ["trainer.tape", "trainer.freeze", "trainer.optim",
                                   "trainer.regularizers", "trainer.models", "trainer.data"]),
     ("step", ["trainer.step", "trainer.supervised"]),
     ("compiler", ["trainer.loop", "trainer.xla", "trainer.pacing"]),
     ("trainer", ["trainer.trainer", "trainer.state", "trainer.callbacks", "trainer.resume",
-                 "trainer.preemption"]),
+                 "trainer.preemption", "trainer.calibrate"]),
     ("driver", ["trainer.run", "trainer.__main__", "trainer.lock", "trainer.validation",
-                "trainer.experiments"]),
+                "trainer.experiments", "trainer.launch", "trainer.export_data"]),
 ]
 
 

@@ -36,6 +36,9 @@ class TrainerConfig:
     checkpoint_dir: str = II("oc.select:callbacks.checkpoint.directory,checkpoints")
     # TensorFlow's op determinism, for ops whose results may vary from run to run.
     deterministic: bool = False
+    # Micro-batches per update: each batch of data.batch_size is split into this many and
+    # their summed gradients applied once (gradient accumulation).
+    accumulate_steps: int = 1
 
 
 @dataclass
@@ -217,6 +220,25 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class NoDistributionConfig:
+    _target_: str = "trainer.distribute.NoDistribution"
+
+
+@dataclass
+class MirroredConfig:
+    _target_: str = "trainer.distribute.Mirrored"
+    # On a CPU host: split the CPU into this many logical devices; null: the local GPUs.
+    cpu_replicas: Optional[int] = None
+
+
+@dataclass
+class MultiWorkerConfig:
+    _target_: str = "trainer.distribute.MultiWorker"
+    cluster: str = "tf_config"
+    communication: str = "auto"
+
+
+@dataclass
 class Config:
     """The root: one node per config group, plus run-wide values."""
 
@@ -225,11 +247,15 @@ class Config:
     optimizer: Any = MISSING
     step: Any = MISSING
     trainer: Any = MISSING
+    distribute: Any = MISSING
     callbacks: Dict[str, Any] = field(default_factory=dict)
     regularizer: Dict[str, Any] = field(default_factory=dict)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     tape: TapeConfig = field(default_factory=TapeConfig)
     seed: int = 0
+    # float32, mixed_bfloat16 (CPUs with bf16 units, TPUs) or mixed_float16 (GPUs; with
+    # dynamic loss scaling): the Keras dtype policy the models are built under.
+    precision: str = "float32"
     task_name: str = "train"
     optimized_metric: Optional[str] = None
 
@@ -245,6 +271,9 @@ SCHEMAS = {
     ("data", "base_synthetic"): SyntheticConfig,
     ("data", "base_npz"): NpzConfig,
     ("data", "base_csv"): CsvConfig,
+    ("distribute", "base_none"): NoDistributionConfig,
+    ("distribute", "base_mirrored"): MirroredConfig,
+    ("distribute", "base_multi_worker"): MultiWorkerConfig,
     ("schema/callbacks", "tensorboard"): TensorBoardConfig,
     ("schema/callbacks", "checkpoint"): CheckpointConfig,
     ("schema/callbacks", "progress"): ProgressConfig,
@@ -258,3 +287,28 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for (group, name), node in SCHEMAS.items():
         cs.store(group=group, name=name, node=node)
+
+
+# --- sharded TFRecord data (data=tfrecord) and its export (python -m trainer.export_data) ---
+@dataclass
+class TfrecordConfig(_DataCommon):
+    _target_: str = "trainer.data.tfrecord"
+    path: str = MISSING
+    # Examples in the shuffle buffer: memory (and checkpoint size) is that many records.
+    shuffle_buffer: int = 10000
+    allow_nonfinite: bool = False
+    # The shards' task (from meta.json) when null; set, it must agree with meta.json.
+    task: Optional[str] = None
+
+
+@dataclass
+class ExportDataConfig(Config):
+    """The root of ``python -m trainer.export_data``: a run's config plus where to write."""
+
+    out: str = MISSING
+    shards: int = 8
+    overwrite: bool = False
+
+
+SCHEMAS[("data", "base_tfrecord")] = TfrecordConfig
+SCHEMAS[(None, "base_export_data")] = ExportDataConfig

@@ -14,16 +14,17 @@ LOCK_FILE = ".trainer.lock"
 
 
 @contextlib.contextmanager
-def run_dir_lock(run_dir: Path):
+def run_dir_lock(run_dir: Path, name: str | None = None):
     """Hold an exclusive lock on ``run_dir`` for the duration of the block.
 
     A second process asking for the same run directory fails at once with an error
     naming the process that holds it. The lock is an ``flock`` on a file in the
     directory: the kernel releases it when its holder exits, however it exits, so a
     lock left behind by a killed run never blocks a resume (the file stays; the
-    lock does not).
+    lock does not). ``name`` is the lock file's (the workers of a multi-worker run
+    share the run dir, each with its own lock).
     """
-    path = Path(run_dir) / LOCK_FILE
+    path = Path(run_dir) / (name or LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -37,3 +38,21 @@ def run_dir_lock(run_dir: Path):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def worker_index_from_env(cluster: str = "tf_config") -> int:
+    """This process's worker index in a multi-worker cluster (0: the chief), read from
+    ``TF_CONFIG`` or SLURM's ``SLURM_PROCID`` without starting TensorFlow."""
+    import json
+
+    if cluster == "slurm":
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+        task = config.get("task", {})
+        chiefs = len(config.get("cluster", {}).get("chief", []))
+        if task.get("type") == "chief":
+            return 0
+        return chiefs + int(task.get("index", 0))
+    except (ValueError, TypeError, AttributeError):
+        return 0  # the strategy reports a malformed TF_CONFIG itself

@@ -9,6 +9,14 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
+from trainer.distribute import (
+    MICRO,
+    from_weighted_vector,
+    replicated,
+    rows_of,
+    split_rows,
+    weighted_vector,
+)
 from trainer.keys import EXAMPLES, SAMPLED, WEIGHT, float_logs
 from trainer.step import StepInfo
 from trainer.xla import xla_failure
@@ -45,8 +53,16 @@ class LoopOptions:
     short_batch_jit: bool | None = None
 
 
-def train_step_functions(step, global_step: tf.Variable) -> StepFunctions:
-    """Step functions that run ``step.run_step`` and advance ``global_step`` once per step."""
+def train_step_functions(step, global_step: tf.Variable, strategy=None,
+                         accumulate_steps: int = 1) -> StepFunctions:
+    """Step functions that run ``step.run_step`` and advance ``global_step`` once per step.
+
+    With a ``tf.distribute`` strategy, ``step.train_step`` runs on every replica with
+    its rows of the global batch (``trainer.distribute.replicated``), and its logs
+    come back reduced; the global step still advances once, outside the replicas.
+    With ``accumulate_steps=K`` each step is one update from K micro-batches
+    (``accumulated``).
+    """
 
     def make(next_batch, jit: bool) -> dict:
         def bound(sampled: bool):
@@ -55,10 +71,15 @@ def train_step_functions(step, global_step: tf.Variable) -> StepFunctions:
                 # step would be a stateful op the graph keeps even when nothing uses it.
                 return step.train_step(batch, StepInfo(global_step=global_step, sampled=sampled))
 
+            if accumulate_steps > 1:
+                train_step = accumulated(train_step, accumulate_steps,
+                                         list(step.optimizers.values()))
             if jit:
                 # One jit-compiled function per sampling mode: a tf.function's cache does not
                 # know the flag, so a single one would serve the sampled trace to every step.
                 train_step = tf.function(train_step, jit_compile=True)
+            if strategy is not None:
+                train_step = replicated(strategy, train_step)
 
             def step_fn():
                 logs = step.run_step(next_batch, train_step)
@@ -72,11 +93,44 @@ def train_step_functions(step, global_step: tf.Variable) -> StepFunctions:
     return make
 
 
-def eval_step_functions(step) -> StepFunctions:
-    """Step functions that run ``step.test_step`` on one batch (no update, no sampling)."""
+def accumulated(train_step: Callable, count: int, optimizers) -> Callable:
+    """``train_step`` as one update from ``count`` micro-batches of the batch it is given.
+
+    The batch (a replica's rows of it under a strategy) is split into ``count``
+    contiguous micro-batches; the step runs on each in turn (unrolled: ``count`` is
+    small and fixed) with its gradients scaled by the micro-batch's share of the
+    batch and summed by the optimizers (``GroupedOptimizer.accumulate_steps``), which
+    then apply the sum once: the update the whole batch would give, at the memory of
+    one micro-batch. The logs are the example-weighted means over the micro-batches.
+    """
+
+    def run(batch):
+        total = None
+        for index in range(count):
+            micro, rows = split_rows(batch, index, count)
+            with rows_of(*rows, MICRO, index, count):
+                logs = float_logs(train_step(micro), micro)
+            keys = sorted(k for k in logs if k not in (WEIGHT, SAMPLED))
+            skeys = sorted(logs[SAMPLED])
+            vector = weighted_vector(logs)
+            total = vector if total is None else total + vector
+        # After every micro-batch's gradients are summed: reads of the sums wait for the
+        # adds (program order of the same variables), the update for the last of them.
+        for optimizer in optimizers:
+            optimizer.finish_accumulation()
+        return from_weighted_vector(total, keys, skeys)
+
+    return run
+
+
+def eval_step_functions(step, strategy=None) -> StepFunctions:
+    """Step functions that run ``step.test_step`` on one batch (no update, no sampling);
+    with a strategy, on every replica's rows of it."""
 
     def make(next_batch, jit: bool) -> dict:
         test_step = tf.function(step.test_step, jit_compile=True) if jit else step.test_step
+        if strategy is not None:
+            test_step = replicated(strategy, test_step)
 
         def step_fn():
             batch = next_batch()

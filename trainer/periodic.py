@@ -96,6 +96,11 @@ class Periodic:
         self._epoch_bucket = 0
         self._since: float | None = None  # the every_seconds origin: last firing or reset
 
+    def use_clock(self, clock: Callable[[], float]) -> None:
+        """Read time from ``clock`` from now on (the trainer's: under several workers, the
+        chief's, so every worker's timed actions fire at the same boundaries)."""
+        self._clock = clock
+
     def reset(self, global_step: int, *, epoch: int = 0) -> None:
         """Count from ``global_step`` (and ``epoch``, the 0-based epoch that starts next).
 

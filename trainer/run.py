@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.config import TapeConfig
 from trainer.errors import UserError
 from trainer.freeze import param_counts, require_trainable, set_trainable
-from trainer.lock import run_dir_lock
+from trainer.lock import run_dir_lock, worker_index_from_env
 from trainer.preemption import EXIT_PREEMPTED, Preempted
 from trainer.validation import validate
 
@@ -178,6 +178,11 @@ class Run:
     callbacks: list = field(default_factory=list)  # in the order the trainer runs them
 
     @property
+    def distribution(self):
+        """The run's ``trainer.distribute.Distribution`` (one device by default)."""
+        return self.trainer.distribution
+
+    @property
     def models(self) -> dict:
         """The step's models by name (``{"model": ...}``, or a GAN's generator and critic)."""
         return self.step.models
@@ -214,17 +219,34 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
 
     # TensorFlow's own INFO lines (checkpoint sharding, ...) drown the run's log.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # a line per collective op
+    # The strategy before anything runs TensorFlow: logical CPU devices and a multi-worker
+    # cluster can only be set up in a fresh runtime.
+    distribution = instantiate_node(cfg.distribute)
+    distribution.strategy  # noqa: B018 (created now, on purpose)
     keras.utils.set_random_seed(cfg.seed)
-    model = instantiate_node(cfg.model)(input_shape=data.input_shape,
-                                        num_outputs=data.num_outputs)
-    optimizer = _optimizer(cfg.optimizer)
-    factory = instantiate_node(cfg.step)
-    offered = _offered_step_arguments(cfg, model, optimizer, data.task)
-    step = factory(**step_kwargs(factory, offered))
+    # Set for every run, float32 too: the policy is process-wide and a run must not inherit
+    # the last one's.
+    keras.mixed_precision.set_global_policy(cfg.precision)
+    # Everything with variables in the strategy's scope: an optimizer made outside it
+    # would leave the replicas silently diverging.
+    with distribution.scope():
+        model = instantiate_node(cfg.model)(input_shape=data.input_shape,
+                                            num_outputs=data.num_outputs)
+        optimizer = _optimizer(cfg.optimizer)
+        factory = instantiate_node(cfg.step)
+        offered = _offered_step_arguments(cfg, model, optimizer, data.task)
+        step = factory(**step_kwargs(factory, offered))
+        if cfg.precision == "mixed_float16":
+            from trainer.optim import LossScale
+
+            step.use_loss_scale(LossScale())
     if cfg.freeze.patterns:
         set_trainable(step.models.values(), list(cfg.freeze.patterns), False)
         require_trainable(step.models.values(), list(cfg.freeze.patterns))
     callbacks = [instantiate_node(c) for c in cfg.callbacks.values() if c is not None]
+    if not distribution.is_chief:  # the chief alone writes the run's files
+        callbacks = [cb for cb in callbacks if not cb.chief_only]
     if cfg.freeze.unfreeze:
         callbacks.insert(0, FreezeSchedule(unfreeze=container["freeze"]["unfreeze"]))
     trainer = instantiate_node(cfg.trainer)(
@@ -232,6 +254,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
         run_dir=str(run_dir),
         hparams=flat_hparams(container),
         config_text=OmegaConf.to_yaml(cfg, resolve=True),
+        distribution=distribution,
     )
     # The trainer's list: the callbacks in the order they run.
     return Run(cfg=container, run_dir=run_dir, data=data, step=step, trainer=trainer,
@@ -250,10 +273,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """
     validate(cfg)
     run_dir = _run_dir(run_dir)
-    with run_dir_lock(run_dir):
+    # The workers of a multi-worker run share the run dir; each holds a lock of its own.
+    with run_dir_lock(run_dir, name=_lock_name(cfg)):
         r = build(cfg, run_dir)
         r.trainer.fit(r.step, r.data)
-        metrics = write_outputs(r)
+        metrics = write_outputs(r) if r.trainer.is_chief else dict(r.trainer.logs)
     if r.trainer.preempted:
         from trainer.callbacks import CheckpointCallback
 
@@ -261,6 +285,16 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         raise Preempted(signal=r.trainer.preempted, global_step=r.trainer.current_step,
                         run_dir=run_dir, saved=saved)
     return metrics
+
+
+def _lock_name(cfg) -> str | None:
+    """The lock file of this process in the run dir: the default, but for workers other
+    than the first of a multi-worker run (read from TF_CONFIG or SLURM before TensorFlow
+    starts)."""
+    if not str(cfg.distribute.get("_target_", "")).endswith("MultiWorker"):
+        return None
+    index = worker_index_from_env(cfg.distribute.get("cluster", "tf_config"))
+    return f".trainer-worker-{index}.lock" if index else None
 
 
 def write_outputs(r: Run) -> dict:
@@ -297,6 +331,15 @@ def run_or_exit(cfg: DictConfig):
         metrics = run(cfg)
     except (UserError, FloatingPointError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        # A bad record met while streaming shards fails inside the compiled step.
+        from trainer.data.tfrecord import data_error_line
+
+        line = data_error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)

@@ -65,6 +65,7 @@ class Progress(tf.train.experimental.PythonState):
         stopped: fit was ended by a callback (early stopping): a resumed run stays stopped.
         steps_per_epoch: of the run that wrote the checkpoint (a resumed run checks it).
         train_seconds, fit_seconds: time spent so far, across restarts.
+        xla: whether ``jit_compile=auto`` chose XLA by timing both (None: not measured).
     """
 
     def __init__(self):
@@ -77,9 +78,10 @@ class Progress(tf.train.experimental.PythonState):
         self.steps_per_epoch = 0
         self.train_seconds = 0.0
         self.fit_seconds = 0.0
+        self.xla: bool | None = None
 
     _FIELDS = ("history", "open_epoch", "sums", "examples", "state", "stopped",
-               "steps_per_epoch", "train_seconds", "fit_seconds")
+               "steps_per_epoch", "train_seconds", "fit_seconds", "xla")
 
     def serialize(self) -> str:
         return json.dumps({k: getattr(self, k) for k in self._FIELDS})
@@ -88,4 +90,4 @@ class Progress(tf.train.experimental.PythonState):
         text = string_value.decode() if isinstance(string_value, bytes) else string_value
         saved = json.loads(text)
         for k in self._FIELDS:
-            setattr(self, k, saved[k])
+            setattr(self, k, saved.get(k, getattr(Progress(), k)))  # fields added later

@@ -8,10 +8,11 @@ from typing import Any
 
 import tensorflow as tf
 
+from trainer.distribute import in_replicas, share, sum_over_replicas
 from trainer.errors import UserError
 from trainer.keys import float_logs
 from trainer.optim import GroupedOptimizer
-from trainer.tape import check_unconnected, gradients
+from trainer.tape import check_unconnected, global_norm, gradients
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,20 @@ class Step:
                             for k, o in optimizers.items()}
         self.regularizers = list(regularizers)
         self.unconnected = check_unconnected(unconnected_gradients)
+        #: The ``trainer.optim.LossScale`` of mixed float16 (``use_loss_scale``), or None.
+        self.loss_scale = None
         self._warned_unconnected: set[str] = set()
+
+    def use_loss_scale(self, loss_scale) -> None:
+        """Scale every gradient by ``loss_scale`` (a ``trainer.optim.LossScale``, shared
+        by all the step's optimizers, which unscale and skip overflowing updates).
+
+        The driver calls this for ``precision=mixed_float16``; create it in the
+        strategy's scope.
+        """
+        self.loss_scale = loss_scale
+        for opt in self._optimizers.values():
+            opt.loss_scale = loss_scale
 
     # --- what the trainer reads ----------------------------------------------------------
     @property
@@ -158,7 +172,10 @@ class Step:
 
         Default: the regularizers' state. Subclasses add theirs to it.
         """
-        return {"regularizers": {r.name: r.state() for r in self.regularizers}}
+        state = {"regularizers": {r.name: r.state() for r in self.regularizers}}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state()
+        return state
 
     def state_logs(self) -> dict:
         """Tensors read at the end of each execution and logged as they are (not averaged)."""
@@ -172,13 +189,27 @@ class Step:
         return {}
 
     # --- helpers for train steps ---------------------------------------------------------
+    def gradient_scale(self):
+        """What ``gradients`` multiplies gradients by: under a strategy, this replica's
+        share of the global batch (``trainer.distribute.share``), so the optimizer's
+        sum over replicas is the one-device gradient; 1.0 on one device. Times the
+        loss scale with ``use_loss_scale`` (mixed float16): the optimizers divide
+        it back out."""
+        if self.loss_scale is None:
+            return share()
+        return share() * self.loss_scale.value
+
     def gradients(self, tape, loss, variables):
         """Gradients of ``loss`` for ``variables`` under the unconnected-gradient policy.
+
+        ``loss`` is computed as on one device (a mean over the batch the step sees);
+        the gradients come scaled by ``gradient_scale()``.
 
         With ``"none"``, variables that get no gradient are named once in a warning;
         if none gets one the run stops with an error (both decided while tracing).
         """
-        grads = gradients(tape, loss, variables, unconnected=self.unconnected)
+        grads = gradients(tape, loss, variables, unconnected=self.unconnected,
+                          scale=self.gradient_scale())
         missing = [v.path for g, v in zip(grads, variables) if g is None]
         if missing and len(missing) == len(variables):
             raise UserError(
@@ -191,6 +222,17 @@ class Step:
             log.warning("no gradient reaches %s; left unchanged (tape.unconnected_gradients"
                         "=zero gives them zeros)", ", ".join(new))
         return grads
+
+    def grad_norm(self, grads):
+        """The global norm of ``grads`` (``None`` skipped) as one device would report it:
+        under a strategy, of the replicas' summed gradients."""
+        grads = [g for g in grads if g is not None]
+        if not in_replicas():
+            return global_norm(grads)
+        # One flat vector, one all-reduce (a list would be packed differently per replica
+        # when run eagerly, and the collective would not match).
+        flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
+        return tf.norm(sum_over_replicas(flat))
 
     def apply(self, tape, loss, variables, optimizer):
         """Differentiate ``loss`` on ``tape`` and apply the gradients; return them."""

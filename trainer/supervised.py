@@ -8,11 +8,12 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from trainer.distribute import any_replica, batch_mean, global_mean, in_replicas
 from trainer.errors import UserError
 from trainer.keys import SAMPLED, WEIGHT, batch_size
 from trainer.metrics import DEFAULT_METRICS
 from trainer.step import Step, StepInfo
-from trainer.tape import global_norm, gradients
+from trainer.tape import gradients
 
 
 def default_loss(task: str):
@@ -88,7 +89,9 @@ class TapeStep(Step):
         self.model = model
         self.optimizer = self._optimizers["optimizer"]
         self.task = task
-        self.loss_fn = loss if loss is not None else default_loss(task)
+        # A plain mean over the batch the step sees: under a strategy, gradients are
+        # scaled by the replica's share instead (see trainer.distribute).
+        self.loss_fn = batch_mean(loss if loss is not None else default_loss(task))
         self.metric_fns = dict(DEFAULT_METRICS.get(task, {}))
         self.reset = reset
 
@@ -111,8 +114,13 @@ class TapeStep(Step):
 
     # --- hooks -----------------------------------------------------------------------------
     def compute_loss(self, x, y, training: bool):
-        """Return ``(loss, y_pred)`` for one batch. Runs inside the tape."""
-        y_pred = self.model(x, training=training)
+        """Return ``(loss, y_pred)`` for one batch. Runs inside the tape.
+
+        Under a mixed-precision policy the model computes in float16 or bfloat16;
+        its outputs are cast to float32 here, so the loss, the metrics and the
+        regularizers are computed in float32.
+        """
+        y_pred = as_float32(self.model(x, training=training))
         return self.loss_fn(y, y_pred), y_pred
 
     def compute_metrics(self, y, y_pred) -> dict:
@@ -160,10 +168,11 @@ class TapeStep(Step):
         step's logs get zero weight in the execution's averages (``WEIGHT``).
         """
         info = info or StepInfo.at()
-        if self.regularizers and all(r.every > 1 for r in self.regularizers):
+        if self.regularizers and all(r.every > 1 for r in self.regularizers) and not in_replicas():
             # Every regularizer is lazy: steps where none is due take a plain update, so
             # they cost what a step without regularizers costs (differentiating through
-            # a cond inside the tape would not be free).
+            # a cond inside the tape would not be free). Not under a strategy: the update
+            # all-reduces gradients, which a replica's tf.cond branch cannot hold.
             due = tf.reduce_any([tf.equal(info.global_step % r.every, 0)
                                  for r in self.regularizers])
             return tf.cond(due, lambda: self._train_step(batch, info, None),
@@ -177,13 +186,15 @@ class TapeStep(Step):
             total, ctx, reg_logs = self.record(x, y, tape, info, regularizers)
             with tape.stop_recording():
                 logs = {"loss": ctx.loss, **self.compute_metrics(y, ctx.y_pred), **reg_logs}
-                bad = self.reset.check_loss(total) if self.reset is not None else None
+                # Decided on the global batch's loss, so every replica decides alike.
+                bad = (self.reset.check_loss(global_mean(total)) if self.reset is not None
+                       else None)
             if bad is not None and tf.executing_eagerly() and bool(bad):
                 tape.reset()  # the seed's literal reset: nothing recorded so far counts
         if self.reset is None:
             grads = self.apply(tape, total, variables, self.optimizer)
             if info.sampled:
-                logs[SAMPLED] = {"grad_norm": global_norm(grads)}
+                logs[SAMPLED] = {"grad_norm": self.grad_norm(grads)}
             return logs
         return self._guarded_update(tape, total, variables, logs, bad, batch, info)
 
@@ -192,24 +203,16 @@ class TapeStep(Step):
             grads = [None] * len(variables)  # the tape was reset: there is nothing to take
         else:
             grads = self.gradients(tape, total, variables)
-            bad = tf.logical_or(bad, self.reset.check_gradients(grads))
+            bad = tf.logical_or(bad, any_replica(self.reset.check_gradients(grads)))
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-
-        def update():
-            self.optimizer.apply_gradients(pairs)
-            return tf.constant(True)
-
-        if tf.executing_eagerly():
-            if not bool(bad):
-                update()
-        else:
-            tf.cond(bad, lambda: tf.constant(False), update)
-        self.reset.record(total, bad, info.global_step + 1)
+        self.optimizer.apply_gradients(pairs, skip=bad)
+        self.reset.record(global_mean(total), bad, info.global_step + 1)
         ok = tf.logical_not(bad)
         # A discarded step's values (often NaN) must not poison the execution's averages.
         logs = {k: tf.where(ok, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
         if info.sampled:
-            logs[SAMPLED] = {"grad_norm": tf.where(ok, global_norm([g for g, _ in pairs]), 0.0)}
+            logs[SAMPLED] = {"grad_norm": tf.where(ok, self.grad_norm([g for g, _ in pairs]),
+                                                   0.0)}
         logs[WEIGHT] = tf.cast(ok, tf.float32) * batch_size(batch)
         return logs
 
@@ -238,3 +241,11 @@ class TapeStep(Step):
         with tf.GradientTape() as tape:
             total, _, _ = self.record(x, y, tape, info)
         return gradients(tape, total, sources, unconnected="zero")
+
+
+
+def as_float32(tensor):
+    """A half-precision floating tensor (a mixed-precision model's output) as float32."""
+    if tensor.dtype in (tf.float16, tf.bfloat16):
+        return tf.cast(tensor, tf.float32)
+    return tensor

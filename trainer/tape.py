@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.distribute import micro_batch, step_variable
 from trainer.errors import UserError
 
 UNCONNECTED = ("none", "zero")
@@ -38,16 +39,26 @@ def global_norm(grads) -> tf.Tensor:
     return tf.cast(tf.linalg.global_norm(grads), tf.float32)
 
 
-def gradients(tape: tf.GradientTape, target, sources, *, unconnected: str = "none"):
+def gradients(tape: tf.GradientTape, target, sources, *, unconnected: str = "none",
+              scale=1.0):
     """``tape.gradient(target, sources)`` for a list or a dict of variables.
 
-    The result has the structure of ``sources``. With ``unconnected="zero"``
+    The result has the structure of ``sources``, times ``scale`` (a replica's share
+    of the global batch, a loss scale). With ``unconnected="zero"``
     variables the target does not reach get zeros of their shape. TensorFlow's own
     ``UnconnectedGradients.ZERO`` fails on Keras 3 variables in some graphs
     (``'str' object has no attribute '_type_enum'``), so zeros are filled in here
     from each variable's shape and dtype instead.
     """
-    grads = tape.gradient(target, sources)
+    if isinstance(scale, float) and scale == 1.0:
+        grads = tape.gradient(target, sources)
+    else:
+        # The scale enters as the target's upstream gradient: nothing is recorded, and
+        # every gradient of the backward pass carries it (a loss scale keeps float16
+        # gradients from underflowing that way).
+        target = tf.convert_to_tensor(target)
+        grads = tape.gradient(target, sources,
+                              output_gradients=tf.cast(scale, target.dtype) * tf.ones_like(target))
     if unconnected == "none":
         return grads
     return tf.nest.map_structure(
@@ -115,13 +126,14 @@ class ResetPolicy:
         self.max_retries = int(max_retries) if action == "retry" else 0
         self.max_consecutive = int(max_consecutive)
         # State lives in variables created here, outside any tf.function.
-        self.resets = tf.Variable(0, dtype=tf.int64, trainable=False, name="tape_resets")
-        self.streak = tf.Variable(0, dtype=tf.int64, trainable=False, name="tape_reset_streak")
-        self.failed_at = tf.Variable(-1, dtype=tf.int64, trainable=False, name="tape_failed_at")
-        self.last_reset = tf.Variable(False, trainable=False, name="tape_last_reset")
-        self.window = tf.Variable(tf.zeros([self.spike_window]), trainable=False,
-                                  name="tape_loss_window")
-        self.seen = tf.Variable(0, dtype=tf.int64, trainable=False, name="tape_losses_seen")
+        self.resets = step_variable(0, dtype=tf.int64, name="tape_resets")
+        self.streak = step_variable(0, dtype=tf.int64, name="tape_reset_streak")
+        self.failed_at = step_variable(-1, dtype=tf.int64, name="tape_failed_at")
+        self.last_reset = step_variable(False, name="tape_last_reset")
+        self.window = step_variable(tf.zeros([self.spike_window]), name="tape_loss_window")
+        self.seen = step_variable(0, dtype=tf.int64, name="tape_losses_seen")
+        # An earlier micro-batch of this update was reset (gradient accumulation).
+        self.pending = step_variable(False, name="tape_reset_pending")
 
     def check_loss(self, loss):
         """Conditions decidable from the loss alone (before any gradient): a bool tensor."""
@@ -146,7 +158,20 @@ class ResetPolicy:
         return tf.logical_not(tf.reduce_all(flags)) if flags else tf.constant(False)
 
     def record(self, loss, reset, iteration):
-        """Update counters and loss statistics after a step; returns nothing."""
+        """Update counters and loss statistics after a step; returns nothing.
+
+        Under gradient accumulation a step is one update of several micro-batches: a
+        micro-batch's reset is held until the last one, and the update counts as one
+        reset if any of its micro-batches was (the whole update is discarded).
+        """
+        micro = micro_batch()
+        if micro is not None:
+            index, count = micro
+            if index < count - 1:
+                self.pending.assign(tf.logical_or(self.pending, reset))
+                return
+            reset = tf.logical_or(self.pending, reset)
+            self.pending.assign(False)
         self.last_reset.assign(reset)
         self.resets.assign_add(tf.cast(reset, tf.int64))
         streak = tf.where(reset, self.streak + 1, tf.zeros_like(self.streak))
@@ -159,7 +184,9 @@ class ResetPolicy:
             # tf.gather, not window[slot]: XLA takes a slice start as a compile-time constant
             # and would compile the step again for every position of the window.
             value = tf.where(accepted, tf.cast(loss, tf.float32), tf.gather(self.window, slot))
-            self.window.scatter_nd_update([[slot]], [value])
+            # A whole assign, not scatter_nd_update: the window is small, and a scatter
+            # into a mirrored variable is not allowed inside a replica.
+            self.window.assign(tf.tensor_scatter_nd_update(self.window, [[slot]], [value]))
             self.seen.assign_add(tf.cast(accepted, tf.int64))
 
     def state(self) -> dict:

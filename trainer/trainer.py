@@ -9,8 +9,10 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from trainer.calibrate import choose_faster, describe, time_compilations
 from trainer.callbacks.base import Callback
 from trainer.data.base import Data
+from trainer.distribute import Distribution, NoDistribution
 from trainer.errors import UserError
 from trainer.freeze import variable_table
 from trainer.keys import EXAMPLES
@@ -25,7 +27,7 @@ from trainer.preemption import Preemption
 from trainer.resume import candidates, check_compatible, check_resume, readable, restore
 from trainer.state import Progress, training_checkpoint
 from trainer.step import Step, StepInfo
-from trainer.xla import check_jit_compile, choose_xla, raise_if_xla_error
+from trainer.xla import MEASURE, check_jit_compile, choose_xla, raise_if_xla_error
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,17 @@ class Trainer:
         deterministic: turn on TensorFlow's op determinism
             (``tf.config.experimental.enable_op_determinism``), for ops whose
             results may otherwise vary from run to run.
+        accumulate_steps: split each batch into this many micro-batches and apply
+            their summed gradients as one update (gradient accumulation: the update of
+            the whole batch at the memory of a micro-batch). The global step, lazy
+            regularizers and the reset policy count updates; a bad micro-batch
+            discards its whole update.
+        distribution: a ``trainer.distribute.Distribution`` (default: one device).
+            The step's models and optimizers must have been created in its scope
+            (the driver does); the trainer builds optimizer state there, runs the
+            step on every replica, and under several workers makes every decision
+            that changes what runs (steps per execution, stopping on a signal, the
+            clock of timed callbacks) the same on all of them.
     """
 
     def __init__(
@@ -89,6 +102,8 @@ class Trainer:
         resume: str = "auto",
         checkpoint_dir: str = "checkpoints",
         deterministic: bool = False,
+        accumulate_steps: int = 1,
+        distribution: Distribution | None = None,
     ):
         if epochs < 1:
             raise UserError(f"trainer.epochs={epochs} must be at least 1")
@@ -115,6 +130,11 @@ class Trainer:
         self.run_dir = str(run_dir)
         self.hparams = dict(hparams or {})
         self.config_text = config_text
+        if accumulate_steps < 1:
+            raise UserError(f"trainer.accumulate_steps={accumulate_steps} must be at least 1")
+        self.accumulate_steps = int(accumulate_steps)
+        self.distribution = distribution if distribution is not None else NoDistribution()
+        self._clock_start, self._clock = time.monotonic(), 0.0
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         self.epoch = 0
@@ -168,6 +188,29 @@ class Trainer:
         return self._preemption.name if self._cut_short else None
 
     @property
+    def is_chief(self) -> bool:
+        """Whether this process keeps the run's files (always, but on workers other
+        than the chief of a multi-worker run)."""
+        return self.distribution.is_chief
+
+    def clock(self) -> float:
+        """Seconds since the trainer was made, for timed callbacks (checkpoints every n
+        seconds): under several workers, the chief's, as of the last execution, so all
+        workers' callbacks decide alike."""
+        if self.distribution.num_workers > 1:
+            return self._clock
+        return time.monotonic() - self._clock_start
+
+    def _agree(self, steps: int = 0) -> tuple[int, bool]:
+        """``(steps, stop)`` as every worker will run them: the chief's steps for the next
+        execution, and whether a signal reached any worker. One process: its own."""
+        if self.distribution.num_workers == 1:
+            return steps, self._preemption.requested
+        (steps, self._clock), (stop,) = self.distribution.agree(
+            [steps, time.monotonic() - self._clock_start], [self._preemption.requested])
+        return int(steps), stop
+
+    @property
     def current_step(self) -> int:
         """The global step as a Python int (reads the variable)."""
         return int(self.global_step.numpy())
@@ -202,6 +245,8 @@ class Trainer:
             logs = {"learning_rate": next(iter(opts.values())).learning_rate}
         else:
             logs = {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
+        if self.step.loss_scale is not None:
+            logs.update(self.step.loss_scale.state_logs())
         # The execution returns the global step with its logs: the host learns it without
         # a variable read of its own.
         return {**logs, **self.step.state_logs(), "global_step": self.global_step}
@@ -214,19 +259,34 @@ class Trainer:
         always watches the current variables (the stale variable list that makes
         Keras users recompile by hand).
         """
-        self.step.build()
+        self._check_scope()
+        for opt in self.step.optimizers.values():
+            opt.accumulate_steps = self.accumulate_steps
+        try:
+            with self.distribution.scope():
+                self.step.build()
+        except RuntimeError as e:
+            if "Mixing different tf.distribute.Strategy" not in str(e):
+                raise
+            raise UserError(f"the step's optimizers were created outside the "
+                            f"{self.distribution.kind} strategy's scope; create the step's "
+                            "models and optimizers inside `with distribution.scope():` (the "
+                            "driver does)") from None
+        self._check_scope()
         self._variables_key = self._trainable_key()
         self.variable_table = variable_table(self.step.models.values())
         log.info("variables:\n%s", self.variable_table)
         auto = self.jit_compile == "auto"
         options = LoopOptions(run_eagerly=self.run_eagerly, jit_compile=self.xla,
                               xla_fallback=auto, short_batch_jit=False if auto else None)
+        strategy = self.distribution.strategy if self.distribution.distributed else None
         self._train_fn = make_source_execution(
-            train_step_functions(self.step, self.global_step), self._train_source, options,
+            train_step_functions(self.step, self.global_step, strategy, self.accumulate_steps),
+            self._train_source, options,
             state_logs=self._state_logs, on_trace=self._count_trace)
         if evaluation:
             self._eval_fn = make_source_execution(
-                eval_step_functions(self.step), self._val_source, options,
+                eval_step_functions(self.step, strategy), self._val_source, options,
                 on_trace=self._count_trace)
 
         def grads(batch):
@@ -234,6 +294,16 @@ class Trainer:
             return self.step.gradients_by_path(batch, info)
 
         self._grads_fn = grads if self.run_eagerly else tf.function(grads)
+
+    def _check_scope(self) -> None:
+        """Under a strategy: every variable of the step was created in its scope."""
+        named = {v.path: v for m in self.step.models.values() for v in m.variables}
+        for name, opt in self.step.optimizers.items():
+            named.update({f"optimizer {name}: {getattr(v, 'path', v.name)}": v
+                          for v in opt.variables})
+        named.update({f"step state {i}: {getattr(v, 'name', v)}": v
+                      for i, v in enumerate(tf.nest.flatten(self.step.state()))})
+        self.distribution.check_variables(named)
 
     def _trainable_key(self):
         return tuple(id(v) for v in self.step.trainable_variables)
@@ -248,6 +318,12 @@ class Trainer:
 
     def _prepare(self, step, data) -> None:
         _check_contract(step, data)
+        if self.run_eagerly and self.distribution.distributed:
+            # Eagerly, replicas run in threads that issue their collectives in whatever
+            # order they reach them, and mismatched collectives abort the run.
+            raise UserError(f"trainer.run_eagerly=true is for debugging on one device; under "
+                            f"distribute={self.distribution.kind} steps run compiled (set "
+                            "distribute=none to step through them eagerly)")
         self.step, self.data = step, data
         self._train_source, self._val_source = data.train_source(), data.val_source()
         self._probe_batch = data.probe_batch()
@@ -259,7 +335,12 @@ class Trainer:
         if self.max_steps is not None:
             planned = min(planned, self.max_steps)
         self.xla = choose_xla(self.jit_compile, fused=self._train_source.xla_loop,
-                              run_eagerly=self.run_eagerly, planned_steps=planned)
+                              run_eagerly=self.run_eagerly, planned_steps=planned,
+                              distributed=self.distribution.distributed)
+        # auto on a long in-memory run: measure both compilations (after any restore).
+        measure, self.xla = self.xla == MEASURE, self.xla is True
+        if self.distribution.distributed:
+            log.info("distribution: %s", self.distribution.describe())
         self.checkpoint = training_checkpoint(self, step=step, source=self._train_source,
                                               callbacks=self.callbacks)
         self.progress.steps_per_epoch = self.steps_per_epoch
@@ -278,6 +359,27 @@ class Trainer:
             restore(self.checkpoint, path)
             self.restored_from = path
             self._after_restore()
+        if measure:
+            self._choose_xla_by_timing()
+
+    def _choose_xla_by_timing(self) -> None:
+        """``jit_compile=auto``: time the execution with and without XLA, keep the faster.
+
+        The choice is part of the training state: a resumed run keeps it (its numbers
+        must continue those of the run it resumes).
+        """
+        if self.progress.xla is None:
+            plain = self._train_fn
+            self.xla = True
+            self._compile()  # the XLA compilation of the same step, as self._train_fn
+            # Executions inside one epoch (the epoch's end runs a second function).
+            steps = max(1, min(self.steps_per_epoch - 1, 100))
+            seconds = time_compilations({True: self._train_fn, False: plain},
+                                        self.checkpoint, steps=steps)
+            self.progress.xla = choose_faster(seconds)
+            log.info(describe(seconds, steps, self.progress.xla))
+        self.xla = self.progress.xla
+        self._compile(evaluation=True)
 
     # --- the loop ---------------------------------------------------------------------
     def fit(self, step: Step, data: Data) -> dict:
@@ -323,7 +425,7 @@ class Trainer:
         epoch = progress.open_epoch if progress.open_epoch is not None else (
             global_step // per_epoch)
         while epoch < self.epochs and not self.stop_training:
-            if self._preemption.requested:
+            if self._agree()[1]:
                 self._cut_short = True  # before opening an epoch: its start is not half done
                 break
             if progress.open_epoch != epoch:
@@ -335,12 +437,15 @@ class Trainer:
             self.epoch_variable.assign(epoch)
             self._callback("on_epoch_start", epoch)
             ran = False
+            signalled = False
             while (position := global_step - epoch * per_epoch) < per_epoch:
-                if (self._budget_left(global_step) <= 0 or self.stop_training
-                        or self._preemption.requested):
+                if self._budget_left(global_step) <= 0 or self.stop_training:
+                    break
+                n = min(self._pace.steps, per_epoch - position, self._budget_left(global_step))
+                n, signalled = self._agree(n)
+                if signalled:
                     break
                 self.recompile_if_needed()
-                n = min(self._pace.steps, per_epoch - position, self._budget_left(global_step))
                 traces = self.trace_count
                 t0 = time.perf_counter()
                 out, state = self._run_training(n, position)
@@ -359,7 +464,7 @@ class Trainer:
                 logs["time/steps_per_second"] = n / elapsed
                 self._callback("on_execution_end", global_step, logs)
             finished = global_step - epoch * per_epoch >= per_epoch
-            if self._preemption.requested and not finished:
+            if signalled and not finished:
                 self._cut_short = True
                 break  # the epoch stays open: a resumed run finishes it
             last = progress.history[-1] if progress.history else {}

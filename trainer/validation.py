@@ -24,7 +24,14 @@ def validate(cfg: DictConfig) -> dict:
         raise UserError(f"config key {key}: {str(e).splitlines()[0]}; set it on the command "
                         f"line, e.g. {key}=...") from None
     _check_rates(container)
+    if container.get("precision", "float32") not in PRECISIONS:
+        raise UserError(f"precision={container['precision']!r} must be one of "
+                        f"{', '.join(PRECISIONS)}")
     return container
+
+
+#: The Keras dtype policies a run may use (``precision=``).
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 # Root keys that are not the run's: compose(return_hydra_config=True) keeps Hydra's own node.

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from trainer.errors import UserError
 
-#: ``jit_compile="auto"`` uses XLA for in-memory runs of at least this many steps: the
-#: compilation takes 1-3 s here, and XLA saves ~0.1 ms a step on a small MLP.
+log = logging.getLogger(__name__)
+
+#: ``jit_compile="auto"`` considers XLA for in-memory runs of at least this many steps
+#: (the compilation takes 1-3 s here, XLA saves ~0.1 ms a step on a small MLP when it is
+#: faster at all), and times both compilations to decide (``trainer.calibrate``).
 AUTO_XLA_MIN_STEPS = 10_000
 JIT_CHOICES = (True, False, "auto")
+#: ``choose_xla``'s answer when only timing both compilations can tell.
+MEASURE = "measure"
 
 _UNSUPPORTED = re.compile(r"unsupported operations when trying to compile graph \S+ on \S+: (\w+)")
 _NO_KERNEL = re.compile(r"(\w+) \(No registered '")
@@ -26,13 +32,23 @@ def check_jit_compile(value):
     return value
 
 
-def choose_xla(jit_compile, *, fused: bool, run_eagerly: bool, planned_steps: float) -> bool:
-    """Whether to compile with XLA: as configured, or for ``"auto"`` when the whole
-    execution can be one XLA program (an in-memory source) and the run is long
-    enough for the compilation to pay back."""
+def choose_xla(jit_compile, *, fused: bool, run_eagerly: bool, planned_steps: float,
+               distributed: bool = False):
+    """Whether to compile with XLA: as configured; for ``"auto"``, ``MEASURE`` when the
+    whole execution can be one XLA program (an in-memory source) and the run is long
+    enough for the compilation to pay back: the trainer then times both compilations
+    and keeps the faster (``trainer.calibrate``); else False. Never under a strategy:
+    an XLA program that updates variables cannot reach the other replicas' devices."""
+    if distributed:
+        if jit_compile is True:
+            log.warning("trainer.jit_compile=true under a tf.distribute strategy: XLA is off "
+                        "(a compiled update cannot reach the other replicas' variables)")
+        return False
     if jit_compile != "auto":
         return bool(jit_compile)
-    return fused and not run_eagerly and planned_steps >= AUTO_XLA_MIN_STEPS
+    if fused and not run_eagerly and planned_steps >= AUTO_XLA_MIN_STEPS:
+        return MEASURE
+    return False
 
 
 def xla_failure(error: Exception) -> str | None:

@@ -13,7 +13,8 @@ class Callback:
     Hooks run on the host between executions, never inside the compiled step, and
     use only the trainer's public API (``trainer.models``, ``trainer.global_step``,
     ``trainer.current_step``, ``trainer.epoch``, ``trainer.validation_batches()``,
-    ``trainer.checkpoint``, ...), never the step's or the data source's internals.
+    ``trainer.checkpoint``, ``trainer.is_chief``, ``trainer.clock()``, ...), never the
+    step's or the data source's internals.
     ``global_step`` is the trainer's global step at the hook (a Python int).
     ``logs`` are flat dicts of Python floats with slash-namespaced keys.
 
@@ -31,6 +32,10 @@ class Callback:
 
     #: Callbacks run sorted by this (stable); the checkpoint callback runs last (100).
     order: int = 0
+
+    #: Whether only the chief of a multi-worker run runs this callback (the run's files:
+    #: TensorBoard, images, the profiler). The driver leaves it out on other workers.
+    chief_only: bool = False
 
     #: The callback's name in the checkpoint (``callbacks/<state_key>``); it must stay
     #: the same across versions, or a restart cannot find the saved state. Needed only

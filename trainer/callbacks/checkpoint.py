@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import tempfile
+from pathlib import Path
 
 import tensorflow as tf
 
@@ -81,6 +84,7 @@ class CheckpointCallback(Callback):
         self.min_interval_seconds = float(min_interval_seconds)
         self.monitor, self.mode = monitor, mode
         self.manager: tf.train.CheckpointManager | None = None
+        self._scratch: str | None = None  # a worker's throwaway directory (not the chief)
         self.best_manager: tf.train.CheckpointManager | None = None
         self._when = Periodic(every_n_steps=self.every_n_steps,
                               every_n_epochs=self.every_n_epochs,
@@ -101,6 +105,12 @@ class CheckpointCallback(Callback):
 
     def on_fit_start(self, trainer):
         ckpt, root = trainer.checkpoint, resolve(trainer, self.directory)
+        if not trainer.is_chief:
+            # Every worker of a multi-worker run saves (a save may need all of them to
+            # read distributed variables); only the chief keeps its checkpoints.
+            self._scratch = self._scratch or tempfile.mkdtemp(prefix="trainer-worker-ckpt-")
+            root = Path(self._scratch)
+        self._when.use_clock(trainer.clock)
         if self.manager is None or self.manager.checkpoint is not ckpt:
             self.manager = tf.train.CheckpointManager(ckpt, str(root),
                                                       max_to_keep=self.max_to_keep)
@@ -144,6 +154,9 @@ class CheckpointCallback(Callback):
             tf.train.Checkpoint(models=trainer.models).read(best).expect_partial()
             log.info("the models hold the best weights (%s=%.4g, %s)", self.monitor,
                      self.best, best)
+        if self._scratch:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch, self.manager, self.best_manager = None, None, None
 
     def _save(self, global_step: int) -> None:
         path = self.manager.save(checkpoint_number=global_step)

@@ -31,6 +31,8 @@ class ProfileCallback(Callback):
         log_dir: relative to the run directory unless absolute.
     """
 
+    chief_only = True
+
     def __init__(self, *, steps=(), log_dir: str = "tb"):
         steps = [int(s) for s in (steps or ())]
         if steps and (len(steps) != 2 or not 0 <= steps[0] < steps[1]):

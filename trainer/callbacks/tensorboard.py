@@ -59,6 +59,8 @@ class TensorBoardCallback(Callback):
     The old files are left as they are.
     """
 
+    chief_only = True
+
     #: Before the callbacks that write into its directories (``ImageCallback``), so
     #: its restart marker is read before their new event files.
     order = -10

@@ -1,8 +1,9 @@
-"""Data sets: digits (default), synthetic, and the user's own npz and CSV files."""
+"""Data sets: digits (default), synthetic, the user's own npz and CSV files, TFRecord shards."""
 
 from trainer.data.base import Data, DataModule
 from trainer.data.digits import digits
 from trainer.data.files import csv_file, npz
 from trainer.data.synthetic import synthetic
+from trainer.data.tfrecord import tfrecord
 
-__all__ = ["Data", "DataModule", "csv_file", "digits", "npz", "synthetic"]
+__all__ = ["Data", "DataModule", "csv_file", "digits", "npz", "synthetic", "tfrecord"]

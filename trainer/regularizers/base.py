@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.distribute import global_mean, step_variable
 from trainer.regularizers.functional import fold_seed
 
 
@@ -40,7 +41,7 @@ class Regularizer:
         self.every = int(every)
         if name:
             self.name = name
-        self._last = tf.Variable(0.0, trainable=False, name=f"reg_{self.name}_last")
+        self._last = step_variable(0.0, name=f"reg_{self.name}_last")
 
     def penalty(self, ctx):
         """The unweighted penalty as a scalar tensor; runs inside the outer tape."""
@@ -64,13 +65,16 @@ class Regularizer:
 
         def due():
             value = tf.cast(self.penalty(ctx), tf.float32)
-            with ctx.tape.stop_recording():
-                self._last.assign(value)
-            return self.every * self.weight * value
+            return self.every * self.weight * value, value
 
-        contribution = tf.cond(
-            tf.equal(ctx.iteration % self.every, 0), due, lambda: tf.constant(0.0)
-        )
+        def not_due():
+            return tf.constant(0.0), tf.identity(self._last)
+
+        contribution, value = tf.cond(tf.equal(ctx.iteration % self.every, 0), due, not_due)
+        # Written outside the cond: under a strategy a replica's write all-reduces, which a
+        # cond branch cannot hold. The logged value is the global batch's.
+        with ctx.tape.stop_recording():
+            self._last.assign(global_mean(value))
         return contribution, self.last_value()
 
     def state(self) -> dict:

@@ -16,6 +16,8 @@ import zlib
 import keras
 import tensorflow as tf
 
+from trainer.distribute import global_batch_size, local_rows
+
 _TWO_POW_M24 = 2.0**-24
 
 
@@ -192,8 +194,11 @@ def gradient_penalty(critic, real, fake, *, seed, target: float = 1.0) -> tf.Ten
     """
     real = tf.convert_to_tensor(real)
     fake = tf.cast(fake, real.dtype)
-    shape = tf.concat([tf.shape(real)[:1], tf.ones([tf.rank(real) - 1], tf.int32)], 0)
-    alpha = uniform(shape, seed, real.dtype)
+    # Drawn for the global batch and sliced: under a strategy each replica's examples get
+    # the draws one device would give them.
+    rows = tf.reshape(global_batch_size(tf.shape(real)[0]), [1])
+    shape = tf.concat([rows, tf.ones([tf.rank(real) - 1], tf.int32)], 0)
+    alpha = local_rows(uniform(shape, seed, real.dtype))
     x_hat = real + alpha * (fake - real)
     norm = safe_sqrt(per_example_squared_norm(critic_input_gradient(critic, x_hat)))
     return _mean(tf.square(norm - target))

@@ -1,0 +1,154 @@
+"""tf.distribute: a mirrored run over two logical CPUs is the one-device run, step for step.
+
+The same global batches reach one device and two replicas (each takes its rows of the
+batch); the framework scales each replica's gradients by its share of the batch, reduces
+the logs, agrees on skipped updates and counts the global step once. The comparisons run
+compiled (eager debugging is for one device), with odd batch splits (an epoch's short
+last batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.distribute import Mirrored, NoDistribution, batch_mean, replicated
+from trainer.errors import UserError
+from trainer.run import build
+
+MIRRORED = ["distribute=mirrored", "distribute.cpu_replicas=2"]
+# 1437 training digits at batch 64: 22 full batches and a short one of 29 (split 14/15).
+DENSE = ["+experiment=dense", "model.dropout=0.0", "callbacks=none", "data.batch_size=64",
+         "trainer.steps_per_execution=7"]
+
+
+def _train(make_cfg, tmp_path, name, *overrides):
+    r = build(make_cfg(*overrides), tmp_path / name)
+    logs = r.trainer.fit(r.step, r.data)
+    weights = [v.numpy() for m in r.models.values() for v in m.weights]
+    return r, logs, weights
+
+
+def _compare(make_cfg, tmp_path, overrides, *, atol=1e-5, log_keys=("train/loss", "val/loss")):
+    one, one_logs, one_w = _train(make_cfg, tmp_path, "one", *overrides)
+    two, two_logs, two_w = _train(make_cfg, tmp_path, "two", *overrides, *MIRRORED)
+    assert two.distribution.num_replicas == 2 and one.distribution.num_replicas == 1
+    assert two.trainer.current_step == one.trainer.current_step
+    for a, b in zip(one_w, two_w):
+        np.testing.assert_allclose(b, a, atol=atol, rtol=0)
+    for key in log_keys:
+        assert two_logs[key] == pytest.approx(one_logs[key], abs=atol), key
+    return one, two, one_logs, two_logs
+
+
+def test_the_default_step_mirrored_equals_one_device(make_cfg, tmp_path):
+    _, two, _, _ = _compare(
+        make_cfg, tmp_path, [*DENSE, "trainer.max_steps=50"],
+        log_keys=("train/loss", "train/accuracy", "train/grad_norm", "val/loss",
+                  "val/accuracy"))
+    # The global step advanced once per step, the optimizer applied once per step.
+    assert two.trainer.current_step == 50
+    assert int(two.step.optimizer.iterations.numpy()) == 50
+
+
+def test_eager_debugging_is_for_one_device(make_cfg, tmp_path):
+    r = build(make_cfg(*DENSE, "trainer.max_steps=2", "trainer.run_eagerly=true", *MIRRORED),
+              tmp_path)
+    with pytest.raises(UserError, match="run_eagerly=true is for debugging on one device"):
+        r.trainer.fit(r.step, r.data)
+
+
+def test_the_short_last_batch_splits_unevenly_and_still_matches(make_cfg, tmp_path):
+    # 1437 examples at batch 100: the epoch ends with 37 examples, 18 and 19 per replica.
+    _compare(make_cfg, tmp_path, [*DENSE, "data.batch_size=100", "trainer.epochs=2"])
+
+
+def test_a_regularizer_mirrored_equals_one_device(make_cfg, tmp_path):
+    # Double backpropagation: the penalty's input gradients are per example, so each
+    # replica's penalty is its rows' mean, and the share-weighted sum is the global mean.
+    _, _, one_logs, _ = _compare(
+        make_cfg, tmp_path, [*DENSE, "trainer.max_steps=50", "regularizer=input_gradient",
+                             "regularizer.input_gradient.every=3"],
+        log_keys=("train/loss", "train/reg/input_gradient"))
+    assert one_logs["train/reg/input_gradient"] > 0
+
+
+def test_a_skip_decided_on_one_replica_is_taken_by_all(make_cfg, tmp_path):
+    # A tight spike rule resets some steps: the decision is made on the global batch's loss,
+    # so both replicas skip (or retry) together and the run stays the one-device run.
+    one, two, _, two_logs = _compare(
+        make_cfg, tmp_path, [*DENSE, "trainer.max_steps=50", "tape.reset.when=[spike]",
+                             "tape.reset.spike_z=0.5", "tape.reset.spike_window=5",
+                             "tape.reset.action=retry"],
+        log_keys=("train/loss", "train/tape/resets"))
+    assert two_logs["train/tape/resets"] >= 1
+    assert int(two.step.optimizer.iterations.numpy()) == int(one.step.optimizer.iterations.numpy())
+
+
+def test_the_gan_step_mirrored_equals_one_device(make_cfg, tmp_path):
+    # Two models, two optimizers, 5 critic updates and a WGAN gradient penalty per step:
+    # the generator's noise and the penalty's interpolation weights are drawn for the
+    # global batch and sliced per replica. 10 steps: a WGAN-GP amplifies float rounding
+    # (on one device, XLA against no XLA differ by 1e-2 after 10 steps).
+    _compare(make_cfg, tmp_path, ["+experiment=gan", "callbacks=none", "trainer.max_steps=10",
+                                  "trainer.steps_per_execution=5"],
+             log_keys=("train/loss", "train/generator_loss", "train/grad_norm", "val/loss"))
+
+
+def test_xla_is_off_under_a_strategy_and_says_so(make_cfg, tmp_path, caplog):
+    r = build(make_cfg(*DENSE, "trainer.max_steps=3", "trainer.jit_compile=true", *MIRRORED),
+              tmp_path)
+    r.trainer.fit(r.step, r.data)
+    assert r.trainer.xla is False
+    assert "XLA is off" in caplog.text
+
+
+def test_a_step_built_outside_the_scope_is_an_error_naming_a_variable(make_cfg, tmp_path):
+    # Built on one device (no scope), then given to a mirrored trainer: its replicas would
+    # silently diverge, so the trainer refuses it.
+    r = build(make_cfg(*DENSE, "trainer.max_steps=2"), tmp_path / "one")
+    r.trainer.distribution = Mirrored(cpu_replicas=2)
+    with pytest.raises(UserError, match="outside the mirrored strategy's scope"):
+        r.trainer.fit(r.step, r.data)
+
+
+def test_batch_mean_undoes_the_keras_division_by_the_replica_count():
+    strategy = Mirrored(cpu_replicas=2).strategy
+    y = tf.constant([0, 1, 2, 1])
+    logits = tf.constant([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    import keras
+
+    keras_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    expected = float(keras_loss(y, logits))  # one device
+    ours = batch_mean(keras_loss)
+
+    def losses(batch):
+        local_y, local_logits = batch
+        return {"keras": keras_loss(local_y, local_logits), "ours": ours(local_y, local_logits)}
+
+    logs = tf.function(replicated(strategy, losses))((y, logits))
+    assert float(logs["ours"]) == pytest.approx(expected, rel=1e-6)
+    # Keras' own value is the replica's share: half of it with two replicas.
+    assert float(logs["keras"]) == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_one_device_has_no_scope_and_one_replica():
+    d = NoDistribution()
+    assert d.num_replicas == 1 and d.is_chief and not d.distributed
+    assert d.agree([7], [False]) == ([7], [False])
+
+
+def test_bad_distribute_settings_are_errors(monkeypatch):
+    from trainer.distribute import MultiWorker
+
+    with pytest.raises(UserError, match="cpu_replicas=0"):
+        Mirrored(cpu_replicas=0)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(UserError, match="needs TF_CONFIG"):
+        MultiWorker()
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(UserError, match="TF_CONFIG is not valid"):
+        MultiWorker()
+    with pytest.raises(UserError, match=r"distribute\.cluster"):
+        MultiWorker(cluster="mpi")

@@ -1,0 +1,468 @@
+"""Distribution: the strategy from config, its scope, and the per-replica helpers steps use.
+
+A run is spread over devices by a ``Distribution`` (the ``distribute`` config group):
+``NoDistribution`` (one device), ``Mirrored`` (the local GPUs, or the CPU split into
+logical devices) and ``MultiWorker`` (``tf.distribute.MultiWorkerMirroredStrategy``).
+
+Steps are written as for one device: a loss is the mean over the batch the step sees.
+Under a strategy each replica sees its rows of the global batch (``replica_rows``);
+``share()`` is its fraction of the global batch, by which ``Step.gradients`` scales its
+gradients so that the optimizer's all-reduced sum is the one-device gradient, even when
+the rows do not split evenly. Keras loss objects divide by the replica count on their
+own: use ``batch_mean`` for those (the default step does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+
+import tensorflow as tf
+
+from trainer.errors import UserError
+from trainer.keys import SAMPLED, WEIGHT, float_logs
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("tf_config", "slurm")
+COMMUNICATIONS = ("auto", "ring", "nccl")
+
+
+class Distribution:
+    """One device: TensorFlow's default strategy, a no-op scope. Base of the others.
+
+    Attributes:
+        kind: ``"none"``, ``"mirrored"`` or ``"multi_worker"`` (the config names).
+    """
+
+    kind = "none"
+
+    def __init__(self):
+        self._strategy = None
+
+    @property
+    def strategy(self) -> tf.distribute.Strategy:
+        """The ``tf.distribute`` strategy, created on first use."""
+        if self._strategy is None:
+            self._strategy = self._make()
+        return self._strategy
+
+    def _make(self):
+        return tf.distribute.get_strategy()
+
+    @property
+    def distributed(self) -> bool:
+        """Whether steps run through ``strategy.run`` (not the default strategy)."""
+        return False
+
+    def scope(self):
+        """Where models, optimizers and every variable of a step are created."""
+        return self.strategy.scope() if self.distributed else contextlib.nullcontext()
+
+    @property
+    def num_replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    @property
+    def num_workers(self) -> int:
+        return 1
+
+    @property
+    def worker_index(self) -> int:
+        return 0
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process writes the run's files (TensorBoard, checkpoints, outputs)."""
+        return self.worker_index == 0
+
+    def agree(self, chief_values, any_flags):
+        """The chief's ``chief_values`` and, for each of ``any_flags``, whether any worker
+        set it: what every worker must decide alike (the steps of the next execution,
+        whether to stop). One process decides alone."""
+        return list(chief_values), [bool(f) for f in any_flags]
+
+    def check_variables(self, named: dict) -> None:
+        """Raise if a variable of ``named`` (path -> variable) was created outside the scope:
+        its replicas would silently diverge."""
+        if not self.distributed:
+            return
+        extended = self.strategy.extended
+        for path, v in named.items():
+            v = getattr(v, "value", v)  # a Keras variable wraps the tf.Variable
+            if isinstance(v, tf.Variable) and not extended.variable_created_in_scope(v):
+                raise UserError(
+                    f"variable {path} was created outside the {self.kind} strategy's scope, so "
+                    "its replicas would diverge; create every variable of a step in its "
+                    "__init__ or build() (the driver builds steps in the scope), or build it "
+                    "inside `with distribution.scope():`")
+
+    def describe(self) -> str:
+        return "one device"
+
+
+class NoDistribution(Distribution):
+    """``distribute=none``: one device (the default)."""
+
+
+class Mirrored(Distribution):
+    """``distribute=mirrored``: ``tf.distribute.MirroredStrategy`` over local devices.
+
+    Args:
+        cpu_replicas: on a host without GPUs, split the CPU into this many logical
+            devices, one replica each (how the tests run it; it must be set before
+            TensorFlow starts, which the driver does). None: all local GPUs, else
+            the CPU as one replica.
+    """
+
+    kind = "mirrored"
+
+    def __init__(self, *, cpu_replicas: int | None = None):
+        super().__init__()
+        if cpu_replicas is not None and cpu_replicas < 1:
+            raise UserError(f"distribute.cpu_replicas={cpu_replicas} must be at least 1 "
+                            "(or null for the local GPUs)")
+        self.cpu_replicas = cpu_replicas
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def _make(self):
+        devices = None if self.cpu_replicas is None else tuple(split_cpu(self.cpu_replicas))
+        # One strategy per device set and process: a second one would number its collective
+        # ops from the start again, and the runtime remembers the first one's under those
+        # numbers (a later run in the same process would abort on a shape mismatch).
+        if devices not in _MIRRORED:
+            _MIRRORED[devices] = tf.distribute.MirroredStrategy(
+                devices=list(devices) if devices else None)
+        return _MIRRORED[devices]
+
+    def describe(self) -> str:
+        return f"MirroredStrategy over {self.num_replicas} replicas"
+
+
+_MIRRORED: dict = {}
+
+
+def split_cpu(replicas: int) -> list[str]:
+    """The names of ``replicas`` logical CPU devices, made if TensorFlow has not started.
+
+    TensorFlow fixes its devices when it first runs an op; a process that already
+    has at least ``replicas`` logical CPUs uses the first ones.
+    """
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        existing = tf.config.get_logical_device_configuration(cpu) or []
+        if len(existing) < replicas:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(replicas)])
+    except RuntimeError:
+        pass  # initialized already: use what exists, checked below
+    found = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(found) < replicas:
+        raise UserError(
+            f"distribute.cpu_replicas={replicas}: TensorFlow already started with "
+            f"{len(found)} CPU device(s) in this process; set it before anything runs "
+            "TensorFlow (a fresh `python -m trainer` process does)")
+    return found[:replicas]
+
+
+class MultiWorker(Distribution):
+    """``distribute=multi_worker``: ``tf.distribute.MultiWorkerMirroredStrategy``.
+
+    Every worker runs the same command; the cluster comes from ``TF_CONFIG``
+    (``cluster="tf_config"``, what ``python -m trainer.launch`` sets) or from the
+    SLURM job's environment (``cluster="slurm"``, TensorFlow's
+    ``SlurmClusterResolver``). Worker 0 is the chief: it alone keeps checkpoints
+    and writes TensorBoard and the run's outputs.
+
+    Args:
+        cluster: ``tf_config`` or ``slurm``.
+        communication: collective implementation: ``auto``, ``ring`` (CPU hosts) or
+            ``nccl`` (GPUs).
+    """
+
+    kind = "multi_worker"
+
+    def __init__(self, *, cluster: str = "tf_config", communication: str = "auto"):
+        super().__init__()
+        if cluster not in CLUSTERS:
+            raise UserError(f"distribute.cluster={cluster!r} must be one of {CLUSTERS}")
+        if communication not in COMMUNICATIONS:
+            raise UserError(f"distribute.communication={communication!r} must be one of "
+                            f"{COMMUNICATIONS}")
+        if cluster == "tf_config":
+            _check_tf_config()
+        self.cluster = cluster
+        self.communication = communication
+        self._agree_fn = None
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def _make(self):
+        impl = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+                "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+                "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}
+        options = tf.distribute.experimental.CommunicationOptions(
+            implementation=impl[self.communication])
+        resolver = None
+        if self.cluster == "slurm":
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
+                                                         communication_options=options)
+
+    @property
+    def num_workers(self) -> int:
+        spec = self.strategy.cluster_resolver.cluster_spec().as_dict()
+        return len(spec.get("worker", [])) + len(spec.get("chief", []))
+
+    @property
+    def worker_index(self) -> int:
+        resolver = self.strategy.cluster_resolver
+        if resolver.task_type == "chief":
+            return 0
+        offset = len(resolver.cluster_spec().as_dict().get("chief", []))
+        return offset + int(resolver.task_id)
+
+    def agree(self, chief_values, any_flags):
+        chief_values, any_flags = list(chief_values), list(any_flags)
+        mine = [v if self.is_chief else 0.0 for v in chief_values] + [float(bool(f))
+                                                                        for f in any_flags]
+        if self._agree_fn is None:
+            strategy = self.strategy
+
+            @tf.function
+            def agree(values):
+                # Each worker contributes its vector once (its first replica): a sum then
+                # gives the chief's values and, for flags, how many workers set them.
+                def replica(values):
+                    first = tf.distribute.get_replica_context().replica_id_in_sync_group
+                    local = strategy.extended.worker_devices
+                    keep = tf.cast(first % len(local) == 0, values.dtype)
+                    return values * keep
+
+                per_replica = strategy.run(replica, args=(values,))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+            self._agree_fn = agree
+        out = self._agree_fn(tf.constant(mine, tf.float64)).numpy().tolist()
+        n = len(chief_values)
+        return out[:n], [v > 0 for v in out[n:]]
+
+    def describe(self) -> str:
+        return (f"MultiWorkerMirroredStrategy: worker {self.worker_index} of "
+                f"{self.num_workers}, {self.num_replicas} replicas in all")
+
+
+def _check_tf_config() -> None:
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise UserError("distribute=multi_worker needs TF_CONFIG (the cluster and this "
+                        "worker's index); start the workers with python -m trainer.launch "
+                        "--workers N, set TF_CONFIG on each machine, or use "
+                        "distribute.cluster=slurm under SLURM")
+    try:
+        config = json.loads(text)
+        workers = config["cluster"]["worker"]
+        config["task"]["type"], int(config["task"]["index"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"TF_CONFIG is not valid ({e!r}); expected "
+                        '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+                        '"worker", "index": i}}') from None
+    if not workers:
+        raise UserError("TF_CONFIG lists no workers in cluster.worker")
+
+
+# --- inside a replica ------------------------------------------------------------------
+# The rows of the global batch the code being traced sees, as a stack of levels: a replica's
+# rows, then a micro-batch's rows within them (gradient accumulation). Per thread:
+# MirroredStrategy traces each replica in a thread of its own.
+_replica = threading.local()
+REPLICA, MICRO = "replica", "micro"
+
+
+def _levels() -> tuple:
+    return getattr(_replica, "levels", ())
+
+
+@contextlib.contextmanager
+def rows_of(start, stop, total, kind: str, index: int = 0, count: int = 1):
+    """Trace the block as seeing rows ``[start, stop)`` of a batch of ``total`` rows: a
+    replica's rows (``kind=REPLICA``) or micro-batch ``index`` of ``count`` (``MICRO``)."""
+    previous = _levels()
+    _replica.levels = (*previous, (start, stop, total, kind, index, count))
+    try:
+        yield
+    finally:
+        _replica.levels = previous
+
+
+def split_rows(batch, index, count):
+    """``(rows, (start, stop, total))``: part ``index`` of ``count`` of ``batch`` (a nest of
+    tensors), contiguous and as even as they go (the first part takes the first rows)."""
+    total = tf.shape(tf.nest.flatten(batch)[0])[0]
+    start, stop = total * index // count, total * (index + 1) // count
+    return tf.nest.map_structure(lambda t: t[start:stop], batch), (start, stop, total)
+
+
+def share():
+    """This replica's (and micro-batch's) fraction of the global batch (1.0 on one device).
+
+    ``Step.gradients`` multiplies gradients by it: the optimizer sums the replicas'
+    gradients (and the micro-batches' under accumulation), and the sum of
+    ``share * mean over the rows`` is the global batch's mean.
+    """
+    out = 1.0
+    for start, stop, total, *_ in _levels():
+        out = out * (tf.cast(stop - start, tf.float32) / tf.cast(total, tf.float32))
+    return out
+
+
+def local_rows(tensor):
+    """This replica's (micro-batch's) rows of ``tensor``, drawn for the whole global batch.
+
+    Random draws made per example (a GAN's noise, interpolation weights) are drawn
+    for the global batch and sliced, so every replica's rows are the ones a single
+    device would give the same examples. One device: ``tensor`` itself.
+    """
+    for start, stop, *_ in _levels():
+        tensor = tensor[start:stop]
+    return tensor
+
+
+def global_batch_size(local_size):
+    """The global batch's size, given this replica's (the same on one device)."""
+    levels = _levels()
+    return local_size if not levels else levels[0][2]
+
+
+def in_replicas() -> bool:
+    """Whether this code runs in one of several replicas (traced under ``strategy.run``)."""
+    return any(level[3] == REPLICA for level in _levels())
+
+
+def micro_batch() -> tuple[int, int] | None:
+    """``(index, count)`` of the micro-batch being traced under gradient accumulation
+    (Python ints), else None."""
+    for *_, kind, index, count in _levels():
+        if kind == MICRO:
+            return index, count
+    return None
+
+
+def sum_over_replicas(values):
+    """``values`` (a nest of tensors) summed over the replicas; themselves on one device."""
+    if not in_replicas():
+        return values
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def global_mean(value):
+    """A per-replica batch mean as the global batch's mean, on every replica."""
+    if not in_replicas():
+        return value
+    value = tf.cast(value, tf.float32)
+    return sum_over_replicas(value * share())
+
+
+def any_replica(flag):
+    """Whether ``flag`` (a bool tensor) is true on any replica, on every replica."""
+    if not in_replicas():
+        return flag
+    return sum_over_replicas(tf.cast(flag, tf.float32)) > 0
+
+
+def batch_mean(loss):
+    """A Keras loss object as the plain mean over the batch it is given.
+
+    Keras losses divide their value by the replica count under a strategy; the
+    framework's steps compute losses as on one device and scale gradients by
+    ``share()`` instead, so a Keras loss must not divide as well. Returns a
+    callable ``loss(y_true, y_pred)``; other callables are returned as they are.
+    """
+    import keras
+
+    if not isinstance(loss, keras.losses.Loss):
+        return loss
+    if loss.reduction not in ("sum_over_batch_size", "mean"):
+        return loss
+    config = loss.get_config()
+    config["reduction"] = "none"
+    per_example = type(loss).from_config(config)
+
+    def mean_loss(y_true, y_pred, sample_weight=None):
+        return tf.reduce_mean(per_example(y_true, y_pred, sample_weight=sample_weight))
+
+    mean_loss.loss = per_example
+    return mean_loss
+
+
+def replicated(strategy, fn):
+    """``fn(batch) -> logs`` run on every replica of ``strategy``, each on its rows.
+
+    The returned function takes the global batch (in the cross-replica context of
+    a compiled execution) and returns the logs reduced across replicas to what one
+    device would report: every log is the example-weighted mean over the replicas,
+    ``WEIGHT`` their total weight, ``SAMPLED`` logs likewise.
+    """
+
+    def replica_fn(batch):
+        ctx = tf.distribute.get_replica_context()
+        local, rows = split_rows(batch, ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync)
+        with rows_of(*rows, REPLICA):
+            logs = float_logs(fn(local), local)
+        with lock:  # replicas trace in threads of their own; all give the same keys
+            keys[:], skeys[:] = sorted(k for k in logs if k not in (WEIGHT, SAMPLED)), sorted(
+                logs[SAMPLED])
+        # One vector, one all-reduce: the weighted logs, the weight, the sampled logs.
+        return weighted_vector(logs)
+
+    keys: list[str] = []
+    skeys: list[str] = []
+    lock = threading.Lock()
+
+    def run(batch):
+        per_replica = strategy.run(replica_fn, args=(batch,))
+        sums = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        return from_weighted_vector(sums, keys, skeys)
+
+    return run
+
+
+def weighted_vector(logs: dict) -> tf.Tensor:
+    """Float logs (``float_logs``) as one vector: each log times the weight, the weight,
+    each sampled log times the weight; keys sorted. Summed over parts of a batch, then
+    ``from_weighted_vector``, it gives the example-weighted means of the whole batch."""
+    weight, sampled = logs[WEIGHT], logs[SAMPLED]
+    plain = sorted(k for k in logs if k not in (WEIGHT, SAMPLED))
+    return tf.stack([logs[k] * weight for k in plain] + [weight]
+                    + [sampled[k] * weight for k in sorted(sampled)])
+
+
+def from_weighted_vector(sums, keys, sampled_keys) -> dict:
+    """Float logs back from a sum of ``weighted_vector``s (``keys`` and ``sampled_keys``
+    sorted)."""
+    n = len(keys)
+    weight = sums[n]
+    logs = {k: tf.math.divide_no_nan(sums[j], weight) for j, k in enumerate(keys)}
+    logs[SAMPLED] = {k: tf.math.divide_no_nan(sums[n + 1 + j], weight)
+                     for j, k in enumerate(sampled_keys)}
+    logs[WEIGHT] = weight
+    return logs
+
+
+def step_variable(initial_value, *, name: str, dtype=None) -> tf.Variable:
+    """A non-trainable state variable of a step (a counter, a last value).
+
+    Steps write such state inside their replicas, with the same value on every
+    replica (decided on global values: ``global_mean``, ``any_replica``); the first
+    replica's write is kept. A plain ``tf.Variable`` could not be written there.
+    """
+    return tf.Variable(initial_value, dtype=dtype, trainable=False, name=name,
+                       aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
