@@ -9,6 +9,8 @@ last batch).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -64,14 +66,20 @@ def test_the_short_last_batch_splits_unevenly_and_still_matches(make_cfg, tmp_pa
     _compare(make_cfg, tmp_path, [*DENSE, "data.batch_size=100", "trainer.epochs=2"])
 
 
-def test_a_regularizer_mirrored_equals_one_device(make_cfg, tmp_path):
-    # Double backpropagation: the penalty's input gradients are per example, so each
-    # replica's penalty is its rows' mean, and the share-weighted sum is the global mean.
-    _, _, one_logs, _ = _compare(
-        make_cfg, tmp_path, [*DENSE, "trainer.max_steps=50", "regularizer=input_gradient",
-                             "regularizer.input_gradient.every=3"],
-        log_keys=("train/loss", "train/reg/input_gradient"))
-    assert one_logs["train/reg/input_gradient"] > 0
+@pytest.mark.parametrize("regularizer", [
+    ["regularizer=input_gradient", "regularizer.input_gradient.every=3"],
+    ["regularizer=jacobian_norm"],
+    ["regularizer=hessian_trace"],
+], ids=["input_gradient_lazy", "jacobian_norm", "hessian_trace"])
+def test_a_regularizer_mirrored_equals_one_device(make_cfg, tmp_path, regularizer):
+    # Per-example penalties: each replica's penalty is its rows' mean, and the share-weighted
+    # sum is the global mean; random projections and probes of the inputs are drawn for the
+    # global batch and sliced, so each example gets the draw one device gives it.
+    name = regularizer[0].split("=")[1]
+    _, _, one_logs, _ = _compare(make_cfg, tmp_path, [*DENSE, "trainer.max_steps=50",
+                                                      *regularizer],
+                                 log_keys=("train/loss", f"train/reg/{name}"))
+    assert one_logs[f"train/reg/{name}"] != 0
 
 
 def test_a_skip_decided_on_one_replica_is_taken_by_all(make_cfg, tmp_path):
@@ -96,12 +104,15 @@ def test_the_gan_step_mirrored_equals_one_device(make_cfg, tmp_path):
              log_keys=("train/loss", "train/generator_loss", "train/grad_norm", "val/loss"))
 
 
-def test_xla_is_off_under_a_strategy_and_says_so(make_cfg, tmp_path, caplog):
-    r = build(make_cfg(*DENSE, "trainer.max_steps=3", "trainer.jit_compile=true", *MIRRORED),
-              tmp_path)
-    r.trainer.fit(r.step, r.data)
-    assert r.trainer.xla is False
-    assert "XLA is off" in caplog.text
+def test_jit_compile_under_a_strategy_compiles_forward_and_gradients(make_cfg, tmp_path,
+                                                                      caplog):
+    # A compiled update cannot reach the other replica's variables: XLA compiles the
+    # forward pass and the gradients, the update runs outside it, and the log says so.
+    with caplog.at_level("INFO"):
+        _, two, _, _ = _compare(make_cfg, tmp_path, [*DENSE, "trainer.max_steps=20",
+                                                     "trainer.jit_compile=true"])
+    assert two.trainer.xla is False and two.step._jit_cache  # compiled, per step
+    assert "XLA compiles the step's forward pass and gradients" in caplog.text
 
 
 def test_a_step_built_outside_the_scope_is_an_error_naming_a_variable(make_cfg, tmp_path):
@@ -152,3 +163,17 @@ def test_bad_distribute_settings_are_errors(monkeypatch):
         MultiWorker()
     with pytest.raises(UserError, match=r"distribute\.cluster"):
         MultiWorker(cluster="mpi")
+
+
+def test_the_worker_index_is_read_before_tensorflow_starts(monkeypatch):
+    from trainer.lock import worker_index_from_env
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 2}}))
+    assert worker_index_from_env() == 2
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker",
+                                                                   "index": 0}}))
+    assert worker_index_from_env() == 1  # after the chief
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert worker_index_from_env("slurm") == 3

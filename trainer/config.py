@@ -236,6 +236,8 @@ class MultiWorkerConfig:
     _target_: str = "trainer.distribute.MultiWorker"
     cluster: str = "tf_config"
     communication: str = "auto"
+    # cluster=slurm: the first port of each node's workers.
+    port_base: int = 8888
 
 
 @dataclass

@@ -184,11 +184,14 @@ class MultiWorker(Distribution):
         cluster: ``tf_config`` or ``slurm``.
         communication: collective implementation: ``auto``, ``ring`` (CPU hosts) or
             ``nccl`` (GPUs).
+        port_base: with ``cluster=slurm``, the first port of each node's workers (a
+            node's tasks take consecutive ports from it).
     """
 
     kind = "multi_worker"
 
-    def __init__(self, *, cluster: str = "tf_config", communication: str = "auto"):
+    def __init__(self, *, cluster: str = "tf_config", communication: str = "auto",
+                 port_base: int = 8888):
         super().__init__()
         if cluster not in CLUSTERS:
             raise UserError(f"distribute.cluster={cluster!r} must be one of {CLUSTERS}")
@@ -199,6 +202,7 @@ class MultiWorker(Distribution):
             _check_tf_config()
         self.cluster = cluster
         self.communication = communication
+        self.port_base = int(port_base)
         self._agree_fn = None
 
     @property
@@ -213,7 +217,14 @@ class MultiWorker(Distribution):
             implementation=impl[self.communication])
         resolver = None
         if self.cluster == "slurm":
-            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+            # The GPU count given, not asked of nvidia-smi, which CPU nodes do not have. On a
+            # CPU node there are no GPUs to hand out: the resolver still divides by its
+            # GPUs per task, so it gets a nominal one each and leaves the devices alone.
+            gpus = len(tf.config.list_physical_devices("GPU"))
+            devices = ({"gpus_per_node": gpus} if gpus else
+                       {"gpus_per_node": 1 << 16, "gpus_per_task": 1, "auto_set_gpu": False})
+            resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
+                port_base=self.port_base, **devices)
         return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver,
                                                          communication_options=options)
 

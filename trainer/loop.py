@@ -54,14 +54,16 @@ class LoopOptions:
 
 
 def train_step_functions(step, global_step: tf.Variable, strategy=None,
-                         accumulate_steps: int = 1) -> StepFunctions:
+                         accumulate_steps: int = 1, jit_gradients: bool = False
+                         ) -> StepFunctions:
     """Step functions that run ``step.run_step`` and advance ``global_step`` once per step.
 
     With a ``tf.distribute`` strategy, ``step.train_step`` runs on every replica with
     its rows of the global batch (``trainer.distribute.replicated``), and its logs
     come back reduced; the global step still advances once, outside the replicas.
     With ``accumulate_steps=K`` each step is one update from K micro-batches
-    (``accumulated``).
+    (``accumulated``). ``jit_gradients`` asks the step to compile its forward pass and
+    gradients with XLA (``StepInfo.jit_gradients``).
     """
 
     def make(next_batch, jit: bool) -> dict:
@@ -69,7 +71,8 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
             def train_step(batch):
                 # The variable itself, read where a step uses it: a read made here for every
                 # step would be a stateful op the graph keeps even when nothing uses it.
-                return step.train_step(batch, StepInfo(global_step=global_step, sampled=sampled))
+                return step.train_step(batch, StepInfo(global_step=global_step, sampled=sampled,
+                                                       jit_gradients=jit_gradients))
 
             if accumulate_steps > 1:
                 train_step = accumulated(train_step, accumulate_steps,

@@ -32,10 +32,16 @@ class StepInfo:
             diagnostics (the default step's ``grad_norm``) only then and returns
             them under ``trainer.keys.SAMPLED``: they are logged as that step's
             values, not averaged.
+        jit_gradients: compile the step's forward pass and gradients with XLA and
+            apply the update outside it: what XLA can do under a ``tf.distribute``
+            strategy (``trainer.jit_compile=true``), where a compiled update cannot
+            reach the other replicas' variables. Steps that cannot split their
+            update this way ignore it (``TapeStep`` does not).
     """
 
     global_step: Any
     sampled: bool = True
+    jit_gradients: bool = False
 
     @staticmethod
     def at(global_step: int = 0, sampled: bool = True) -> StepInfo:

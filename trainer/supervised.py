@@ -94,6 +94,7 @@ class TapeStep(Step):
         self.loss_fn = batch_mean(loss if loss is not None else default_loss(task))
         self.metric_fns = dict(DEFAULT_METRICS.get(task, {}))
         self.reset = reset
+        self._jit_cache: dict = {}  # XLA-compiled forward and gradients (jit_gradients)
 
     # --- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -182,6 +183,10 @@ class TapeStep(Step):
     def _train_step(self, batch, info, regularizers) -> dict:
         x, y = batch
         variables = self.trainable_variables
+        # A lazy regularizer writes its last value, a write other replicas must see: it
+        # cannot happen inside an XLA program, so such steps are not compiled.
+        if info.jit_gradients and all(r.every == 1 for r in self.regularizers):
+            return self._jit_gradients_step(x, y, info, regularizers, variables)
         with tf.GradientTape() as tape:
             total, ctx, reg_logs = self.record(x, y, tape, info, regularizers)
             with tape.stop_recording():
@@ -198,8 +203,39 @@ class TapeStep(Step):
             return logs
         return self._guarded_update(tape, total, variables, logs, bad, batch, info)
 
-    def _guarded_update(self, tape, total, variables, logs, bad, batch, info):
-        if tf.executing_eagerly() and bool(bad):
+    def _jit_gradients_step(self, x, y, info, regularizers, variables) -> dict:
+        """The forward pass, metrics and gradients compiled with XLA; the checks that
+        talk to other replicas and the update outside it (``StepInfo.jit_gradients``)."""
+        # By the trainable set too: after an unfreeze the gradients are of other variables.
+        key = (info.sampled, None if regularizers is None else len(regularizers),
+               tuple(id(v) for v in variables))
+        compiled = self._jit_cache.get(key)
+        if compiled is None:
+            def forward_backward(x, y, global_step):
+                with tf.GradientTape() as tape:
+                    total, ctx, reg_logs = self.record(
+                        x, y, tape, StepInfo(global_step=global_step), regularizers)
+                    with tape.stop_recording():
+                        logs = {"loss": ctx.loss, **self.compute_metrics(y, ctx.y_pred),
+                                **reg_logs}
+                return total, logs, self.gradients(tape, total, variables)
+
+            compiled = self._jit_cache[key] = tf.function(forward_backward, jit_compile=True)
+        total, logs, grads = compiled(x, y, tf.convert_to_tensor(info.global_step))
+        if self.reset is None:
+            self.optimizer.apply_gradients(
+                [(g, v) for g, v in zip(grads, variables) if g is not None])
+            if info.sampled:
+                logs[SAMPLED] = {"grad_norm": self.grad_norm(grads)}
+            return logs
+        bad = self.reset.check_loss(global_mean(total))
+        return self._guarded_update(None, total, variables, logs, bad, (x, y), info,
+                                    grads=grads)
+
+    def _guarded_update(self, tape, total, variables, logs, bad, batch, info, grads=None):
+        if grads is not None:
+            bad = tf.logical_or(bad, any_replica(self.reset.check_gradients(grads)))
+        elif tf.executing_eagerly() and bool(bad):
             grads = [None] * len(variables)  # the tape was reset: there is nothing to take
         else:
             grads = self.gradients(tape, total, variables)

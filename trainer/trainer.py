@@ -281,7 +281,8 @@ class Trainer:
                               xla_fallback=auto, short_batch_jit=False if auto else None)
         strategy = self.distribution.strategy if self.distribution.distributed else None
         self._train_fn = make_source_execution(
-            train_step_functions(self.step, self.global_step, strategy, self.accumulate_steps),
+            train_step_functions(self.step, self.global_step, strategy, self.accumulate_steps,
+                                 jit_gradients=strategy is not None and self.jit_compile is True),
             self._train_source, options,
             state_logs=self._state_logs, on_trace=self._count_trace)
         if evaluation:

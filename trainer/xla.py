@@ -41,8 +41,10 @@ def choose_xla(jit_compile, *, fused: bool, run_eagerly: bool, planned_steps: fl
     an XLA program that updates variables cannot reach the other replicas' devices."""
     if distributed:
         if jit_compile is True:
-            log.warning("trainer.jit_compile=true under a tf.distribute strategy: XLA is off "
-                        "(a compiled update cannot reach the other replicas' variables)")
+            log.info("trainer.jit_compile=true under a tf.distribute strategy: XLA compiles "
+                     "the step's forward pass and gradients (steps that can split them from "
+                     "their update: TapeStep), the update runs without it (a compiled update "
+                     "cannot reach the other replicas' variables)")
         return False
     if jit_compile != "auto":
         return bool(jit_compile)

@@ -112,6 +112,14 @@ def input_gradient_penalty(loss_gradient, x=None) -> tf.Tensor:
     return _mean(per_example_squared_norm(loss_gradient * scale))
 
 
+def per_example(draw, shape, seed, *args):
+    """``draw(shape, seed, *args)`` for a batch: drawn for the global batch and sliced to
+    this replica's rows (``trainer.distribute.local_rows``), so an example gets the draw
+    one device would give it. One device: ``draw(shape, seed, *args)``."""
+    rows = tf.reshape(global_batch_size(shape[0]), [1])
+    return local_rows(draw(tf.concat([rows, shape[1:]], 0), seed, *args))
+
+
 def jacobian_norm(tape, outputs, inputs, *, seed, n_projections: int = 1) -> tf.Tensor:
     """Hoffman et al. (2019): ``mean_i ||J_i||_F^2`` by random projections.
 
@@ -124,7 +132,8 @@ def jacobian_norm(tape, outputs, inputs, *, seed, n_projections: int = 1) -> tf.
     c = tf.cast(tf.shape(flat)[1], tf.float32)
     total = tf.constant(0.0)
     for k in range(n_projections):
-        v = normal(tf.shape(flat), tf.random.experimental.stateless_fold_in(seed, k, "philox"))
+        v = per_example(normal, tf.shape(flat),
+                        tf.random.experimental.stateless_fold_in(seed, k, "philox"))
         v = v / safe_sqrt(tf.reduce_sum(tf.square(v), axis=1, keepdims=True))
         v = tf.reshape(tf.cast(v, outputs.dtype), tf.shape(outputs))
         vjp = tape.gradient(outputs, inputs, output_gradients=v)
@@ -151,7 +160,10 @@ def hessian_trace(loss_fn, sources, *, seed, n_probes: int = 1) -> tf.Tensor:
         for k in range(n_probes):
             probe_seed = tf.random.experimental.stateless_fold_in(seed, k, "philox")
             seeds = tf.random.experimental.stateless_split(probe_seed, len(sources), "philox")
-            v = [rademacher(tf.shape(s), seeds[j], s.dtype) for j, s in enumerate(sources)]
+            # Probes of an input batch are per example; of parameters, one for all.
+            v = [rademacher(tf.shape(s), seeds[j], s.dtype) if isinstance(s, tf.Variable)
+                 else per_example(rademacher, tf.shape(s), seeds[j], s.dtype)
+                 for j, s in enumerate(sources)]
             probes.append(v)
             gvs.append(tf.add_n([tf.reduce_sum(g * vj) for g, vj in zip(grads, v)]))
     total = tf.constant(0.0)
@@ -196,9 +208,8 @@ def gradient_penalty(critic, real, fake, *, seed, target: float = 1.0) -> tf.Ten
     fake = tf.cast(fake, real.dtype)
     # Drawn for the global batch and sliced: under a strategy each replica's examples get
     # the draws one device would give them.
-    rows = tf.reshape(global_batch_size(tf.shape(real)[0]), [1])
-    shape = tf.concat([rows, tf.ones([tf.rank(real) - 1], tf.int32)], 0)
-    alpha = local_rows(uniform(shape, seed, real.dtype))
+    shape = tf.concat([tf.shape(real)[:1], tf.ones([tf.rank(real) - 1], tf.int32)], 0)
+    alpha = per_example(uniform, shape, seed, real.dtype)
     x_hat = real + alpha * (fake - real)
     norm = safe_sqrt(per_example_squared_norm(critic_input_gradient(critic, x_hat)))
     return _mean(tf.square(norm - target))
