@@ -15,11 +15,11 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.data.base import DataModule
-from trainer.distribute import global_batch_size, local_rows
 from trainer.errors import UserError
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
 from trainer.regularizers import CriticContext
 from trainer.regularizers.functional import fold_seed, normal
+from trainer.replicas import global_batch_size, local_rows
 from trainer.step import Step, StepInfo
 
 

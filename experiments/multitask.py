@@ -5,9 +5,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from trainer.distribute import batch_mean, step_variable
 from trainer.errors import UserError
 from trainer.metrics import accuracy
+from trainer.replicas import batch_mean, step_variable
 from trainer.supervised import TapeStep
 
 

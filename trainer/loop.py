@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-from trainer.distribute import (
+from trainer.keys import EXAMPLES, SAMPLED, WEIGHT, float_logs
+from trainer.replicas import (
     MICRO,
     from_weighted_vector,
     replicated,
@@ -17,7 +18,6 @@ from trainer.distribute import (
     split_rows,
     weighted_vector,
 )
-from trainer.keys import EXAMPLES, SAMPLED, WEIGHT, float_logs
 from trainer.step import StepInfo
 from trainer.xla import xla_failure
 

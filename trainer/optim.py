@@ -7,9 +7,9 @@ import logging
 import keras
 import tensorflow as tf
 
-from trainer.distribute import any_replica, step_variable
 from trainer.errors import UserError
 from trainer.freeze import matches
+from trainer.replicas import any_replica, step_variable
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer.distribute import in_replicas, share, sum_over_replicas
 from trainer.errors import UserError
 from trainer.keys import float_logs
 from trainer.optim import GroupedOptimizer
+from trainer.replicas import in_replicas, share, sum_over_replicas
 from trainer.tape import check_unconnected, global_norm, gradients
 
 log = logging.getLogger(__name__)

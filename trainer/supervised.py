@@ -8,10 +8,10 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainer.distribute import any_replica, batch_mean, global_mean, in_replicas
 from trainer.errors import UserError
 from trainer.keys import SAMPLED, WEIGHT, batch_size
 from trainer.metrics import DEFAULT_METRICS
+from trainer.replicas import any_replica, batch_mean, global_mean, in_replicas
 from trainer.step import Step, StepInfo
 from trainer.tape import gradients
 

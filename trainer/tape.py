@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from trainer.distribute import micro_batch, step_variable
 from trainer.errors import UserError
+from trainer.replicas import micro_batch, step_variable
 
 UNCONNECTED = ("none", "zero")
 

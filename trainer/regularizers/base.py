@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from trainer.distribute import global_mean, step_variable
 from trainer.regularizers.functional import fold_seed
+from trainer.replicas import global_mean, step_variable
 
 
 class Regularizer:

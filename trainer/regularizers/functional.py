@@ -16,7 +16,7 @@ import zlib
 import keras
 import tensorflow as tf
 
-from trainer.distribute import global_batch_size, local_rows
+from trainer.replicas import global_batch_size, local_rows
 
 _TWO_POW_M24 = 2.0**-24
 
