@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -67,3 +68,20 @@ class Crash(Callback):
     def on_execution_end(self, trainer, global_step, logs):
         if global_step >= self.at_step:
             raise RuntimeError(f"crash at step {global_step}")
+
+
+class SaveWeights(Callback):
+    """Saves every model's weights at the end of fit as ``<directory>/worker<i>.npz``.
+
+    ``i`` is the worker index from ``TF_CONFIG`` (0 without one), so that each worker of
+    a multi-worker run leaves its own copy of the variables to compare.
+    """
+
+    def __init__(self, *, directory: str):
+        self.directory = directory
+
+    def on_fit_end(self, trainer, logs):
+        task = json.loads(os.environ.get("TF_CONFIG") or "{}").get("task", {})
+        arrays = [v.numpy() for m in trainer.models.values() for v in m.weights]
+        os.makedirs(self.directory, exist_ok=True)
+        np.savez(os.path.join(self.directory, f"worker{task.get('index', 0)}.npz"), *arrays)

@@ -177,3 +177,13 @@ def test_the_worker_index_is_read_before_tensorflow_starts(monkeypatch):
     assert worker_index_from_env() == 1  # after the chief
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert worker_index_from_env("slurm") == 3
+
+
+def test_a_task_index_outside_the_cluster_is_an_error(monkeypatch):
+    from trainer.distribute import MultiWorker
+
+    monkeypatch.setenv("TF_CONFIG", json.dumps(
+        {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+         "task": {"type": "worker", "index": 5}}))
+    with pytest.raises(UserError, match=r"task\.index=5 is not one of the 2 workers"):
+        MultiWorker()

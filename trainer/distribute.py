@@ -303,3 +303,7 @@ def _check_tf_config() -> None:
                         '"worker", "index": i}}') from None
     if not workers:
         raise UserError("TF_CONFIG lists no workers in cluster.worker")
+    task = config["task"]
+    if task["type"] == "worker" and not 0 <= int(task["index"]) < len(workers):
+        raise UserError(f"TF_CONFIG task.index={task['index']} is not one of the "
+                        f"{len(workers)} workers in cluster.worker (0..{len(workers) - 1})")

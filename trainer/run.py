@@ -332,6 +332,9 @@ def run_or_exit(cfg: DictConfig):
     except (UserError, FloatingPointError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except Exception as e:
         # A bad record met while streaming shards fails inside the compiled step.
         from trainer.data.tfrecord import data_error_line
@@ -341,9 +344,6 @@ def run_or_exit(cfg: DictConfig):
             raise
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(EXIT_PREEMPTED)
     key = cfg.get("optimized_metric")
     if key is None:
         return None

@@ -183,15 +183,24 @@ class Trainer:
         """The signal that cut the last ``fit`` short (``"SIGTERM"``, ``"SIGINT"``), or None.
 
         A signal that arrives once all the work is done (during the last evaluation or
-        ``on_fit_end``) cuts nothing short: the run is complete, not preempted.
+        ``on_fit_end``) cuts nothing short: the run is complete, not preempted. The
+        workers of a multi-worker run stop together when any of them gets one.
         """
-        return self._preemption.name if self._cut_short else None
+        if not self._cut_short:
+            return None
+        # A worker of a multi-worker run stops with the others when one got the signal.
+        return self._preemption.name or "a signal to another worker"
 
     @property
     def is_chief(self) -> bool:
         """Whether this process keeps the run's files (always, but on workers other
         than the chief of a multi-worker run)."""
         return self.distribution.is_chief
+
+    @property
+    def worker_index(self) -> int:
+        """This process's index among the workers of a multi-worker run (0: the chief)."""
+        return self.distribution.worker_index
 
     def clock(self) -> float:
         """Seconds since the trainer was made, for timed callbacks (checkpoints every n

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import tempfile
 from pathlib import Path
 
 import tensorflow as tf
@@ -107,9 +106,12 @@ class CheckpointCallback(Callback):
         ckpt, root = trainer.checkpoint, resolve(trainer, self.directory)
         if not trainer.is_chief:
             # Every worker of a multi-worker run saves (a save may need all of them to
-            # read distributed variables); only the chief keeps its checkpoints.
-            self._scratch = self._scratch or tempfile.mkdtemp(prefix="trainer-worker-ckpt-")
-            root = Path(self._scratch)
+            # read distributed variables); only the chief keeps its checkpoints. A worker
+            # writes into a scratch directory of its own in the run dir, emptied at the
+            # start (a killed worker's leftovers go then) and removed at the end.
+            self._scratch = str(Path(trainer.run_dir) / f".worker-{trainer.worker_index}")
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            root = Path(self._scratch) / "checkpoints"
         self._when.use_clock(trainer.clock)
         if self.manager is None or self.manager.checkpoint is not ckpt:
             self.manager = tf.train.CheckpointManager(ckpt, str(root),
