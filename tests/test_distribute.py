@@ -70,11 +70,13 @@ def test_the_short_last_batch_splits_unevenly_and_still_matches(make_cfg, tmp_pa
     ["regularizer=input_gradient", "regularizer.input_gradient.every=3"],
     ["regularizer=jacobian_norm"],
     ["regularizer=hessian_trace"],
-], ids=["input_gradient_lazy", "jacobian_norm", "hessian_trace"])
+    ["regularizer=param_grad_norm", "regularizer.param_grad_norm.every=2"],
+], ids=["input_gradient_lazy", "jacobian_norm", "hessian_trace", "param_grad_norm_lazy"])
 def test_a_regularizer_mirrored_equals_one_device(make_cfg, tmp_path, regularizer):
     # Per-example penalties: each replica's penalty is its rows' mean, and the share-weighted
     # sum is the global mean; random projections and probes of the inputs are drawn for the
-    # global batch and sliced, so each example gets the draw one device gives it.
+    # global batch and sliced, so each example gets the draw one device gives it. The
+    # parameter-gradient norm is of the global batch's gradient (all-reduced).
     name = regularizer[0].split("=")[1]
     _, _, one_logs, _ = _compare(make_cfg, tmp_path, [*DENSE, "trainer.max_steps=50",
                                                       *regularizer],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from trainer.regularizers.functional import fold_seed
-from trainer.replicas import global_mean, step_variable
+from trainer.replicas import global_mean, in_replicas, step_variable
 
 
 class Regularizer:
@@ -33,6 +33,9 @@ class Regularizer:
     needs_input_tape: bool | int = False
     #: ``"supervised"`` (added to a TapeStep's loss) or ``"critic"`` (to a GAN critic's loss).
     applies_to = "supervised"
+    #: Whether the penalty all-reduces across replicas under a strategy (then a lazy one is
+    #: computed every step there and counted when due: a cond branch cannot all-reduce).
+    synchronizes = False
 
     def __init__(self, *, weight: float = 1.0, every: int = 1, name: str | None = None):
         if every < 1:
@@ -59,6 +62,14 @@ class Regularizer:
             return self._contribute(ctx)
 
     def _contribute(self, ctx):
+        if self.every > 1 and self.synchronizes and in_replicas():
+            # Its penalty talks to the other replicas, which a tf.cond branch cannot hold:
+            # computed every step and counted only when due.
+            due = tf.equal(ctx.iteration % self.every, 0)
+            value = tf.cast(self.penalty(ctx), tf.float32)
+            with ctx.tape.stop_recording():
+                self._last.assign(tf.where(due, global_mean(value), self._last))
+            return tf.where(due, self.every * self.weight * value, 0.0), self.last_value()
         if self.every == 1:
             value = tf.cast(self.penalty(ctx), tf.float32)
             return self.weight * value, value

@@ -16,7 +16,7 @@ import zlib
 import keras
 import tensorflow as tf
 
-from trainer.replicas import global_batch_size, local_rows
+from trainer.replicas import global_batch_size, in_replicas, local_rows, share, sum_over_replicas
 
 _TWO_POW_M24 = 2.0**-24
 
@@ -180,8 +180,16 @@ def parameter_gradient_norm(loss_fn, variables) -> tf.Tensor:
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(variables)
         loss = loss_fn()
-    grads = [g for g in tape.gradient(loss, variables) if g is not None]
-    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
+    grads = [tf.cast(g, tf.float32) for g in tape.gradient(loss, variables) if g is not None]
+    if not in_replicas():
+        return tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads])
+    # Under a strategy the penalty is of the global batch's gradient G = sum_r share_r g_r,
+    # not of this replica's g_r. With G held fixed, 2 G.g_r - |G|^2 has share-weighted sum
+    # |G|^2 over the replicas and gradient 2 H_r G, whose share-weighted sum is the gradient
+    # of |G|^2: the framework's weighting then gives the one-device penalty and update.
+    total = sum_over_replicas([tf.stop_gradient(g) * share() for g in grads])
+    return tf.add_n([2.0 * tf.reduce_sum(t * g) - tf.reduce_sum(tf.square(t))
+                     for t, g in zip(total, grads)])
 
 
 # --- critic penalties -----------------------------------------------------------------

@@ -120,6 +120,7 @@ class ParameterGradientNorm(Regularizer):
     """
 
     name = "param_grad_norm"
+    synchronizes = True  # of the global batch's gradient under a strategy
 
     def penalty(self, ctx):
         return F.parameter_gradient_norm(_sample_loss(ctx), ctx.step.trainable_variables)
