@@ -54,6 +54,11 @@ def test_the_default_step_mirrored_equals_one_device(make_cfg, tmp_path):
     assert int(two.step.optimizer.iterations.numpy()) == 50
 
 
+def test_a_tf_data_source_feeds_the_replicas_as_well(make_cfg, tmp_path):
+    # The streaming path (an iterator of global batches) instead of the in-memory slices.
+    _compare(make_cfg, tmp_path, [*DENSE, "trainer.max_steps=30", "data.in_memory=false"])
+
+
 def test_eager_debugging_is_for_one_device(make_cfg, tmp_path):
     r = build(make_cfg(*DENSE, "trainer.max_steps=2", "trainer.run_eagerly=true", *MIRRORED),
               tmp_path)
