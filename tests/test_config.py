@@ -52,7 +52,8 @@ def test_every_data_config_builds(make_cfg, data_files, tmp_path, option):
     assert r.models["model"].output_shape[-1] == r.data.num_outputs
 
 
-@pytest.mark.parametrize("group", ["model", "optimizer", "step", "trainer", "callbacks"])
+@pytest.mark.parametrize("group", ["model", "optimizer", "step", "trainer", "callbacks",
+                                   "schedule"])
 def test_every_option_of_the_other_groups_builds(make_cfg, tmp_path, group):
     for option in _options(group):
         cfg = make_cfg(f"{group}={option}")

@@ -19,13 +19,15 @@ LAYERS = [
     ("bottom", ["trainer.errors", "trainer.keys", "trainer.metrics", "trainer.periodic",
                 "trainer.config", "trainer.distribute", "trainer.replicas"]),
     ("tape and building blocks", ["trainer.tape", "trainer.freeze", "trainer.optim",
+                                  "trainer.schedules",
                                   "trainer.regularizers", "trainer.models", "trainer.data"]),
     ("step", ["trainer.step", "trainer.supervised"]),
     ("compiler", ["trainer.loop", "trainer.xla", "trainer.pacing"]),
     ("trainer", ["trainer.trainer", "trainer.state", "trainer.callbacks", "trainer.resume",
                  "trainer.preemption", "trainer.calibrate"]),
     ("driver", ["trainer.run", "trainer.__main__", "trainer.lock", "trainer.validation",
-                "trainer.experiments", "trainer.launch", "trainer.export_data"]),
+                "trainer.experiments", "trainer.launch", "trainer.export_data",
+                "trainer.summary"]),
 ]
 
 

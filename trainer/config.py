@@ -101,7 +101,9 @@ class MlpConfig:
 @dataclass
 class OptimizerConfig:
     _target_: str = "keras.optimizers.Adam"
-    learning_rate: float = 1e-3
+    # A number, or a Keras schedule node ({_target_: keras.optimizers.schedules...}); with
+    # a schedule group (schedule=cosine) the number is the schedule's peak.
+    learning_rate: Any = 1e-3
     weight_decay: Optional[float] = None
     clipnorm: Optional[float] = None
     global_clipnorm: Optional[float] = None
@@ -111,7 +113,7 @@ class OptimizerConfig:
 @dataclass
 class SgdConfig(OptimizerConfig):
     _target_: str = "keras.optimizers.SGD"
-    learning_rate: float = 1e-2
+    learning_rate: Any = 1e-2
     momentum: float = 0.9
     nesterov: bool = False
 
@@ -132,6 +134,8 @@ class DigitsConfig(_DataCommon):
     split_seed: int = 0
     # Keep only these digits, relabelled 0..k-1 (a source or target task for transfer).
     classes: Optional[List[int]] = None
+    # Each example as an 8x8x1 image (for model=cnn) instead of 64 flat features.
+    images: bool = False
 
 
 @dataclass
@@ -241,6 +245,16 @@ class MultiWorkerConfig:
 
 
 @dataclass
+class CosineScheduleConfig:
+    _target_: str = "trainer.schedules.cosine"
+    _partial_: bool = True
+    warmup_steps: int = 100
+    alpha: float = 0.0
+    # null: the run's planned updates after the warm-up.
+    decay_steps: Optional[int] = None
+
+
+@dataclass
 class Config:
     """The root: one node per config group, plus run-wide values."""
 
@@ -250,6 +264,7 @@ class Config:
     step: Any = MISSING
     trainer: Any = MISSING
     distribute: Any = MISSING
+    schedule: Any = None
     callbacks: Dict[str, Any] = field(default_factory=dict)
     regularizer: Dict[str, Any] = field(default_factory=dict)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
@@ -273,6 +288,7 @@ SCHEMAS = {
     ("data", "base_synthetic"): SyntheticConfig,
     ("data", "base_npz"): NpzConfig,
     ("data", "base_csv"): CsvConfig,
+    ("schedule", "base_cosine"): CosineScheduleConfig,
     ("distribute", "base_none"): NoDistributionConfig,
     ("distribute", "base_mirrored"): MirroredConfig,
     ("distribute", "base_multi_worker"): MultiWorkerConfig,

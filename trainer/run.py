@@ -45,9 +45,15 @@ def instantiate_node(node, **kwargs):
 
 
 def flat_hparams(container: dict, prefix: str = "") -> dict:
-    """Flatten a config into ``{"optimizer.learning_rate": 0.001, ...}`` of scalars."""
+    """Flatten a config into ``{"optimizer.learning_rate": 0.001, ...}`` of scalars.
+
+    Hydra's instantiation keys (``model._target_``, ``step._partial_``, anything below
+    one) are left out: the TensorBoard HParams dashboard compares hyperparameters.
+    """
     out = {}
     for key, value in container.items():
+        if key in ("_target_", "_partial_", "_recursive_", "_convert_"):
+            continue  # how a node is built, not a hyperparameter
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_hparams(value, f"{name}."))
@@ -70,9 +76,14 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def _optimizer(node):
-    """The configured Keras optimizer, split into parameter groups if ``groups`` is set."""
+def _optimizer(node, schedule=None, total_steps: int = 0):
+    """The configured Keras optimizer, split into parameter groups if ``groups`` is set;
+    with ``schedule`` (the schedule group's factory) its learning rate is the peak of it."""
     spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    if schedule is not None:
+        from trainer.schedules import apply_schedule
+
+        spec = apply_schedule(spec, schedule, total_steps=total_steps)
     groups = spec.pop("groups", None) if isinstance(spec, dict) and "_target_" in spec else None
     optimizer = instantiate_node(spec)
     if groups:
@@ -199,6 +210,13 @@ def _run_dir(run_dir: str | os.PathLike | None) -> Path:
     return run_dir
 
 
+def planned_updates(cfg: DictConfig, data) -> int:
+    """Optimizer updates the run plans: epochs x steps per epoch, capped by max_steps."""
+    planned = int(cfg.trainer.epochs) * data.steps_per_epoch("train")
+    max_steps = cfg.trainer.get("max_steps")
+    return min(planned, int(max_steps)) if max_steps else planned
+
+
 def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     """Validate ``cfg`` and build the run's objects: data, model, optimizer, step, callbacks
     and trainer, seeded by ``cfg.seed``, with ``freeze.patterns`` applied.
@@ -233,7 +251,8 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     with distribution.scope():
         model = instantiate_node(cfg.model)(input_shape=data.input_shape,
                                             num_outputs=data.num_outputs)
-        optimizer = _optimizer(cfg.optimizer)
+        schedule = instantiate_node(cfg.schedule) if cfg.get("schedule") else None
+        optimizer = _optimizer(cfg.optimizer, schedule, planned_updates(cfg, data))
         factory = instantiate_node(cfg.step)
         offered = _offered_step_arguments(cfg, model, optimizer, data.task)
         step = factory(**step_kwargs(factory, offered))
