@@ -228,6 +228,20 @@ class GroupedOptimizer(tf.Module):
         """The base learning rate (the template's, schedules evaluated)."""
         return self._base().learning_rate
 
+    @learning_rate.setter
+    def learning_rate(self, value) -> None:
+        """Set the base rate; every parameter group follows at its ``lr_scale`` (what
+        ``ReduceLROnPlateau`` does through ``model.optimizer.learning_rate``)."""
+        value = float(value)
+        base = self._base()
+        if isinstance(base._learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+            raise UserError("the learning rate follows a schedule and cannot be set; drop "
+                            "the schedule or the callback that sets it")
+        base.learning_rate = value
+        for name, opt in self.optimizers.items():
+            if name != "base":
+                opt.learning_rate = value * self.groups[int(name.split("_")[1])][1]
+
     @property
     def iterations(self):
         return self._base().iterations

@@ -1,9 +1,10 @@
-"""Callbacks: TensorBoard, checkpoints, progress, early stopping, profiling."""
+"""Callbacks: TensorBoard, checkpoints, progress, early stopping, profiling, Keras callbacks."""
 
 from trainer.callbacks.base import Callback
 from trainer.callbacks.checkpoint import CheckpointCallback
 from trainer.callbacks.early_stopping import EarlyStopping
 from trainer.callbacks.freeze import FreezeSchedule
+from trainer.callbacks.keras_adapter import KerasCallbacks
 from trainer.callbacks.profile import ProfileCallback
 from trainer.callbacks.progress import ProgressCallback
 from trainer.callbacks.tensorboard import TensorBoardCallback
@@ -13,6 +14,7 @@ __all__ = [
     "CheckpointCallback",
     "EarlyStopping",
     "FreezeSchedule",
+    "KerasCallbacks",
     "ProfileCallback",
     "ProgressCallback",
     "TensorBoardCallback",

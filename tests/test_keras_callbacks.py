@@ -1,0 +1,129 @@
+"""Standard Keras callbacks in the trainer's loop: events, logs, stop_training, the optimizer."""
+
+from __future__ import annotations
+
+import csv
+
+import keras
+import numpy as np
+import pytest
+
+from tests.helpers import fit_linear, regression_data
+from trainer import KerasCallbacks, UserError
+from trainer.run import build
+
+
+class Recording(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def on_train_begin(self, logs=None):
+        self.calls.append(("train_begin",))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.calls.append(("epoch_begin", epoch))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.calls.append(("batch_end", batch, sorted(logs)))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.calls.append(("epoch_end", epoch, dict(logs)))
+
+    def on_train_end(self, logs=None):
+        self.calls.append(("train_end",))
+
+
+def test_events_and_logs_are_the_ones_keras_callbacks_expect():
+    rec = Recording()
+    _, model, logs = fit_linear(epochs=2, spe=4, callbacks=[KerasCallbacks(callbacks=[rec])])
+    kinds = [c[0] for c in rec.calls]
+    assert kinds[0] == "train_begin" and kinds[-1] == "train_end"
+    assert [c[1] for c in rec.calls if c[0] == "epoch_begin"] == [0, 1]
+    ends = [c for c in rec.calls if c[0] == "epoch_end"]
+    assert [e[1] for e in ends] == [0, 1]
+    # Keras names: loss, val_loss, mae, val_mae, learning_rate; values are the trainer's.
+    last = ends[-1][2]
+    assert {"loss", "val_loss", "mae", "val_mae", "learning_rate"} <= set(last)
+    assert last["val_loss"] == pytest.approx(logs["val/loss"])
+    assert rec.model._model is model
+    # One batch_end per execution: 100 examples at batch 16 are 7 steps, 4 + 3 per epoch.
+    assert [c[1] for c in rec.calls if c[0] == "batch_end"] == [3, 6, 3, 6]
+
+
+def test_reduce_lr_on_plateau_lowers_the_steps_learning_rate(make_cfg, tmp_path):
+    # min_delta=10: no epoch counts as an improvement, so after patience=1 epochs the rate
+    # halves, again and again; the optimizer really trains at the lowered rate.
+    r = build(make_cfg("+experiment=dense", "callbacks=none", "trainer.epochs=5",
+                       "optimizer.learning_rate=1e-2"), tmp_path)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=1,
+                                                min_delta=10.0)
+    r.trainer.callbacks.append(KerasCallbacks(callbacks=[plateau]))
+    r.trainer.fit(r.step, r.data)
+    rates = [epoch["train/learning_rate"] for epoch in r.trainer.history]
+    assert rates[0] == pytest.approx(1e-2)
+    assert rates[-1] == pytest.approx(1e-2 * 0.5 ** 3, rel=1e-5)  # epochs 2, 3, 4 lowered it
+    assert float(r.step.optimizer.learning_rate) == pytest.approx(1e-2 * 0.5 ** 4, rel=1e-5)
+
+
+def test_reduce_lr_keeps_parameter_group_scales(make_cfg, tmp_path):
+    r = build(make_cfg("+experiment=finetune", "callbacks=none", "trainer.epochs=3",
+                       "model.pretrain_epochs=1"), tmp_path)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.1, patience=0,
+                                                min_delta=10.0, min_lr=0.0)
+    r.trainer.callbacks.append(KerasCallbacks(callbacks=[plateau]))
+    r.trainer.fit(r.step, r.data)
+    opt = r.step.optimizer
+    base = float(opt.optimizers["base"].learning_rate)
+    assert base == pytest.approx(1e-2 * 0.1 ** 2, rel=1e-4)  # epoch 0 is the best; 1, 2 cut
+    for name, group in opt.optimizers.items():
+        if name != "base":
+            assert float(group.learning_rate) == pytest.approx(base * 0.1, rel=1e-4)
+
+
+def test_keras_early_stopping_stops_the_trainer():
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=0, min_delta=10.0)
+    trainer, _, _ = fit_linear(epochs=6, callbacks=[KerasCallbacks(callbacks=[stop])])
+    assert trainer.stop_training and trainer.epoch == 1  # epoch 0 sets the best, 1 stops
+    assert stop.stopped_epoch == 1
+
+
+def test_terminate_on_nan_stops_after_the_first_nan_execution():
+    from tests.helpers import linear_model
+    from trainer import TapeStep, Trainer
+
+    data = regression_data(n=96, batch_size=16, allow_nonfinite=True)
+    data.x_train[40, 0] = np.nan  # in the third batch of epoch 0 (no shuffle below)
+    data.shuffle = False
+    steps = {}
+    for terminate in (False, True):
+        callbacks = [KerasCallbacks(callbacks=[keras.callbacks.TerminateOnNaN()])] * terminate
+        trainer = Trainer(epochs=3, steps_per_execution=1, jit_compile=False,
+                          callbacks=callbacks)
+        step = TapeStep(model=linear_model(), optimizer=keras.optimizers.SGD(0.05),
+                        task="regression")
+        with pytest.raises(FloatingPointError):  # the epoch's logs are NaN either way
+            trainer.fit(step, data)
+        steps[terminate] = trainer.current_step
+    assert steps == {True: 3, False: 6}  # stopped right after the NaN step, or the epoch
+
+
+def test_csv_logger_writes_a_row_per_epoch_into_the_run_dir(tmp_path):
+    logger = keras.callbacks.CSVLogger("epochs.csv")
+    fit_linear(epochs=3, run_dir=str(tmp_path), callbacks=[KerasCallbacks(callbacks=[logger])])
+    with open(tmp_path / "epochs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert {"loss", "val_loss", "learning_rate"} <= set(rows[0])
+
+
+def test_from_yaml_and_bad_entries(make_cfg, tmp_path):
+    r = build(make_cfg(
+        "+experiment=dense", "callbacks=none", "trainer.epochs=2",
+        "+callbacks.keras._target_=trainer.KerasCallbacks",
+        "+callbacks.keras.callbacks=[{_target_: keras.callbacks.CSVLogger, filename: log.csv}]"),
+        tmp_path)
+    r.trainer.fit(r.step, r.data)
+    assert (tmp_path / "log.csv").read_text().count("\n") == 3
+    with pytest.raises(UserError, match=r"is not a keras\.callbacks\.Callback"):
+        KerasCallbacks(callbacks=[object()])

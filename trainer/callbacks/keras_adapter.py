@@ -1,0 +1,158 @@
+"""KerasCallbacks: standard ``keras.callbacks.Callback`` objects in the trainer's loop."""
+
+from __future__ import annotations
+
+import os
+
+from trainer.callbacks.base import Callback, resolve
+from trainer.errors import UserError
+
+
+def keras_logs(logs: dict) -> dict:
+    """The trainer's logs under the names Keras callbacks expect: ``train/loss`` ->
+    ``loss``, ``val/accuracy`` -> ``val_accuracy``, ``reg/x`` -> ``reg_x``; the epoch
+    and step counters left out."""
+    out = {}
+    for key, value in logs.items():
+        if key in ("epoch", "step") or not isinstance(value, int | float):
+            continue
+        if key.startswith("train/"):
+            key = key[len("train/"):]
+        elif key.startswith("val/"):
+            key = "val_" + key[len("val/"):]
+        out[key.replace("/", "_")] = value
+    return out
+
+
+class _OptimizerView:
+    """The step's optimizer as one Keras optimizer: ``learning_rate`` (get and set, every
+    parameter group following) and ``iterations``. Not its groups: Keras callbacks
+    treat an ``optimizers`` attribute as a list of optimizers."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+
+    @property
+    def learning_rate(self):
+        return self._optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value) -> None:
+        self._optimizer.learning_rate = value
+
+    @property
+    def iterations(self):
+        return self._optimizer.iterations
+
+
+class _ModelView:
+    """What a Keras callback sees as ``self.model``: the step's model, with the step's
+    optimizer as ``optimizer`` and the trainer's ``stop_training``."""
+
+    def __init__(self, model, optimizer, trainer):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_optimizer", optimizer)
+        object.__setattr__(self, "_trainer", trainer)
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    @property
+    def stop_training(self) -> bool:
+        return self._trainer.stop_training
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        self._trainer.stop_training = bool(value)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __setattr__(self, name, value):
+        if name == "stop_training":
+            type(self).stop_training.fset(self, value)
+        else:
+            setattr(self._model, name, value)
+
+
+class KerasCallbacks(Callback):
+    """Runs standard Keras callbacks (``EarlyStopping``, ``ReduceLROnPlateau``,
+    ``TerminateOnNaN``, ``CSVLogger``, your own) with the events, logs and
+    ``model.stop_training`` they expect.
+
+    Events: ``on_train_begin`` at the start of fit, ``on_epoch_begin``/``on_epoch_end``
+    at each epoch (logs renamed the Keras way: ``loss``, ``accuracy``, ``val_loss``,
+    ``val_accuracy``, ``learning_rate``), ``on_train_batch_end`` after every compiled
+    execution (its mean logs; ``batch`` is the execution's last step in the epoch), and
+    ``on_train_end``. ``self.model`` is the step's model (``model``: which, by name)
+    whose ``optimizer`` is the step's optimizer: ``ReduceLROnPlateau`` sets its learning
+    rate (every parameter group keeps its scale). Setting ``model.stop_training`` stops
+    the trainer after the current execution.
+
+    Relative ``filename``/``filepath`` attributes (``CSVLogger``, ``ModelCheckpoint``)
+    are taken relative to the run directory; ``CSVLogger`` appends when the run resumes.
+    The callbacks' own state (patience counters) is not checkpointed: for resumable early
+    stopping use ``trainer.EarlyStopping``. On the workers of a multi-worker run other
+    than the chief, callbacks that write files are left out.
+
+    Args:
+        callbacks: ``keras.callbacks.Callback`` objects (from YAML: ``_target_`` nodes).
+        model: the name of the step's model they see (``"model"``; a GAN's ``"generator"``).
+    """
+
+    def __init__(self, *, callbacks=(), model: str = "model"):
+        import keras
+
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not isinstance(cb, keras.callbacks.Callback):
+                raise UserError(f"callbacks.keras: {cb!r} is not a keras.callbacks.Callback")
+        self.model = model
+
+    def on_fit_start(self, trainer):
+        models = trainer.models
+        if self.model not in models:
+            raise UserError(f"callbacks.keras.model={self.model!r} is not one of the step's "
+                            f"models {sorted(models)}")
+        optimizers = trainer.optimizers
+        optimizer = optimizers.get(self.model) or next(iter(optimizers.values()))
+        view = _ModelView(models[self.model], _OptimizerView(optimizer), trainer)
+        if not trainer.is_chief:
+            self.callbacks = [cb for cb in self.callbacks if not _writes_files(cb)]
+        for cb in self.callbacks:
+            for attr in ("filename", "filepath"):
+                path = getattr(cb, attr, None)
+                if isinstance(path, str | os.PathLike) and not os.path.isabs(path):
+                    setattr(cb, attr, str(resolve(trainer, str(path))))
+            if trainer.restored_from and hasattr(cb, "append"):
+                cb.append = True  # CSVLogger: continue the file of the run it resumes
+            cb.set_model(view)
+            cb.set_params({"epochs": trainer.epochs, "steps": trainer.steps_per_epoch,
+                           "verbose": 0})
+            cb.on_train_begin({})
+
+    def on_epoch_start(self, trainer, epoch):
+        for cb in self.callbacks:
+            cb.on_epoch_begin(epoch, {})
+
+    def on_execution_end(self, trainer, global_step, logs):
+        batch = (global_step - 1) % max(trainer.steps_per_epoch, 1)
+        out = keras_logs(logs)
+        for cb in self.callbacks:
+            cb.on_train_batch_end(batch, dict(out))
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        out = keras_logs(logs)
+        for cb in self.callbacks:
+            cb.on_epoch_end(epoch, dict(out))
+
+    def on_fit_end(self, trainer, logs):
+        out = keras_logs(logs)
+        for cb in self.callbacks:
+            cb.on_train_end(dict(out))
+
+
+def _writes_files(callback) -> bool:
+    return any(isinstance(getattr(callback, a, None), str | os.PathLike)
+               for a in ("filename", "filepath", "log_dir", "backup_dir"))
