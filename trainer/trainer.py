@@ -161,6 +161,11 @@ class Trainer:
         return self.step.models
 
     @property
+    def optimizers(self) -> dict:
+        """The step's optimizers by name (``GroupedOptimizer``s: ``learning_rate`` can be set)."""
+        return self.step.optimizers
+
+    @property
     def stop_training(self) -> bool:
         """Set by a callback (early stopping) to end ``fit`` after the current execution.
 
