@@ -82,12 +82,13 @@ def test_optimized_metric_is_returned_to_the_sweeper(make_cfg, tmp_path, monkeyp
     assert value == saved["val/loss"]
 
 
-def test_a_non_finite_optimized_metric_is_returned_as_inf(make_cfg, tmp_path, monkeypatch):
-    """A sweeper minimising the objective must not pick a NaN run: it gets +inf."""
+def test_a_non_finite_optimized_metric_is_returned_as_nan(make_cfg, tmp_path, monkeypatch):
+    """A sweeper must not pick a NaN run, minimising or maximising: Optuna records a NaN
+    objective as a failed trial (an infinity would be the best when maximising)."""
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg(*TINY, "step._target_=tests.test_outputs.NanScoreStep",
                    "optimized_metric=custom/score")
-    assert run_or_exit(cfg) == math.inf
+    assert math.isnan(run_or_exit(cfg))
 
 
 def test_an_unknown_optimized_metric_exits_2_naming_it(make_cfg, tmp_path, monkeypatch, capsys):

@@ -147,6 +147,18 @@ def step_kwargs(factory, offered: dict[str, StepArgument]) -> dict:
     return kwargs
 
 
+def _make_step(factory, kwargs):
+    """``factory(**kwargs)``; a key of the step's config that its constructor does not take
+    (``+step.smoothng=0.1``) is a one-line error naming it, not a traceback."""
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UserError(f"step {_callable_name(factory)}: {e}; check the spelling of that key "
+                        "under step (or remove it)") from None
+
+
 def _offered_step_arguments(cfg: DictConfig, model, optimizer, task) -> dict:
     """Everything the driver can give a step: the run's objects and the ``tape`` and
     ``regularizer`` settings, each marked with whether the config changed its default."""
@@ -197,6 +209,18 @@ class Run:
     def models(self) -> dict:
         """The step's models by name (``{"model": ...}``, or a GAN's generator and critic)."""
         return self.step.models
+
+
+def _choices() -> dict:
+    """The config group options the run chose (``choice/optimizer: adamw``), for HParams:
+    the class a group builds is otherwise only in the ``_target_`` keys left out there."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    choices = HydraConfig.get().runtime.choices
+    return {f"choice/{group}": str(option) for group, option in choices.items()
+            if option is not None and not group.startswith("hydra/")}
 
 
 def _run_dir(run_dir: str | os.PathLike | None) -> Path:
@@ -255,7 +279,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
         optimizer = _optimizer(cfg.optimizer, schedule, planned_updates(cfg, data))
         factory = instantiate_node(cfg.step)
         offered = _offered_step_arguments(cfg, model, optimizer, data.task)
-        step = factory(**step_kwargs(factory, offered))
+        step = _make_step(factory, step_kwargs(factory, offered))
         if cfg.precision == "mixed_float16":
             from trainer.optim import LossScale
 
@@ -271,7 +295,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
     trainer = instantiate_node(cfg.trainer)(
         callbacks=callbacks,
         run_dir=str(run_dir),
-        hparams=flat_hparams(container),
+        hparams={**flat_hparams(container), **_choices()},
         config_text=OmegaConf.to_yaml(cfg, resolve=True),
         distribution=distribution,
     )
@@ -345,11 +369,17 @@ def run_or_exit(cfg: DictConfig):
 
     A user error exits 2 with one line on stderr; a run preempted by SIGTERM or SIGINT
     exits ``EXIT_PREEMPTED`` (75) after saving, with one line saying how to resume.
+    In a sweep (``-m``), a job that fails that way (a diverging trial, a bad value of a
+    swept key) prints its line and returns NaN instead, so the sweep goes on and Optuna
+    records a failed trial. A non-finite objective is NaN too: neither the best nor a
+    value a sweeper would compare.
     """
     try:
         metrics = run(cfg)
     except (UserError, FloatingPointError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
+        if _in_sweep():
+            return math.nan
         sys.exit(2)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
@@ -370,7 +400,15 @@ def run_or_exit(cfg: DictConfig):
         print(f"error: optimized_metric={key!r} is not one of {sorted(metrics)}", file=sys.stderr)
         sys.exit(2)
     value = metrics[key]
-    return value if math.isfinite(value) else math.inf
+    return value if math.isfinite(value) else math.nan
+
+
+def _in_sweep() -> bool:
+    """Whether this job is one of a multirun's (``python -m trainer -m ...``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _one_line(error: Exception) -> str:
