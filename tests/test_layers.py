@@ -27,7 +27,8 @@ LAYERS = [
                  "trainer.preemption", "trainer.calibrate"]),
     ("driver", ["trainer.run", "trainer.__main__", "trainer.lock", "trainer.validation",
                 "trainer.experiments", "trainer.launch", "trainer.export_data",
-                "trainer.summary"]),
+                "trainer.summary", "trainer.inference",
+                "trainer.evaluate", "trainer.predict"]),
 ]
 
 

@@ -33,6 +33,12 @@ class Data:
         """Width of the model's output layer."""
         raise NotImplementedError
 
+    def prepare(self, x):
+        """Raw features (as the data set's files hold them) prepared as training saw them:
+        the data set's own preprocessing (the digits' scaling to [0, 1]), for
+        ``python -m trainer.predict`` on new inputs. Default: unchanged."""
+        return x
+
     def steps_per_epoch(self, split: str = "train") -> int:
         """Batches in one pass over ``split`` (``"train"`` or ``"val"``)."""
         raise NotImplementedError
@@ -76,6 +82,8 @@ class DataModule(Data):
             (``IteratorSource``); ``"auto"`` (default) holds them in memory when
             they take at most ``IN_MEMORY_MAX_BYTES`` and ``train_dataset`` is
             not overridden. Both give the same batches for the same seed.
+        preprocess: what the builder did to the raw features (``x / 16`` for the
+            digits), applied by ``prepare`` to new inputs at prediction time.
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class DataModule(Data):
         allow_nonfinite: bool = False,
         name: str = "data",
         in_memory="auto",
+        preprocess=None,
     ):
         if not (in_memory == "auto" or isinstance(in_memory, bool)):
             raise UserError(f"data.in_memory={in_memory!r} must be auto, true or false")
@@ -101,6 +110,7 @@ class DataModule(Data):
             raise UserError(f"data.batch_size={batch_size} must be at least 1")
         self.task = task
         self.name = name
+        self._preprocess = preprocess
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.shuffle = shuffle
@@ -149,6 +159,13 @@ class DataModule(Data):
             if y.ndim == 1:
                 y = y[:, None]
         return x, y
+
+    def prepare(self, x):
+        """Raw features through ``preprocess`` (given by the data set's builder), as float32."""
+        import numpy as np
+
+        x = np.asarray(x, dtype=np.float32)
+        return x if self._preprocess is None else np.asarray(self._preprocess(x), np.float32)
 
     @property
     def input_shape(self) -> tuple[int, ...]:

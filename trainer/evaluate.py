@@ -1,0 +1,68 @@
+"""``python -m trainer.evaluate RUN_DIR``: a trained run's loss and metrics on its validation data.
+
+    python -m trainer.evaluate outputs/dense/runs/2026-11-28_12-00-00
+    python -m trainer.evaluate RUN_DIR --checkpoint best data.path=other.npz --out eval.json
+
+The run is rebuilt from its own config (``trainer.inference.load_run``); ``key=value``
+overrides change it (another ``data.path``). Prints the metrics as JSON (the ``val/*``
+values training logged for the same weights and data) and writes them to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError
+
+
+def evaluate(run, batches) -> dict:
+    """Example-weighted means of ``run.step.test_step`` over ``batches``, keys ``val/...``."""
+    import tensorflow as tf
+
+    from trainer.keys import WEIGHT, float_logs
+
+    test_step = tf.function(lambda batch: float_logs(run.step.test_step(batch), batch))
+    sums, total = {}, 0.0
+    for x, y in batches:
+        logs = test_step((tf.constant(x), tf.constant(y)))
+        weight = float(logs.pop(WEIGHT))
+        logs.pop("__sampled__", None)
+        total += weight
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * weight
+    return {f"val/{k}": v / total for k, v in sums.items()}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a directory python -m trainer wrote")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the run's config")
+    p.add_argument("--checkpoint", help="latest, best or a checkpoint path (default: the "
+                                        "run's model.keras)")
+    p.add_argument("--out", help="also write the metrics to this JSON file")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from trainer.inference import load_run
+
+        run = load_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
+        metrics = evaluate(run, run.data.validation_batches())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(metrics, indent=2, sort_keys=True)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
