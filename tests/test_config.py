@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_object
 from omegaconf import MISSING, OmegaConf
@@ -39,7 +40,14 @@ def data_files(tmp_path):
     shards.mkdir()
     write_shards(shards, x_train=x[:30], y_train=y[:30], x_val=x[30:], y_val=y[30:],
                  task="classification", num_outputs=2, shards=2)
-    return {"npz": [f"data.path={tmp_path / 'd.npz'}"],
+    images = tmp_path / "images"
+    for label in ("a", "b"):
+        (images / label).mkdir(parents=True)
+        for i in range(5):
+            (images / label / f"{i}.png").write_bytes(
+                tf.io.encode_png(np.full((4, 4, 1), 40 * i, np.uint8)).numpy())
+    return {"images": [f"data.path={images}", "data.batch_size=4"],
+            "npz": [f"data.path={tmp_path / 'd.npz'}"],
             "csv": [f"data.path={tmp_path / 'd.csv'}", "data.target=label"],
             "tfrecord": [f"data.path={shards}", "data.batch_size=8"]}
 

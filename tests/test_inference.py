@@ -69,17 +69,23 @@ def test_predict_on_new_inputs_and_their_errors(finished, tmp_path, capsys):
     run_dir, _ = finished
     from trainer.data import digits
 
-    x = digits(batch_size=64).x_val[:5]
-    np.savez(tmp_path / "new.npz", x=x)
-    assert predict_main([str(run_dir), "--input", str(tmp_path / "new.npz"),
-                         "--out", str(tmp_path / "new.csv")]) == 0
-    assert len((tmp_path / "new.csv").read_text().splitlines()) == 6
+    # Raw pixels (0-16, as load_digits gives them): predict scales them as training did.
+    prepared = np.loadtxt(_predict(run_dir, tmp_path, "val.csv"), delimiter=",", skiprows=1)
+    np.savez(tmp_path / "new.npz", x=digits(batch_size=64).x_val[:5] * 16.0)
+    new = np.loadtxt(_predict(run_dir, tmp_path, "new.csv", "--input",
+                              str(tmp_path / "new.npz")), delimiter=",", skiprows=1)
+    np.testing.assert_allclose(new, prepared[:5], atol=1e-5)
     np.savez(tmp_path / "wide.npz", x=np.zeros((2, 63)))
     capsys.readouterr()
     assert predict_main([str(run_dir), "--input", str(tmp_path / "wide.npz")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("error: inputs have features of shape (63,), the run's model takes (64,); "
                    "check --input (and the run's data config)")
+
+
+def _predict(run_dir, tmp_path, name, *argv):
+    assert predict_main([str(run_dir), *argv, "--out", str(tmp_path / name)]) == 0
+    return tmp_path / name
 
 
 @pytest.mark.parametrize(("argv", "message"), [

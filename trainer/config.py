@@ -330,3 +330,38 @@ class ExportDataConfig(Config):
 
 SCHEMAS[("data", "base_tfrecord")] = TfrecordConfig
 SCHEMAS[(None, "base_export_data")] = ExportDataConfig
+
+
+# --- images: a Conv2D model (model=cnn) and folders of images (data=images) ----------------
+@dataclass
+class CnnConfig:
+    _target_: str = "trainer.models.cnn"
+    _partial_: bool = True
+    # One block (conv, batch norm, activation, 2x2 max pooling) per entry.
+    filters: List[int] = field(default_factory=lambda: [32, 64])
+    kernel_size: int = 3
+    # Units of the Dense layer before the head; 0 leaves it out.
+    dense_units: int = 128
+    activation: str = "relu"
+    batch_norm: bool = True
+    dropout: float = 0.25
+    name: str = "cnn"
+
+
+@dataclass
+class ImagesConfig(_DataCommon):
+    _target_: str = "trainer.data.images"
+    # DIR/<class>/*.png, or DIR/train and DIR/val holding the same class sub-folders.
+    path: str = MISSING
+    # [height, width] every image is resized to; null: the first image's size.
+    image_size: Optional[List[int]] = None
+    # grayscale, rgb or rgba: 1, 3 or 4 channels.
+    color_mode: str = "rgb"
+    interpolation: str = "bilinear"
+    # Keras' validation_split and its seed (unused with DIR/train and DIR/val).
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+SCHEMAS[("model", "base_cnn")] = CnnConfig
+SCHEMAS[("data", "base_images")] = ImagesConfig

@@ -1,9 +1,12 @@
-"""Data sets: digits (default), synthetic, the user's own npz and CSV files, TFRecord shards."""
+"""Data sets: digits (default), synthetic, the user's own npz and CSV files, TFRecord shards,
+folders of images."""
 
 from trainer.data.base import Data, DataModule
 from trainer.data.digits import digits
 from trainer.data.files import csv_file, npz
+from trainer.data.images import ImageFolderData, images
 from trainer.data.synthetic import synthetic
 from trainer.data.tfrecord import tfrecord
 
-__all__ = ["Data", "DataModule", "csv_file", "digits", "npz", "synthetic", "tfrecord"]
+__all__ = ["Data", "DataModule", "ImageFolderData", "csv_file", "digits", "images", "npz",
+           "synthetic", "tfrecord"]

@@ -14,6 +14,7 @@ def digits(
     seed: int = 0,
     shuffle: bool = True,
     classes: list[int] | None = None,
+    images: bool = False,
     in_memory="auto",
 ) -> DataModule:
     """1,797 digit images as 64 features scaled to [0, 1], 10 classes, stratified fixed split.
@@ -21,6 +22,8 @@ def digits(
     ``classes`` keeps only those digits, relabelled ``0..k-1`` in the order given
     (``[5, 6, 7, 8, 9]``: digit 5 becomes class 0). The split is made first, so a
     subset's validation images are exactly the full split's images of those digits.
+    ``images`` gives each example as an 8x8x1 image (height, width, channels; for
+    convolutional models) instead of 64 flat features: the same pixels and split.
     """
     from sklearn.datasets import load_digits
 
@@ -32,9 +35,17 @@ def digits(
     if classes is not None:
         x_tr, y_tr = _keep(x_tr, y_tr, classes)
         x_va, y_va = _keep(x_va, y_va, classes)
+    if images:
+        x_tr, x_va = x_tr.reshape(-1, 8, 8, 1), x_va.reshape(-1, 8, 8, 1)
+    def preprocess(x):
+        flat = x.ndim == 2 and x.shape[1] == 64
+        return (x.reshape(-1, 8, 8, 1) if images and flat else x) / 16.0
+
     return DataModule(
         x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task="classification",
         batch_size=batch_size, seed=seed, shuffle=shuffle, name="digits", in_memory=in_memory,
+        # New raw inputs (pixels 0-16, as load_digits gives them) for trainer.predict.
+        preprocess=preprocess,
     )
 
 
