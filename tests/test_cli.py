@@ -87,7 +87,8 @@ def test_multirun_jobs_in_the_real_tensorboard_hparams_dashboard(tmp_path):
         assert {"0/tb", "0/tb/train", "0/tb/val", "1/tb"} <= set(runs)
         experiment = _post(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
         metric_names = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
-        assert {("val", "accuracy"), ("val", "loss"), ("train", "loss")} <= metric_names
+        assert {("", "epoch/val/accuracy"), ("", "epoch/val/loss"),
+                ("", "epoch/train/loss")} <= metric_names
         assert not any(tag.startswith("grad_norm/") for _, tag in metric_names)
         groups = _post(f"{base}/data/plugin/hparams/session_groups", {
             "experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": [],
@@ -101,7 +102,8 @@ def test_multirun_jobs_in_the_real_tensorboard_hparams_dashboard(tmp_path):
                 saved["train/learning_rate"])
             values = {(m["name"]["group"], m["name"]["tag"]): m["value"]
                       for m in group["metricValues"]}
-            assert values[("val", "accuracy")] == pytest.approx(saved["val/accuracy"])
+            assert values[("", "epoch/val/accuracy")] == pytest.approx(saved["val/accuracy"])
+            assert values[("", "epoch/train/loss")] == pytest.approx(saved["train/loss"])
     finally:
         server.terminate()
         server.wait(timeout=30)

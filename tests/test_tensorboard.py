@@ -18,7 +18,9 @@ from tests.helpers import regression_data
 from tests.tb_reader import load, scalars
 from trainer import TapeStep, TensorBoardCallback, Trainer
 from trainer.callbacks import Callback
+from trainer.callbacks.tensorboard import histogram_variables
 from trainer.experiments.plot import ImageCallback
+from trainer.pacing import MIN_EXECUTIONS, Pacing
 from trainer.run import run
 
 
@@ -76,6 +78,96 @@ def test_histograms_of_weights_and_gradients(dense_run):
     assert all(v > 0 for _, v in scalars(acc, f"grad_norm/{kernel}"))
 
 
+def test_hparams_metrics_are_each_epochs_train_and_val_logs(dense_run):
+    """The session's metrics are the epochs' logs (training: the epoch's means, as in
+    history.jsonl and metrics.json), in the session's own run, validation named first:
+    the HParams dashboard shows the first five, and compares their last values."""
+    run_dir, metrics = dense_run
+    root = load(run_dir / "tb")
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy"):
+        assert scalars(root, f"epoch/{key}") == [
+            (epoch["step"], pytest.approx(epoch[key])) for epoch in history], key
+    assert scalars(root, "epoch/train/loss")[-1][1] == pytest.approx(metrics["train/loss"])
+    content = root.PluginTagToContent(hp_metadata.PLUGIN_NAME)[hp_metadata.EXPERIMENT_TAG]
+    infos = hp_metadata.parse_experiment_plugin_data(content).metric_infos
+    names = [m.display_name for m in infos]
+    assert names[:4] == ["val/accuracy", "val/loss", "train/accuracy", "train/loss"]
+    assert set(names[4:]) == {"train/grad_norm", "train/learning_rate"}
+    assert all(m.name.group == "" and m.name.tag == f"epoch/{m.display_name}" for m in infos)
+
+
+def test_histograms_leave_out_the_dropout_random_state(dense_run):
+    """The dense MLP has dropout, whose seed generators are int64 model variables: their
+    ``seed_generator_state`` is not a weight and gets no histogram."""
+    run_dir, _ = dense_run
+    tags = {t for t in load(run_dir / "tb" / "train").Tags()["tensors"]
+            if t.startswith("weights/")}
+    model = keras.models.load_model(run_dir / "model.keras")
+    assert sum(v.name == "seed_generator_state" for v in model.variables) == 2
+    assert tags == {f"weights/mlp/{layer}/{kind}" for layer in ("dense_0", "dense_1", "head")
+                    for kind in ("kernel", "bias")}
+
+
+def test_histogram_variables_are_the_float_ones():
+    """Float state (batch-norm statistics) keeps its histogram; random-number state
+    (dropout, noise layers) and other non-float variables (an int counter) do not."""
+
+    class Counter(keras.layers.Layer):
+        def build(self, input_shape):
+            self.count = self.add_weight(shape=(), dtype="int32", initializer="zeros",
+                                         trainable=False, name="count")
+
+        def call(self, x):
+            return x
+
+    model = keras.Sequential([
+        keras.Input((3,)), keras.layers.Dense(4, name="d"),
+        keras.layers.BatchNormalization(name="bn"), keras.layers.Dropout(0.5, seed=1),
+        keras.layers.GaussianNoise(0.1, seed=2), Counter(name="counter"),
+    ], name="m")
+    kept = [v.path for v in histogram_variables(model)]
+    assert kept == ["m/d/kernel", "m/d/bias", "m/bn/gamma", "m/bn/beta", "m/bn/moving_mean",
+                    "m/bn/moving_variance"]
+    left_out = {v.name for v in model.variables if v.path not in kept}
+    assert left_out == {"seed_generator_state", "count"}
+
+
+def test_auto_pacing_gives_a_short_run_a_curve():
+    """A run of known length is split into at least ``MIN_EXECUTIONS`` executions with
+    ``steps_per_execution=auto``; a fixed count is used as is, and long runs keep the
+    timed count (the cap is above it)."""
+    assert Pacing("auto", planned_steps=46).steps == 2  # 2 epochs of 23: 23 executions
+    assert Pacing("auto", planned_steps=10).steps == 1
+    assert Pacing("auto").steps == Pacing("auto", planned_steps=10**7).steps == 16
+    assert Pacing(8, planned_steps=46).steps == 8
+    pace = Pacing("auto", planned_steps=10**6)  # 50,000 steps per execution at most
+    for _ in range(5):
+        pace.observe(pace.steps, pace.steps / 20_000.0, traced=False)
+    assert pace.steps == 10_000  # 0.5 s at 20,000 steps/s
+    pace.planned_steps = 46  # fit again on a shorter plan: the cap follows it
+    assert pace.steps == 2
+    # Up to each boundary, executions of equal sizes: an epoch of 23 steps in a run of 230
+    # (at most 11 a time) runs 8, 8, 7, not 11, 11 and a point of one batch.
+    pace = Pacing("auto", planned_steps=230)
+    assert [pace.steps_for(left) for left in (23, 15, 7)] == [8, 8, 7]
+    assert [Pacing(10).steps_for(left) for left in (23, 13, 3)] == [10, 10, 3]  # as given
+
+
+def test_a_short_auto_paced_run_logs_a_training_curve(tmp_path):
+    """The issue's case: 2 epochs of 23 steps logged 3 training points (16, 23, 46) with
+    ``steps_per_execution=auto``; now every execution's logs, at least 20 of them."""
+    data = regression_data(n=23 * 16, batch_size=16)
+    step = TapeStep(model=keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]),
+                    optimizer=keras.optimizers.SGD(0.05), task="regression")
+    tb = TensorBoardCallback(histogram_every_n_steps=0)
+    Trainer(epochs=2, steps_per_execution="auto", callbacks=[tb], run_dir=str(tmp_path)).fit(
+        step, data)
+    steps = [s for s, _ in scalars(load(tmp_path / "tb" / "train"), "loss")]
+    assert len(steps) >= MIN_EXECUTIONS
+    assert steps == sorted(set(steps)) and 23 in steps and steps[-1] == 46
+
+
 def test_config_text_and_hparams(dense_run):
     run_dir, _ = dense_run
     acc = load(run_dir / "tb")
@@ -86,7 +178,8 @@ def test_config_text_and_hparams(dense_run):
         data[hp_metadata.SESSION_START_INFO_TAG])
     assert start.hparams["optimizer.learning_rate"].number_value == pytest.approx(1e-3)
     assert start.hparams["model.hidden_units"].string_value == "[256, 128]"
-    assert start.hparams["data._target_"].string_value == "trainer.data.digits"
+    # How nodes are built is not a hyperparameter (no _target_/_partial_ entries).
+    assert not [k for k in start.hparams if "_target_" in k or "_partial_" in k]
 
 
 def test_outputs_of_a_run(dense_run):
@@ -156,7 +249,7 @@ class Shade(ImageCallback):
         return np.full((4, 4, 3), self.shade, np.uint8)
 
 
-def _fit_linear(run_dir, *, spe, start_step=0, shade=0) -> Logged:
+def _fit_linear(run_dir, *, spe, start_step=0, shade=0, hparams=None) -> Logged:
     """A linear regression fit of 3 epochs from ``start_step`` (the weights fresh, named
     alike in every process, so both runs write the same tags), with images of ``shade``
     in their own event file; what it logged."""
@@ -167,7 +260,7 @@ def _fit_linear(run_dir, *, spe, start_step=0, shade=0) -> Logged:
     logged = Logged()
     tb = TensorBoardCallback(histogram_every_n_steps=5, histogram_min_interval_seconds=0)
     trainer = Trainer(epochs=3, steps_per_execution=spe, callbacks=[Shade(shade), tb, logged],
-                      run_dir=run_dir)
+                      run_dir=run_dir, hparams=hparams)
     trainer.global_step.assign(start_step)  # what restoring a checkpoint of that step does
     trainer.fit(step, regression_data())
     return logged
@@ -201,6 +294,19 @@ def test_resumed_run_replaces_the_interrupted_points(resumed_run):
     val = load(run_dir / "tb" / "val")
     expected_val = {PER_EPOCH: first.val[PER_EPOCH]} | second.val
     assert scalars(val, "loss") == [(s, pytest.approx(v)) for s, v in sorted(expected_val.items())]
+
+
+def test_resumed_run_continues_the_hparams_sessions_epoch_metrics(tmp_path):
+    """With an HParams session the root run holds each epoch's logs (``epoch/...``); a
+    resumed run replaces the interrupted one's past the resume there too."""
+    first = _fit_linear(tmp_path, spe=2, hparams={"lr": 0.05})
+    second = _fit_linear(tmp_path, spe=4, start_step=RESUMED_AT, shade=255,
+                         hparams={"lr": 0.05})
+    expected = {PER_EPOCH: first.val[PER_EPOCH]} | second.val
+    root = load(tmp_path / "tb")
+    assert scalars(root, "epoch/val/loss") == [
+        (s, pytest.approx(v)) for s, v in sorted(expected.items())]
+    assert [s for s, _ in scalars(root, "epoch/train/loss")] == sorted(expected)
 
 
 def test_resumed_run_histograms_and_texts_once_per_step(resumed_run):

@@ -80,6 +80,7 @@ def _optimizer(node, schedule=None, total_steps: int = 0):
     """The configured Keras optimizer, split into parameter groups if ``groups`` is set;
     with ``schedule`` (the schedule group's factory) its learning rate is the peak of it."""
     spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    spec = _float_rates(spec)
     if schedule is not None:
         from trainer.schedules import apply_schedule
 
@@ -91,6 +92,18 @@ def _optimizer(node, schedule=None, total_steps: int = 0):
 
         return GroupedOptimizer(optimizer, groups=groups)
     return optimizer
+
+
+def _float_rates(spec):
+    """A learning rate given as an integer (``optimizer.learning_rate=3``) as a float: the
+    schema types it Any (a number or a schedule node), and Keras wants a float."""
+    if not isinstance(spec, dict):
+        return spec
+    out = {k: _float_rates(v) for k, v in spec.items()}
+    rate = out.get("learning_rate")
+    if isinstance(rate, int) and not isinstance(rate, bool):
+        out["learning_rate"] = float(rate)
+    return out
 
 
 # --- the step's arguments ----------------------------------------------------------------

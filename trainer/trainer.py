@@ -411,6 +411,9 @@ class Trainer:
             self._fit_flags = flags
         if self._pace is None or self._pace.setting != self.steps_per_execution:
             self._pace = Pacing(self.steps_per_execution)
+        # The whole run's steps: auto pacing splits it into at least MIN_EXECUTIONS executions.
+        self._pace.planned_steps = min(self.epochs * self.steps_per_epoch,
+                                       self.max_steps or math.inf)
         # A run that a callback stopped (early stopping) stays stopped when resumed.
         self.stop_training, self._stopped_when_restored = self._stopped_when_restored, False
         self._preemption, self._cut_short = Preemption(), False
@@ -456,7 +459,7 @@ class Trainer:
             while (position := global_step - epoch * per_epoch) < per_epoch:
                 if self._budget_left(global_step) <= 0 or self.stop_training:
                     break
-                n = min(self._pace.steps, per_epoch - position, self._budget_left(global_step))
+                n = self._pace.steps_for(min(per_epoch - position, self._budget_left(global_step)))
                 n, signalled = self._agree(n)
                 if signalled:
                     break

@@ -21,6 +21,10 @@ from trainer.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
+#: The tag prefix of each epoch's ``train/`` and ``val/`` logs in the log dir's root run,
+#: where the HParams session reads its metrics.
+EPOCH = "epoch"
+
 
 class TensorBoardCallback(Callback):
     """Writes event files under ``<log_dir>/train`` and ``<log_dir>/val``.
@@ -28,16 +32,21 @@ class TensorBoardCallback(Callback):
     - every execution: the train logs (``loss``, metrics, ``grad_norm``,
       ``learning_rate``, ``time/steps_per_second``) into ``train``;
     - every epoch: the validation logs into ``val`` under the same tags, so
-      TensorBoard draws train and validation on one chart;
+      TensorBoard draws train and validation on one chart; with an HParams session
+      (``trainer.hparams``), also the epoch's ``train/`` and ``val/`` logs (as in
+      ``history.jsonl``: the training values are the epoch's means) into the log dir
+      itself as ``epoch/train/loss``, ...: the session's metrics, whose last values the
+      HParams dashboard compares (the last execution's means would be a few batches');
     - at the start and every ``histogram_every_n_steps`` steps (at the first
       execution boundary at or past each multiple; 0 turns them off), but not
       within ``histogram_min_interval_seconds`` of the previous ones (a held-back
-      set is written at the first boundary after that): histograms of every weight
-      of ``trainer.models`` and of its gradient on a fixed probe batch
+      set is written at the first boundary after that): histograms of every float
+      variable of ``trainer.models`` (not dropout's random-number state,
+      ``histogram_variables``) and of each trainable one's gradient on a fixed probe batch
       (``trainer.gradients_by_path()``), and ``grad_norm/<path>`` per variable;
     - at the start: the resolved config and the variable table (path, shape,
       parameters, trainable or frozen) as text, and the HParams session
-      (``log_dir`` itself is the session, ``train``/``val`` its metric groups).
+      (``log_dir`` itself is the session; at the end, its metrics are named).
 
     Args:
         log_dir: relative to the run directory unless absolute.
@@ -128,7 +137,9 @@ class TensorBoardCallback(Callback):
                 # start; a carried copy at the same step would be a second point there.
                 rewritten = ("grad_norm/",) if name == "train" and self.histogram_every_n_steps \
                     else ()
-                keep_until = global_step - 1 if name == "val" and reevaluates else global_step
+                # Epoch-end points (val/, and epoch/ in the root): an epoch evaluated again
+                # at this step replaces them.
+                keep_until = global_step - 1 if name != "train" and reevaluates else global_step
                 # Before this process's own files exist, so it is read before them.
                 write_restart_marker(dirs[name], keep_until, files, rewritten=rewritten)
         self.writers = {name: tf.summary.create_file_writer(str(d)) for name, d in dirs.items()}
@@ -147,33 +158,42 @@ class TensorBoardCallback(Callback):
 
     def on_epoch_end(self, trainer, epoch, logs):
         self._scalars({k: v for k, v in logs.items() if k.startswith("val/")}, logs["step"])
+        if trainer.hparams:  # the HParams session's metrics, the epoch's values
+            self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", "val/"))},
+                          logs["step"], epoch=True)
         if self._flush_when.due(logs["step"]):
             for w in self.writers.values():
                 w.flush()
 
     def on_fit_end(self, trainer, logs):
         if trainer.hparams:
-            # Name the metrics the HParams dashboard compares (epoch-level train and val
-            # values), instead of letting it offer every scalar tag of the run.
-            metrics = [hp.Metric(k.partition("/")[2], group=k.partition("/")[0])
-                       for k in sorted(logs) if k.startswith(("train/", "val/"))]
+            # Name the metrics the HParams dashboard compares, instead of letting it offer
+            # every scalar tag of the run: the last epoch's train and val values, from the
+            # session's own run. It shows the first five as columns: validation first.
+            metrics = [hp.Metric(f"{EPOCH}/{k}", display_name=k)
+                       for k in sorted(logs, key=_metric_order)
+                       if k.startswith(("train/", "val/"))]
             with self._writer("").as_default(step=trainer.current_step):
                 hp.hparams_config(hparams=[hp.HParam(k) for k in sorted(trainer.hparams)],
                                   metrics=metrics)
         for w in self.writers.values():
             w.flush()
 
-    def _scalars(self, logs, step):
+    def _scalars(self, logs, step, *, epoch: bool = False):
+        """``logs`` at ``step``: ``train/x`` as ``x`` in ``train``, ``val/x`` in ``val``,
+        other keys in ``train``; with ``epoch``, every key as ``epoch/<key>`` in the root."""
         keys = tuple(logs)
-        plan = self._scalar_plans.get(keys)
+        plan = self._scalar_plans.get((keys, epoch))
         if plan is None:  # one compiled writer per group, traced once per set of keys
             groups = {}
             for key in keys:
                 group, _, tag = key.partition("/")
-                if group not in ("train", "val"):
+                if epoch:
+                    group, tag = "", f"{EPOCH}/{key}"
+                elif group not in ("train", "val"):
                     group, tag = "train", key
                 groups.setdefault(group, []).append((key, tag))
-            plan = self._scalar_plans[keys] = [
+            plan = self._scalar_plans[keys, epoch] = [
                 ([k for k, _ in items], _scalar_writer(self._writer(group), [t for _, t in items]))
                 for group, items in groups.items()
             ]
@@ -188,6 +208,14 @@ class TensorBoardCallback(Callback):
             self._histograms(tf.constant(global_step, tf.int64), trainer.gradients_by_path())
 
 
+def _metric_order(key: str) -> tuple:
+    """HParams metrics: ``val/`` first, then ``train/`` loss and metrics, then the step's
+    state (``grad_norm``, ``learning_rate``, counters), each alphabetically."""
+    group, _, tag = key.partition("/")
+    state = tag.startswith(("grad_norm", "learning_rate")) or "/" in tag
+    return group != "val", state, tag
+
+
 def _scalar_writer(writer, tags):
     """A compiled ``(step, values) -> None`` writing ``values[i]`` as scalar ``tags[i]``."""
 
@@ -199,10 +227,21 @@ def _scalar_writer(writer, tags):
     return tf.function(write, autograph=False)
 
 
+def histogram_variables(model) -> list:
+    """The variables of ``model`` that get a ``weights/`` histogram: its float ones.
+
+    Left out: random-number state (the ``seed_generator_state`` of dropout and noise
+    layers, an int64 counter that says nothing about the weights, and would be drawn
+    as if it were one) and any other non-float variable (counters, lookup indices).
+    """
+    return [v for v in model.variables
+            if v.name != "seed_generator_state" and tf.as_dtype(v.dtype).is_floating]
+
+
 def _histograms(writer, step, grads, models):
     with writer.as_default():
         for model in models:
-            for v in model.variables:
+            for v in histogram_variables(model):
                 _histogram(f"weights/{v.path}", v.value, step)
         for path, g in grads.items():
             _histogram(f"gradients/{path}", g, step)
