@@ -12,7 +12,10 @@ input-gradient penalty on A and B, every step and every 16; D overheads
 (TensorBoard, checkpoints, eager, time to first step); E endurance (resident
 memory and open file handles over 5,000 steps of nested- and persistent-tape
 steps with TensorBoard and checkpoints on, in a child process:
-``benchmarks/endurance.py``).
+``benchmarks/endurance.py``); F scale (mixed precision, TFRecord shards, gradient
+accumulation, a mirrored strategy in a child process, jit_compile=auto's choice:
+``benchmarks/scale.py``). ``--groups F --merge`` adds one group's results to the
+recorded ones.
 """
 
 from __future__ import annotations
@@ -211,8 +214,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--windows", type=int, help="timed windows per variant (7; quick 2)")
     parser.add_argument("--window-seconds", type=float,
                         help="seconds per window (0.7; quick 0.1)")
-    parser.add_argument("--groups", default="A,B,D,E", help="groups to run (default A,B,D,E; "
-                        "C is timed within A and B)")
+    parser.add_argument("--groups", default="A,B,D,E,F", help="groups to run (default "
+                        "A,B,D,E,F; C is timed within A and B)")
+    parser.add_argument("--merge", action="store_true", help="keep the other groups' results "
+                        "from the existing JSON output (and report all of them)")
     parser.add_argument("--out", type=Path, help="JSON output (benchmarks/results.json; quick: "
                         "benchmarks/quick.json)")
     parser.add_argument("--markdown", type=Path, help="report (benchmarks/RESULTS.md; quick: "
@@ -229,7 +234,7 @@ def main(argv=None) -> dict:
     import keras
     import tensorflow as tf
 
-    from benchmarks.report import markdown_report, summarize, table
+    from benchmarks.report import markdown_report, merge, summarize, table
 
     # Dozens of trainers trace the same loop code here, which TensorFlow reports as retracing.
     tf.get_logger().setLevel("ERROR")
@@ -237,7 +242,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     result = {"machine": machine(), "load_before": load(),
               "settings": {"quick": args.quick, "windows": windows,
-                           "window_seconds": window_seconds},
+                           "window_seconds": window_seconds, "groups": args.groups.split(",")},
               "first_step": {}, "groups": {}}
     log(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
         f"{result['load_before']}")
@@ -252,6 +257,13 @@ def main(argv=None) -> dict:
             log("group E: endurance, in a child process")
             result["endurance"] = run_in_subprocess(args.quick, log=log)
             continue
+        if name == "F":  # in-process variants, then a mirrored pair in a child process
+            from benchmarks.scale import run_group
+
+            log("group F: scale")
+            result["groups"]["F"] = run_group(args.quick, windows=windows,
+                                              window_seconds=window_seconds, log=log)
+            continue
         log(f"group {name}: {len(groups[name])} variants")
         result["groups"][name] = measure(groups.pop(name), windows=windows,
                                          window_seconds=window_seconds, log=log)
@@ -259,6 +271,8 @@ def main(argv=None) -> dict:
         keras.backend.clear_session()
     result["load_after"] = load()
     result["seconds"] = time.perf_counter() - started
+    if args.merge and out.exists():
+        result = merge(json.loads(out.read_text()), result)
     result["cases"], result["targets"] = summarize(result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")

@@ -1,4 +1,8 @@
-"""Ratios against the targets, the printed table and benchmarks/RESULTS.md, from the JSON."""
+"""Ratios against the targets, the printed table and benchmarks/RESULTS.md, from the JSON.
+
+``python -m benchmarks.report`` writes RESULTS.md again from results.json (the targets
+read off the recorded rows), without measuring anything.
+"""
 
 from __future__ import annotations
 
@@ -171,7 +175,50 @@ def summarize(result: dict) -> tuple[dict, list]:
                    "<=", 0.05)
             target("E", f"E {name}: open file handles growth", r["open_files_growth"], "<=", 0)
         cases["E"] = case
+    f = groups.get("F")
+    if f:
+        from benchmarks.scale import summarize as scale_summary
+
+        cases["F"] = scale_summary(f, target)
     return cases, targets
+
+
+def measured_groups(result: dict) -> list:
+    """The groups a result holds (C is timed within A and B, D's time to first step is
+    ``first_step``, E's results are ``endurance``)."""
+    if "settings" in result and "groups" in result["settings"]:
+        return list(result["settings"]["groups"])
+    return sorted(set(result["groups"]) | ({"E"} if result.get("endurance") else set()))
+
+
+def _runs(result: dict) -> list:
+    """Each run that measured part of ``result``: its groups, machine, load, duration."""
+    if result.get("runs"):
+        return result["runs"]
+    return [{"groups": measured_groups(result),
+             **{k: result[k] for k in ("machine", "load_before", "load_after", "seconds",
+                                       "settings")}}]
+
+
+def merge(earlier: dict, later: dict) -> dict:
+    """``later``'s groups added to ``earlier``'s results, replacing the groups it measured
+    again (``python -m benchmarks.bench --groups F --merge``). ``runs`` lists each run
+    whose results are kept: its groups, machine, load and duration."""
+    measured = set(measured_groups(later))
+    kept = []
+    for run in _runs(earlier):
+        groups = [g for g in run["groups"] if g not in measured]
+        if groups:
+            kept.append({**run, "groups": groups})
+    merged = dict(later)
+    merged["groups"] = {**{g: v for g, v in earlier["groups"].items() if g not in measured},
+                        **later["groups"]}
+    if "E" not in measured and earlier.get("endurance"):
+        merged["endurance"] = earlier["endurance"]
+    if "D" not in measured:
+        merged["first_step"] = earlier.get("first_step", {})
+    merged["runs"] = kept + _runs(later)
+    return merged
 
 
 READING = """\
@@ -226,16 +273,35 @@ def markdown_report(result: dict) -> str:
         "# Benchmark results",
         "",
         "Produced by `python -m benchmarks.bench` (this file and `benchmarks/results.json` "
-        "are rewritten by each full run).",
+        "are rewritten by each full run; `--groups F --merge` replaces one group's).",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores; {m['platform']}",
-        f"- Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}",
-        f"- Load before: `{result['load_before']}`",
-        f"- Load after: `{result['load_after']}`",
-        f"- {s['windows']} timed windows of about {s['window_seconds']} s per variant, round "
-        f"robin within each group after a warm-up epoch; {result['seconds'] / 60:.1f} minutes "
-        "in all. Steps/s are medians over the windows; the spread is (max - min) / median. "
-        "Ratios are medians of the ratios window by window (each pair ran back to back).",
+    ]
+    runs = result.get("runs") or []
+    if len(runs) > 1:
+        for run in runs:
+            rm, rs = run["machine"], run["settings"]
+            groups = f"Group{'s' if len(run['groups']) > 1 else ''} {', '.join(run['groups'])}"
+            out += [f"- {groups}: {rm['cpu']}, {rm['cores']} cores; "
+                    f"{rm['platform']}; Python {rm['python']}, TensorFlow {rm['tensorflow']}, "
+                    f"Keras {rm['keras']}; {rs['windows']} timed windows of about "
+                    f"{rs['window_seconds']} s per variant; {run['seconds'] / 60:.1f} minutes",
+                    f"  - Load before: `{run['load_before']}`",
+                    f"  - Load after: `{run['load_after']}`"]
+        out.append("- Round robin within each group after a warm-up epoch. Steps/s are medians "
+                   "over the windows; the spread is (max - min) / median. Ratios are medians "
+                   "of the ratios window by window (each pair ran back to back).")
+    else:
+        out += [
+            f"- Machine: {m['cpu']}, {m['cores']} cores; {m['platform']}",
+            f"- Python {m['python']}, TensorFlow {m['tensorflow']}, Keras {m['keras']}",
+            f"- Load before: `{result['load_before']}`",
+            f"- Load after: `{result['load_after']}`",
+            f"- {s['windows']} timed windows of about {s['window_seconds']} s per variant, "
+            f"round robin within each group after a warm-up epoch; "
+            f"{result['seconds'] / 60:.1f} minutes in all. Steps/s are medians over the "
+            "windows; the spread is (max - min) / median. Ratios are medians of the ratios "
+            "window by window (each pair ran back to back)."]
+    out += [
         "",
         "## Targets",
         "",
@@ -269,9 +335,16 @@ def markdown_report(result: dict) -> str:
         out += ["", f"Matmul peak (2048x2048 float32): {b['peak_gflops']:.0f} GFLOP/s; the "
                 f"trainer's best B step reaches {100 * b['trainer_share_of_peak']:.0f}% of it, "
                 f"the hand-written loop {100 * b['hand_share_of_peak']:.0f}%."]
-    out += ["", "## Every variant", "",
+    scale = bool(result["cases"].get("F"))
+    if scale:
+        from benchmarks.scale import report_lines
+
+        out += report_lines(result)  # with a table of F's variants
+    out += ["", "## Every variant" + (" (F's: in its section)" if scale else ""), "",
             "| variant | steps/s (median) | min | max | spread |", "|---|---:|---:|---:|---:|"]
-    for group in result["groups"].values():
+    for group_name, group in result["groups"].items():
+        if scale and group_name == "F":
+            continue
         for name, r in group.items():
             unit = f" ({r['gflops']['median']:.0f} GFLOP/s)" if "gflops" in r else ""
             out.append(f"| {name}{unit} | {r['median']:,.0f} | {r['min']:,.0f} | "
@@ -307,3 +380,25 @@ def _endurance_report(e) -> list:
     for name, r in e["runs"].items():
         out.append(f"- {name}: " + ", ".join(f"{s}: {m:,.0f}" for s, m, _ in r["samples"]))
     return out
+
+
+def main(argv=None) -> None:
+    import argparse
+    import json
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, default=here / "results.json")
+    parser.add_argument("--markdown", type=Path, default=here / "RESULTS.md")
+    args = parser.parse_args(argv)
+    result = json.loads(args.json.read_text())
+    result["cases"], result["targets"] = summarize(result)
+    args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    args.markdown.write_text(markdown_report(result))
+    print(f"wrote {args.markdown} (and the targets in {args.json})")
+
+
+if __name__ == "__main__":
+    main()

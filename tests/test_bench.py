@@ -31,9 +31,9 @@ def test_quick_benchmark_reports_every_case(tmp_path):
         result["cases"]["D"])
     assert result["cases"]["B"]["peak_gflops"] > 0
     assert {"A+gp", "A+gp/16", "B+gp", "B+gp/16"} <= set(result["cases"]["C"])
-    for group in result["groups"].values():
-        for variant in group.values():
-            assert variant["median"] > 0 and len(variant["rates"]) == 2
+    for name, group in result["groups"].items():
+        for variant in group.values():  # F times twice the windows, half as long
+            assert variant["median"] > 0 and len(variant["rates"]) == (4 if name == "F" else 2)
     # E: short endurance runs of the nested-tape PINN and the persistent-tape multitask step.
     runs = result["endurance"]["runs"]
     assert set(runs) == {"pinn", "multitask"} == set(result["cases"]["E"])
@@ -64,7 +64,6 @@ def test_group_f_runs_every_kind_of_variant_on_toy_sizes(tmp_path):
     import keras
 
     from benchmarks import scale
-    from benchmarks.bench import measure
     from benchmarks.report import summarize
 
     planned = scale.variants(directory=tmp_path, tiny=True)
@@ -80,10 +79,12 @@ def test_group_f_runs_every_kind_of_variant_on_toy_sizes(tmp_path):
     chosen = [v for sub, group in planned.items() if sub in (
         "precision", "streaming", "accumulation", "auto/dense") for v in group
         if v.name not in copies] + [mirrored[1]]
-    rows = measure(chosen, windows=1, window_seconds=0.001, log=lambda msg: None)
+    rows = scale.measure_cpu(chosen, windows=1, window_seconds=0.001, log=lambda msg: None)
     assert keras.mixed_precision.global_policy().name == "float32"  # put back
     assert set(rows) == {v.name for v in chosen}
     assert all(r["median"] > 0 and len(r["rates"]) == 1 for r in rows.values())
+    assert all(len(r["cpu_ms_per_step"]) == 1 and r["cpu_ms_per_step_median"] > 0
+               for r in rows.values())
     by = {name.rsplit("/", 1)[1]: r for name, r in rows.items()}
     assert by["trainer-memory-bf16"]["precision"] == "mixed_bfloat16"
     assert by["trainer-memory-fp16"]["precision"] == "mixed_float16"
@@ -104,7 +105,7 @@ def test_group_f_runs_every_kind_of_variant_on_toy_sizes(tmp_path):
                 "mirrored2_vs_one_device"):
         assert f[key] > 0, key
     assert {t["case"] for t in targets} == {"F"} and len(targets) == 6
-    text = "\n".join(scale.report_lines({"cases": cases}))
+    text = "\n".join(scale.report_lines({"cases": cases, "groups": {"F": rows}}))
     assert "## F: scale" in text and "| dense |" in text
 
 
@@ -128,7 +129,7 @@ def test_merge_keeps_the_recorded_groups_and_lists_each_run():
     merged["cases"], merged["targets"] = summarize(merged)
     assert set(merged["cases"]) == {"A", "B", "C", "D", "E", "F"}
     text = markdown_report(merged)
-    assert "- Groups A, B, D, E:" in text and "- Groups F:" in text and "## F: scale" in text
+    assert "- Groups A, B, D, E:" in text and "- Group F:" in text and "## F: scale" in text
     # Merging again replaces F and keeps the rest.
     again = merge(merged, later)
     assert [r["groups"] for r in again["runs"]] == [["A", "B", "D", "E"], ["F"]]
