@@ -49,7 +49,7 @@ def _fails(tmp_path, *overrides, status=2) -> list[str]:
         pytest.param(["data=csv"], "error: config key data.path: Missing mandatory value",
                      id="missing-mandatory-value"),
         pytest.param(["optimizer.learning_rate=-1"],
-                     "error: optimizer.learning_rate=-1.0 must be a finite number >= 0",
+                     "error: optimizer.learning_rate=-1 must be a finite number >= 0",
                      id="negative-learning-rate"),
     ],
 )
