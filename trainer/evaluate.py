@@ -10,7 +10,6 @@ values training logged for the same weights and data) and writes them to ``--out
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,13 +35,10 @@ def evaluate(run, batches) -> dict:
     return {f"val/{k}": v / total for k, v in sums.items()}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a directory python -m trainer wrote")
-    p.add_argument("overrides", nargs="*", help="key=value changes to the run's config")
-    p.add_argument("--checkpoint", help="latest, best or a checkpoint path (default: the "
-                                        "run's model.keras)")
+def parser():
+    from trainer.inference import run_parser
+
+    p = run_parser("python -m trainer.evaluate", __doc__)
     p.add_argument("--out", help="also write the metrics to this JSON file")
     return p
 

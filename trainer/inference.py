@@ -25,6 +25,19 @@ class TrainedRun:
     weights: str
 
 
+def run_parser(prog: str, description: str):
+    """The arguments both commands take: the run dir, ``key=value`` overrides, --checkpoint."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a directory python -m trainer wrote")
+    p.add_argument("overrides", nargs="*", help="key=value changes to the run's config")
+    p.add_argument("--checkpoint", help="latest, best or a checkpoint path (default: the "
+                                        "run's model.keras)")
+    return p
+
+
 def load_run(run_dir: str, *, checkpoint: str | None = None, overrides=()) -> TrainedRun:
     """Rebuild the run in ``run_dir`` from its ``.hydra/config.yaml`` (plus ``overrides``,
     ``key=value`` strings: another ``data.path``) and load its trained weights: the

@@ -12,7 +12,6 @@ regression ``y_<k>``. ``--checkpoint`` and ``key=value`` overrides as for evalua
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
@@ -86,17 +85,15 @@ def write(predictions: dict, out: str) -> None:
             w.writerow([int(row[0]), *values] if classes else values)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", help="a directory python -m trainer wrote")
-    p.add_argument("overrides", nargs="*", help="key=value changes to the run's config")
+def parser():
+    from trainer.inference import run_parser
+
+    p = run_parser("python -m trainer.predict", __doc__)
     p.add_argument("--input", help="new inputs: .npz (array x) or .csv (numeric columns); "
                                    "default: the run's validation data")
     p.add_argument("--x-key", default="x", help="the array of an .npz input (default x)")
     p.add_argument("--out", default="predictions.csv", help=".csv or .npz (default "
                                                             "predictions.csv)")
-    p.add_argument("--checkpoint", help="latest, best or a checkpoint path")
     return p
 
 
