@@ -136,6 +136,9 @@ class DigitsConfig(_DataCommon):
     classes: Optional[List[int]] = None
     # Each example as an 8x8x1 image (for model=cnn) instead of 64 flat features.
     images: bool = False
+    # balanced, or {class: weight} (unlisted classes 1.0): weighs the training loss only.
+    # Any: OmegaConf 2.3 has no str/dict unions.
+    class_weight: Any = None
 
 
 @dataclass
@@ -148,6 +151,8 @@ class SyntheticConfig(_DataCommon):
     noise: float = 0.1
     data_seed: int = 0
     val_fraction: float = 0.25
+    # task=classification only: balanced, or {class: weight}; weighs the training loss.
+    class_weight: Any = None
 
 
 @dataclass
@@ -157,6 +162,8 @@ class _FileCommon(_DataCommon):
     val_fraction: float = 0.2
     split_seed: int = 0
     allow_nonfinite: bool = False
+    # balanced, or {class: weight} (unlisted classes 1.0): weighs the training loss only.
+    class_weight: Any = None
 
 
 @dataclass
@@ -164,6 +171,8 @@ class NpzConfig(_FileCommon):
     _target_: str = "trainer.data.npz"
     x_key: str = "x"
     y_key: str = "y"
+    # An array of per-example sample weights (and <w_key>_val, if present, the val set's).
+    w_key: Optional[str] = None
 
 
 @dataclass
@@ -171,6 +180,8 @@ class CsvConfig(_FileCommon):
     _target_: str = "trainer.data.csv_file"
     target: str = MISSING
     features: Optional[List[str]] = None
+    # A column of per-example sample weights; never a feature.
+    weight: Optional[str] = None
 
 
 @dataclass
@@ -267,6 +278,9 @@ class Config:
     schedule: Any = None
     callbacks: Dict[str, Any] = field(default_factory=dict)
     regularizer: Dict[str, Any] = field(default_factory=dict)
+    # keras.metrics objects by _target_, besides the task's accuracy or mae: kept over each
+    # epoch, logged as train/<name> and val/<name>.
+    metrics: List[Any] = field(default_factory=list)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     tape: TapeConfig = field(default_factory=TapeConfig)
     seed: int = 0

@@ -18,21 +18,25 @@ from trainer.errors import UserError
 
 
 def evaluate(run, batches) -> dict:
-    """Example-weighted means of ``run.step.test_step`` over ``batches``, keys ``val/...``."""
+    """``run.step.test_step`` over ``batches`` (``(x, y)`` or ``(x, y, weight)``), keys
+    ``val/...``: the example-weighted means of its logs and the step's Keras metrics."""
     import tensorflow as tf
 
     from trainer.keys import WEIGHT, float_logs
 
+    run.step.reset_metrics("val")
     test_step = tf.function(lambda batch: float_logs(run.step.test_step(batch), batch))
     sums, total = {}, 0.0
-    for x, y in batches:
-        logs = test_step((tf.constant(x), tf.constant(y)))
+    for batch in batches:
+        logs = test_step(tuple(tf.constant(part) for part in batch))
         weight = float(logs.pop(WEIGHT))
         logs.pop("__sampled__", None)
         total += weight
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + float(v) * weight
-    return {f"val/{k}": v / total for k, v in sums.items()}
+    metrics = {k: float(v) for k, v in run.step.metric_results("val").items()}
+    return {f"val/{k}": v for k, v in {**{k: v / total for k, v in sums.items()},
+                                         **metrics}.items()}
 
 
 def parser():

@@ -136,6 +136,12 @@ def export(cfg: DictConfig) -> dict:
     if any(a is None for a in arrays):
         raise UserError(f"data {type(data).__name__} holds no x_train/y_train/x_val/y_val "
                         "arrays to export; export a data set built on trainer.data.DataModule")
+    if getattr(data, "weighted", False):
+        # The shards hold x and y only: dropping the weights silently would change what a
+        # run on them learns.
+        raise UserError("the data is weighted, but TFRecord shards hold no per-example "
+                        "weights; export it without data.class_weight, data.w_key or "
+                        "data.weight")
     x_train, y_train, x_val, y_val = arrays
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))

@@ -1,19 +1,141 @@
-"""Stateless per-batch metrics; the loop averages them over examples."""
+"""Metrics: Keras metric objects kept over an epoch (``MetricSet``), and stateless helpers."""
 
 from __future__ import annotations
 
+import keras
 import tensorflow as tf
+
+from trainer.errors import UserError
 
 
 def accuracy(y_true, logits):
-    """Share of examples whose largest logit is the true class."""
+    """Share of examples whose largest logit is the true class (one batch, stateless)."""
     pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
     return tf.reduce_mean(tf.cast(tf.equal(pred, tf.cast(y_true, tf.int32)), tf.float32))
 
 
-def mae(y_true, y_pred):
-    """Mean absolute error."""
-    return tf.reduce_mean(tf.abs(tf.cast(y_true, y_pred.dtype) - y_pred))
+def default_metrics(task: str) -> list:
+    """The task's metric: accuracy for classification, mean absolute error for regression."""
+    if task == "classification":
+        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    if task == "regression":
+        return [keras.metrics.MeanAbsoluteError(name="mae")]
+    return []
 
 
-DEFAULT_METRICS = {"classification": {"accuracy": accuracy}, "regression": {"mae": mae}}
+def wants_sparse_labels(metric) -> bool:
+    """Whether a classification metric takes integer labels (Keras' ``Sparse*`` metrics) rather
+    than one-hot ones (``AUC``, ``Precision``, ``F1Score``, ``TopKCategoricalAccuracy``)."""
+    return type(metric).__name__.startswith("Sparse")
+
+
+class MetricSet:
+    """Keras metric objects of one split, kept over a whole epoch.
+
+    ``update`` adds a batch to every metric's state (inside the compiled step; under
+    a ``tf.distribute`` strategy each replica adds its rows to its own copy of the
+    metric's variables, which Keras creates ``ON_READ`` with ``SUM`` aggregation);
+    ``results`` reads them (outside the replicas, where reading sums the copies);
+    ``reset`` zeroes them. AUC, precision or F1 of an epoch are therefore the values
+    over all its examples, never a mean of batch values.
+
+    For classification the model outputs logits: each metric sees the softmax
+    probabilities, and the labels as integers (``Sparse*`` metrics) or one-hot.
+
+    Args:
+        metrics: ``keras.metrics.Metric`` objects; their names are the log keys
+            (a vector result, such as ``F1Score(average=None)``'s, logs one key per
+            entry: ``f1_score/0``, ``f1_score/1``, ...).
+        task: ``"classification"`` or ``"regression"``.
+    """
+
+    def __init__(self, metrics, *, task: str):
+        self.metrics = list(metrics)
+        self.task = task
+        names = [m.name for m in self.metrics]
+        for metric in self.metrics:
+            if not isinstance(metric, keras.metrics.Metric):
+                raise UserError(f"metrics: {metric!r} is not a keras.metrics.Metric; list metric "
+                                "objects, e.g. {_target_: keras.metrics.AUC}")
+            if names.count(metric.name) > 1:
+                raise UserError(f"metrics: two metrics are named {metric.name!r}; give one of "
+                                "them another name (name: ...)")
+            if metric.name == "loss" or "/" in metric.name:
+                raise UserError(f"metrics: {metric.name!r} cannot be a metric's name (it is "
+                                "taken by the loss or holds '/'); set name: ...")
+            if task == "classification" and metric.get_config().get("from_logits"):
+                raise UserError(f"metrics: {metric.name} has from_logits=true, but metrics see "
+                                "probabilities (the softmax of the model's logits); drop it")
+        #: Set when ``update`` is traced: a step that never updates its metrics reports none.
+        self.used = False
+
+    def clone(self) -> MetricSet:
+        """Fresh metrics of the same configuration (validation's own copies)."""
+        return MetricSet([type(m).from_config(m.get_config()) for m in self.metrics],
+                         task=self.task)
+
+    def __bool__(self) -> bool:
+        return bool(self.metrics)
+
+    @property
+    def variables(self) -> dict:
+        """The metrics' state variables by metric name (for checkpoints)."""
+        return {m.name: {str(i): v for i, v in enumerate(m.variables)} for m in self.metrics}
+
+    def build(self, num_outputs: int) -> None:
+        """Create the variables of metrics that make them on their first update (``F1Score``),
+        here rather than inside a traced step: on every replica (under a strategy), and
+        before the checkpoint lists them. A dummy update in the strategy's replica
+        context, then a reset. Call it in the strategy's scope."""
+        lazy = [m for m in self.metrics if not m.variables]
+        if not lazy:
+            return
+        y_pred = tf.zeros([1, num_outputs])
+        y_true = (tf.zeros([1], tf.int32) if self.task == "classification"
+                  else tf.zeros([1, num_outputs]))
+        tf.distribute.get_strategy().run(lambda: _update(lazy, self.task, y_true, y_pred, None))
+        for metric in lazy:
+            metric.reset_state()
+
+    def update(self, y_true, y_pred, sample_weight=None) -> None:
+        """Add one batch (this replica's rows of it) to every metric."""
+        self.used = True
+        _update(self.metrics, self.task, y_true, y_pred, sample_weight)
+
+    def results(self) -> dict:
+        """Each metric's result over the examples added since the last reset, by name."""
+        if not self.used:
+            return {}
+        out = {}
+        for metric in self.metrics:
+            value = tf.convert_to_tensor(metric.result())
+            if value.shape.rank == 0:
+                out[metric.name] = value
+            else:
+                for i, entry in enumerate(tf.unstack(tf.reshape(value, [-1]))):
+                    out[f"{metric.name}/{i}"] = entry
+        return out
+
+    def reset(self) -> None:
+        """Zero every metric (on the host, between executions)."""
+        for metric in self.metrics:
+            metric.reset_state()
+
+
+def _update(metrics, task, y_true, y_pred, sample_weight) -> None:
+    """``update_state`` of each metric, with the inputs ``MetricSet`` describes."""
+    if task != "classification":
+        for metric in metrics:
+            metric.update_state(y_true, y_pred, sample_weight=sample_weight)
+        return
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+    probabilities = tf.nn.softmax(y_pred)
+    one_hot = None
+    for metric in metrics:
+        if wants_sparse_labels(metric):
+            metric.update_state(labels, probabilities, sample_weight=sample_weight)
+            continue
+        if one_hot is None:
+            # Static width (the model's outputs): metrics such as F1Score need it.
+            one_hot = tf.one_hot(labels, y_pred.shape[-1], dtype=probabilities.dtype)
+        metric.update_state(one_hot, probabilities, sample_weight=sample_weight)

@@ -194,7 +194,31 @@ def _offered_step_arguments(cfg: DictConfig, model, optimizer, task) -> dict:
         "reset": StepArgument(
             instantiate_node(cfg.tape.reset) if when else None, "tape.reset",
             "remove tape.reset.when", at_default=not when),
+        "metrics": StepArgument(
+            metric_objects(cfg.get("metrics") or []), "metrics", "remove metrics",
+            at_default=not cfg.get("metrics")),
     }
+
+
+def metric_objects(nodes) -> list:
+    """The ``metrics`` list's ``keras.metrics`` objects (built in the strategy's scope:
+    their variables then keep one copy per replica, summed when read)."""
+    from hydra.utils import get_class
+    from keras.src.utils.naming import to_snake_case
+
+    objects = []
+    for node in nodes:
+        if not (hasattr(node, "get") and node.get("_target_")):
+            raise UserError(f"metrics: {node!r} is not a metric node; write each entry as "
+                            "{_target_: keras.metrics.AUC} (with its arguments, if any)")
+        cls = get_class(node._target_)
+        named = {}
+        if "name" not in node and "name" in inspect.signature(cls).parameters:
+            # Keras numbers unnamed metrics per process (auc, auc_1, ...): the log keys and
+            # the checkpoint's names must not depend on what else the process built.
+            named["name"] = to_snake_case(cls.__name__)
+        objects.append(instantiate_node(node, **named))
+    return objects
 
 
 # --- the driver ----------------------------------------------------------------------------

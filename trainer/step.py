@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from trainer.errors import UserError
 from trainer.keys import float_logs
+from trainer.metrics import MetricSet
 from trainer.optim import GroupedOptimizer
 from trainer.replicas import in_replicas, share, sum_over_replicas
 from trainer.tape import check_unconnected, global_norm, gradients
@@ -90,6 +91,9 @@ class Step:
         self.unconnected = check_unconnected(unconnected_gradients)
         #: The ``trainer.optim.LossScale`` of mixed float16 (``use_loss_scale``), or None.
         self.loss_scale = None
+        #: Keras metrics by split (``"train"``, ``"val"``), kept over an epoch; a step that
+        #: reports such metrics sets them (``TapeStep`` does) and updates them in its steps.
+        self.metric_sets: dict[str, MetricSet] = {}
         self._warned_unconnected: set[str] = set()
 
     def use_loss_scale(self, loss_scale) -> None:
@@ -181,7 +185,24 @@ class Step:
         state = {"regularizers": {r.name: r.state() for r in self.regularizers}}
         if self.loss_scale is not None:
             state["loss_scale"] = self.loss_scale.state()
+        train_metrics = self.metric_sets.get("train")
+        if train_metrics:
+            # An epoch's metrics so far: a run resumed mid-epoch ends with the same values.
+            state["metrics"] = train_metrics.variables
         return state
+
+    def metric_results(self, split: str = "train") -> dict:
+        """The Keras metrics of ``split`` over the examples since their last reset, by
+        name; read by the trainer at the end of each execution (outside the replicas)."""
+        metrics = self.metric_sets.get(split)
+        return metrics.results() if metrics is not None else {}
+
+    def reset_metrics(self, split: str = "train") -> None:
+        """Zero the Keras metrics of ``split``: the trainer calls it when an epoch opens
+        (``"train"``) and before each evaluation (``"val"``)."""
+        metrics = self.metric_sets.get(split)
+        if metrics is not None:
+            metrics.reset()
 
     def state_logs(self) -> dict:
         """Tensors read at the end of each execution and logged as they are (not averaged)."""

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from trainer.errors import UserError
 from trainer.keys import SAMPLED, WEIGHT, batch_size
-from trainer.metrics import DEFAULT_METRICS
+from trainer.metrics import MetricSet, default_metrics
 from trainer.replicas import any_replica, batch_mean, global_mean, in_replicas
 from trainer.step import Step, StepInfo
 from trainer.tape import gradients
@@ -36,6 +36,7 @@ class StepContext:
             regularizer asked for input gradients (``needs_input_tape``); it is
             persistent if the regularizers make more than one gradient call on it.
         iteration: the global step before this update (int64 tensor).
+        sample_weight: the batch's per-example weights, or None (unweighted data).
     """
 
     step: Any
@@ -46,6 +47,7 @@ class StepContext:
     tape: tf.GradientTape
     iteration: Any
     input_tape: tf.GradientTape | None = None
+    sample_weight: Any = None
     cache: dict = field(default_factory=dict)
 
     def input_gradient(self):
@@ -60,8 +62,10 @@ class TapeStep(Step):
     step is traced, so freezing and unfreezing are honoured). Subclasses override
     the smallest hook that does the job:
 
-    - ``compute_loss(x, y, training)`` for a different objective;
-    - ``compute_metrics(y, y_pred)`` for other metrics;
+    - ``compute_loss(x, y, training)`` for a different objective (accepting
+      ``sample_weight=None`` too, for weighted data);
+    - ``compute_metrics(y, y_pred)`` for stateless per-batch metrics (averaged over
+      the execution), besides the Keras ``metrics``;
     - ``train_step(batch, info)`` / ``test_step(batch)`` for another update, using
       ``apply(tape, loss, variables, optimizer)`` (or subclass ``Step`` directly
       for steps with several models, such as a GAN).
@@ -76,10 +80,18 @@ class TapeStep(Step):
             the loss inside the tape; each logs ``reg/<name>``.
         unconnected_gradients: see ``Step``.
         reset: a ``trainer.tape.ResetPolicy``: when to discard the recorded tape.
+        metrics: ``keras.metrics.Metric`` objects besides the task's own (``accuracy``
+            or ``mae``; one of the same name replaces it), kept over each epoch for
+            training and, in copies, for validation (``trainer.metrics.MetricSet``).
+
+    Batches are ``(x, y)`` or, for weighted data, ``(x, y, sample_weight)``: the
+    weights enter the loss (``sum(w * loss) / batch size``, Keras' reduction) and
+    the Keras metrics.
     """
 
     def __init__(self, *, model, optimizer, task: str = "classification", loss=None,
-                 regularizers=(), unconnected_gradients: str = "none", reset=None):
+                 regularizers=(), unconnected_gradients: str = "none", reset=None,
+                 metrics=()):
         for reg in regularizers:
             if reg.applies_to != "supervised":
                 raise UserError(f"regularizer {reg.name} penalises a GAN critic, not this step's "
@@ -92,9 +104,31 @@ class TapeStep(Step):
         # A plain mean over the batch the step sees: under a strategy, gradients are
         # scaled by the replica's share instead (see trainer.distribute).
         self.loss_fn = batch_mean(loss if loss is not None else default_loss(task))
-        self.metric_fns = dict(DEFAULT_METRICS.get(task, {}))
+        #: Stateless per-batch metrics by name (``compute_metrics``); none by default.
+        self.metric_fns: dict = {}
+        chosen = {m.name: m for m in default_metrics(task)}
+        chosen.update({m.name: m for m in MetricSet(metrics, task=task).metrics})
+        train = MetricSet(chosen.values(), task=task)
+        self.metric_sets = {"train": train, "val": train.clone()}
+        self._build_metrics()
         self.reset = reset
         self._jit_cache: dict = {}  # XLA-compiled forward and gradients (jit_gradients)
+
+    def _build_metrics(self) -> bool:
+        """Create lazily built metrics' variables once the model's output width is known
+        (here, in the scope the step is made in, or at ``build``)."""
+        try:
+            outputs = self.model.output_shape[-1]
+        except (AttributeError, ValueError):  # a subclassed model not yet called
+            return False
+        for metrics in self.metric_sets.values():
+            metrics.build(outputs)
+        return True
+
+    def build(self) -> None:
+        """The optimizer's state, and the metrics' if the model was not built before."""
+        super().build()
+        self._build_metrics()
 
     # --- state ---------------------------------------------------------------------------
     def state(self) -> dict:
@@ -114,22 +148,47 @@ class TapeStep(Step):
             self.reset.raise_if_failed(state)
 
     # --- hooks -----------------------------------------------------------------------------
-    def compute_loss(self, x, y, training: bool):
+    def compute_loss(self, x, y, training: bool, sample_weight=None):
         """Return ``(loss, y_pred)`` for one batch. Runs inside the tape.
+
+        ``sample_weight`` (weighted data) weighs each example's loss; the mean is
+        still over the batch's examples, as Keras' default reduction.
 
         Under a mixed-precision policy the model computes in float16 or bfloat16;
         its outputs are cast to float32 here, so the loss, the metrics and the
         regularizers are computed in float32.
         """
         y_pred = as_float32(self.model(x, training=training))
-        return self.loss_fn(y, y_pred), y_pred
+        if sample_weight is None:
+            return self.loss_fn(y, y_pred), y_pred
+        return self.loss_fn(y, y_pred, sample_weight=sample_weight), y_pred
 
     def compute_metrics(self, y, y_pred) -> dict:
-        """Scalar metrics of one batch. Runs outside the tape (under stop_recording)."""
+        """Stateless scalar metrics of one batch (``metric_fns``), averaged over each
+        execution by the loop. Runs outside the tape (under stop_recording)."""
         return {name: fn(y, y_pred) for name, fn in self.metric_fns.items()}
 
+    def update_metrics(self, split: str, y, y_pred, sample_weight=None) -> None:
+        """Add a batch to the Keras metrics of ``split`` (``"train"`` or ``"val"``)."""
+        self.metric_sets[split].update(y, y_pred, sample_weight)
+
+    def _forward(self, x, y, training: bool, sample_weight):
+        """``compute_loss``, given the weights only when there are some (subclasses
+        written for unweighted data need not take them)."""
+        if sample_weight is None:
+            return self.compute_loss(x, y, training=training)
+        try:
+            return self.compute_loss(x, y, training=training, sample_weight=sample_weight)
+        except TypeError as e:
+            if "sample_weight" not in str(e):
+                raise
+            raise UserError(f"{type(self).__name__}: compute_loss or its loss takes no "
+                            f"sample_weight ({e}), but the data is weighted (data.class_weight or "
+                            "per-example weights); accept sample_weight=None, or drop the "
+                            "weights") from None
+
     def record(self, x, y, tape, info: StepInfo | None = None,
-               regularizers=None) -> tuple[Any, StepContext, dict]:
+               regularizers=None, sample_weight=None) -> tuple[Any, StepContext, dict]:
         """Record the forward pass and the regularizers on ``tape``.
 
         ``regularizers`` (default: all) are the ones computed; the others contribute
@@ -144,12 +203,13 @@ class TapeStep(Step):
         if needs:
             with tf.GradientTape(persistent=needs > 1, watch_accessed_variables=False) as itape:
                 itape.watch(x)
-                loss, y_pred = self.compute_loss(x, y, training=True)
+                loss, y_pred = self._forward(x, y, True, sample_weight)
         else:
             itape = None
-            loss, y_pred = self.compute_loss(x, y, training=True)
+            loss, y_pred = self._forward(x, y, True, sample_weight)
         ctx = StepContext(step=self, x=x, y=y, y_pred=y_pred, loss=loss, tape=tape,
-                          iteration=info.global_step, input_tape=itape)
+                          iteration=info.global_step, input_tape=itape,
+                          sample_weight=sample_weight)
         total, reg_logs = loss, {}
         for reg in self.regularizers:
             if any(reg is r for r in active):
@@ -181,14 +241,14 @@ class TapeStep(Step):
         return self._train_step(batch, info, None)
 
     def _train_step(self, batch, info, regularizers) -> dict:
-        x, y = batch
+        x, y, w = unpack(batch)
         variables = self.trainable_variables
         # A lazy regularizer writes its last value, a write other replicas must see: it
         # cannot happen inside an XLA program, so such steps are not compiled.
         if info.jit_gradients and all(r.every == 1 for r in self.regularizers):
-            return self._jit_gradients_step(x, y, info, regularizers, variables)
+            return self._jit_gradients_step(x, y, w, info, regularizers, variables)
         with tf.GradientTape() as tape:
-            total, ctx, reg_logs = self.record(x, y, tape, info, regularizers)
+            total, ctx, reg_logs = self.record(x, y, tape, info, regularizers, w)
             with tape.stop_recording():
                 logs = {"loss": ctx.loss, **self.compute_metrics(y, ctx.y_pred), **reg_logs}
                 # Decided on the global batch's loss, so every replica decides alike.
@@ -198,12 +258,14 @@ class TapeStep(Step):
                 tape.reset()  # the seed's literal reset: nothing recorded so far counts
         if self.reset is None:
             grads = self.apply(tape, total, variables, self.optimizer)
+            self.update_metrics("train", y, ctx.y_pred, w)
             if info.sampled:
                 logs[SAMPLED] = {"grad_norm": self.grad_norm(grads)}
             return logs
-        return self._guarded_update(tape, total, variables, logs, bad, batch, info)
+        return self._guarded_update(tape, total, variables, logs, bad, batch, info,
+                                    y_pred=ctx.y_pred)
 
-    def _jit_gradients_step(self, x, y, info, regularizers, variables) -> dict:
+    def _jit_gradients_step(self, x, y, w, info, regularizers, variables) -> dict:
         """The forward pass, metrics and gradients compiled with XLA; the checks that
         talk to other replicas and the update outside it (``StepInfo.jit_gradients``)."""
         # By the trainable set too: after an unfreeze the gradients are of other variables.
@@ -211,28 +273,32 @@ class TapeStep(Step):
                tuple(id(v) for v in variables))
         compiled = self._jit_cache.get(key)
         if compiled is None:
-            def forward_backward(x, y, global_step):
+            def forward_backward(x, y, w, global_step):
                 with tf.GradientTape() as tape:
                     total, ctx, reg_logs = self.record(
-                        x, y, tape, StepInfo(global_step=global_step), regularizers)
+                        x, y, tape, StepInfo(global_step=global_step), regularizers, w)
                     with tape.stop_recording():
                         logs = {"loss": ctx.loss, **self.compute_metrics(y, ctx.y_pred),
                                 **reg_logs}
-                return total, logs, self.gradients(tape, total, variables)
+                return total, logs, ctx.y_pred, self.gradients(tape, total, variables)
 
             compiled = self._jit_cache[key] = tf.function(forward_backward, jit_compile=True)
-        total, logs, grads = compiled(x, y, tf.convert_to_tensor(info.global_step))
+        total, logs, y_pred, grads = compiled(x, y, w, tf.convert_to_tensor(info.global_step))
+        # The Keras metrics' updates run outside XLA, with the update.
         if self.reset is None:
             self.optimizer.apply_gradients(
                 [(g, v) for g, v in zip(grads, variables) if g is not None])
+            self.update_metrics("train", y, y_pred, w)
             if info.sampled:
                 logs[SAMPLED] = {"grad_norm": self.grad_norm(grads)}
             return logs
         bad = self.reset.check_loss(global_mean(total))
-        return self._guarded_update(None, total, variables, logs, bad, (x, y), info,
-                                    grads=grads)
+        batch = (x, y) if w is None else (x, y, w)
+        return self._guarded_update(None, total, variables, logs, bad, batch, info,
+                                    grads=grads, y_pred=y_pred)
 
-    def _guarded_update(self, tape, total, variables, logs, bad, batch, info, grads=None):
+    def _guarded_update(self, tape, total, variables, logs, bad, batch, info, grads=None,
+                        y_pred=None):
         if grads is not None:
             bad = tf.logical_or(bad, any_replica(self.reset.check_gradients(grads)))
         elif tf.executing_eagerly() and bool(bad):
@@ -244,6 +310,17 @@ class TapeStep(Step):
         self.optimizer.apply_gradients(pairs, skip=bad)
         self.reset.record(global_mean(total), bad, info.global_step + 1)
         ok = tf.logical_not(bad)
+        _, y, w = unpack(batch)
+        # A discarded step's examples stay out of the epoch's metrics, as out of its means.
+        if tf.executing_eagerly():
+            if bool(ok):
+                self.update_metrics("train", y, y_pred, w)
+        else:
+            def update():
+                self.update_metrics("train", y, y_pred, w)
+                return tf.constant(True)
+
+            tf.cond(ok, update, lambda: tf.constant(False))
         # A discarded step's values (often NaN) must not poison the execution's averages.
         logs = {k: tf.where(ok, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
         if info.sampled:
@@ -266,18 +343,27 @@ class TapeStep(Step):
 
     def test_step(self, batch) -> dict:
         """Loss and metrics of one validation batch, no update."""
-        x, y = batch
-        loss, y_pred = self.compute_loss(x, y, training=False)
+        x, y, w = unpack(batch)
+        loss, y_pred = self._forward(x, y, False, w)
+        self.update_metrics("val", y, y_pred, w)
         return {"loss": loss, **self.compute_metrics(y, y_pred)}
 
     def gradients_by_path(self, batch, info: StepInfo | None = None) -> dict:
         """Gradients of the training objective keyed by variable path (no update)."""
-        x, y = batch
+        x, y, w = unpack(batch)
         sources = {v.path: v for v in self.trainable_variables}
         with tf.GradientTape() as tape:
-            total, _, _ = self.record(x, y, tape, info)
+            total, _, _ = self.record(x, y, tape, info, sample_weight=w)
         return gradients(tape, total, sources, unconnected="zero")
 
+
+
+def unpack(batch):
+    """``(x, y, sample_weight)`` of a batch ``(x, y)`` (weight None) or ``(x, y, w)``."""
+    if len(batch) == 3:
+        return tuple(batch)
+    x, y = batch
+    return x, y, None
 
 
 def as_float32(tensor):

@@ -262,8 +262,10 @@ class Trainer:
         if self.step.loss_scale is not None:
             logs.update(self.step.loss_scale.state_logs())
         # The execution returns the global step with its logs: the host learns it without
-        # a variable read of its own.
-        return {**logs, **self.step.state_logs(), "global_step": self.global_step}
+        # a variable read of its own. The Keras metrics are read here too: their values over
+        # the epoch so far, not averaged over the execution.
+        return {**logs, **self.step.state_logs(), **self.step.metric_results("train"),
+                "global_step": self.global_step}
 
     def _compile(self, evaluation: bool = False) -> None:
         """(Re)build the step's optimizer state and the compiled training functions.
@@ -302,7 +304,7 @@ class Trainer:
         if evaluation:
             self._eval_fn = make_source_execution(
                 eval_step_functions(self.step, strategy), self._val_source, options,
-                on_trace=self._count_trace)
+                state_logs=lambda: self.step.metric_results("val"), on_trace=self._count_trace)
 
         def grads(batch):
             info = StepInfo(global_step=self.global_step)
@@ -451,6 +453,7 @@ class Trainer:
                     break
                 progress.open_epoch, progress.sums, progress.examples = epoch, {}, 0.0
                 self._train_source.start_epoch(epoch)
+                self.step.reset_metrics("train")
             self.epoch = epoch
             self.epoch_variable.assign(epoch)
             self._callback("on_epoch_start", epoch)
@@ -549,9 +552,10 @@ class Trainer:
         # evaluation, and next() (full batches) and next_any() (the short one) wrap it
         # differently, so some examples would count twice and others not at all.
         self._val_source.start_epoch(0)
-        out, _ = self._eval_fn(self._val_steps)
+        self.step.reset_metrics("val")
+        out, metrics = self._eval_fn(self._val_steps)
         out.pop(EXAMPLES)
-        return {f"val/{k}": v for k, v in out.items()}
+        return {f"val/{k}": v for k, v in {**out, **metrics}.items()}
 
     def _budget_left(self, global_step: int) -> float:
         if self.max_steps is None:

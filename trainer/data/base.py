@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.data.weights import check_sample_weights, class_weight_table
 from trainer.errors import UserError
 
 TASKS = ("classification", "regression")
@@ -22,6 +23,9 @@ class Data:
 
     #: ``"classification"`` or ``"regression"``: picks the default loss and metrics.
     task: str = "classification"
+    #: Whether every batch (from both sources, ``probe_batch`` and ``validation_batches``)
+    #: is ``(x, y, w)`` with per-example weights ``w`` (float32, ``[batch]``), not ``(x, y)``.
+    weighted: bool = False
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -52,11 +56,13 @@ class Data:
         raise NotImplementedError
 
     def probe_batch(self):
-        """A fixed training batch ``(x, y)``: gradient histograms are taken on it."""
+        """A fixed training batch ``(x, y)`` (``(x, y, w)`` when ``weighted``): gradient
+        histograms are taken on it."""
         raise NotImplementedError
 
     def validation_batches(self) -> list:
-        """The validation set once, as ``(x, y)`` numpy batches in a fixed order."""
+        """The validation set once, as ``(x, y)`` (``(x, y, w)`` when ``weighted``) numpy
+        batches in a fixed order."""
         raise NotImplementedError
 
 
@@ -84,6 +90,16 @@ class DataModule(Data):
             not overridden. Both give the same batches for the same seed.
         preprocess: what the builder did to the raw features (``x / 16`` for the
             digits), applied by ``prepare`` to new inputs at prediction time.
+        w_train, w_val: per-example sample weights of the two sets (finite, >= 0, not
+            all zero), or None: every example weighs 1.
+        class_weight: ``"balanced"`` (scikit-learn's ``n / (n_classes * count)`` over the
+            training labels) or a mapping class id -> positive weight, unlisted classes
+            weighing 1.0; classification only. It multiplies the training sample weights
+            and, as in Keras, leaves the validation weights alone.
+
+    Given any of the three, the data is ``weighted``: ``w_train`` and ``w_val`` hold
+    every example's weight (ones where none was given) and every batch is ``(x, y, w)``.
+    Otherwise both are None and batches are ``(x, y)``.
     """
 
     def __init__(
@@ -101,6 +117,9 @@ class DataModule(Data):
         name: str = "data",
         in_memory="auto",
         preprocess=None,
+        w_train=None,
+        w_val=None,
+        class_weight=None,
     ):
         if not (in_memory == "auto" or isinstance(in_memory, bool)):
             raise UserError(f"data.in_memory={in_memory!r} must be auto, true or false")
@@ -126,6 +145,7 @@ class DataModule(Data):
             self.num_classes = int(max(self.y_train.max(), self.y_val.max())) + 1
         else:
             self.num_classes = 0
+        self.w_train, self.w_val = self._weights(w_train, w_val, class_weight)
 
     def _check(self, split, x, y, allow_nonfinite):
         x = np.asarray(x)
@@ -159,6 +179,45 @@ class DataModule(Data):
             if y.ndim == 1:
                 y = y[:, None]
         return x, y
+
+    def _weights(self, w_train, w_val, class_weight):
+        """Every example's training and validation weight, or ``(None, None)`` if none given."""
+        if w_train is None and w_val is None and class_weight is None:
+            return None, None
+        train, val = (
+            np.ones(len(x), np.float32) if w is None
+            else check_sample_weights(w, rows=len(x), where=f"{self.name} ({split} set)")
+            for split, x, w in (("train", self.x_train, w_train),
+                                ("validation", self.x_val, w_val)))
+        if class_weight is not None:
+            labels = self.y_train.reshape(len(self.y_train), -1)
+            if self.task != "classification":
+                raise UserError(
+                    f"data.class_weight is set but {self.name} is a {self.task} task; class "
+                    "weights need class labels: remove data.class_weight (per-example "
+                    "weights: data.w_key for npz, data.weight for csv)")
+            if labels.shape[1] != 1:
+                raise UserError(
+                    f"data.class_weight is set but {self.name}'s targets have "
+                    f"{labels.shape[1]} columns; class weights need one class label per example")
+            table = class_weight_table(class_weight, labels[:, 0], name=self.name,
+                                       num_classes=self.num_classes)
+            # Training only, as Keras: validation measures the unweighted task.
+            with np.errstate(over="ignore"):  # reported below
+                train = train * table[labels[:, 0]].astype(np.float32)
+            if not np.isfinite(train).all():
+                row = int(np.argmax(~np.isfinite(train)))
+                raise UserError(f"{self.name}: train row {row}'s sample weight times its class "
+                                "weight overflows float32; use smaller weights")
+            if not (train > 0).any():
+                raise UserError(f"{self.name}: data.class_weight gives every training example "
+                                "weight 0; give some class a positive weight")
+        return train, val
+
+    @property
+    def weighted(self) -> bool:
+        """Whether batches carry per-example weights: ``(x, y, w)``."""
+        return self.w_train is not None
 
     def prepare(self, x):
         """Raw features through ``preprocess`` (given by the data set's builder), as float32."""
@@ -212,23 +271,33 @@ class DataModule(Data):
             return rows
 
         batches = orders.flat_map(batches_of)
-        ds = batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+        if self.w_train is None:
+            ds = batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+        else:  # the weights gathered with the same indices stay with their rows
+            w = tf.constant(self.w_train)
+            ds = batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i), tf.gather(w, i)))
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def val_dataset(self):
         """Endless tf.data pipeline over the validation set, in a fixed order."""
         import tensorflow as tf
 
-        ds = tf.data.Dataset.from_tensor_slices((self.x_val, self.y_val))
+        arrays = (self.x_val, self.y_val) if self.w_val is None else (
+            self.x_val, self.y_val, self.w_val)
+        ds = tf.data.Dataset.from_tensor_slices(arrays)
         return ds.batch(self.batch_size).repeat().prefetch(tf.data.AUTOTUNE)
 
     def probe_batch(self):
-        """The first training batch of epoch 0 (a tensor pair)."""
+        """The first training batch of epoch 0 (a tensor pair, or triple when weighted)."""
         return next(iter(self.train_dataset().take(1)))
 
     def validation_batches(self) -> list:
-        """The validation arrays in ``batch_size`` slices, in order."""
+        """The validation arrays in ``batch_size`` slices, in order (with ``w_val`` when
+        weighted)."""
         size = self.batch_size
+        if self.w_val is not None:
+            return [(self.x_val[i:i + size], self.y_val[i:i + size], self.w_val[i:i + size])
+                    for i in range(0, len(self.x_val), size)]
         return [(self.x_val[i:i + size], self.y_val[i:i + size])
                 for i in range(0, len(self.x_val), size)]
 
@@ -236,9 +305,10 @@ class DataModule(Data):
         """Whether the sources hold the arrays as tensors (see ``in_memory``)."""
         if self.in_memory != "auto":
             return bool(self.in_memory)
-        arrays = (self.x_train, self.y_train, self.x_val, self.y_val)
+        arrays = (self.x_train, self.y_train, self.x_val, self.y_val, self.w_train, self.w_val)
         overridden = type(self).train_dataset is not DataModule.train_dataset
-        return not overridden and sum(a.nbytes for a in arrays) <= IN_MEMORY_MAX_BYTES
+        return not overridden and sum(
+            a.nbytes for a in arrays if a is not None) <= IN_MEMORY_MAX_BYTES
 
     def train_source(self):
         """Where the compiled loop gets training batches: in memory or a tf.data iterator."""
@@ -246,7 +316,7 @@ class DataModule(Data):
 
         if self.holds_in_memory():
             return TensorSource(self.x_train, self.y_train, batch_size=self.batch_size,
-                                seed=self.seed, shuffle=self.shuffle)
+                                seed=self.seed, shuffle=self.shuffle, w=self.w_train)
         return IteratorSource(self.train_dataset())
 
     def val_source(self):
@@ -254,12 +324,18 @@ class DataModule(Data):
         from trainer.data.sources import IteratorSource, TensorSource
 
         if self.holds_in_memory():
-            return TensorSource(self.x_val, self.y_val, batch_size=self.batch_size, shuffle=False)
+            return TensorSource(self.x_val, self.y_val, batch_size=self.batch_size, shuffle=False,
+                                w=self.w_val)
         return IteratorSource(self.val_dataset())
 
 
-def split(x, y, *, val_fraction: float, split_seed: int, stratify: bool, name: str):
-    """Split arrays into a fixed train/validation pair; ``split_seed``, not ``seed``, fixes it."""
+def split(x, y, *more, val_fraction: float, split_seed: int, stratify: bool, name: str):
+    """Split arrays into a fixed train/validation pair; ``split_seed``, not ``seed``, fixes it.
+
+    ``more`` arrays (sample weights) are split with the same rows: ``x_train, x_val,
+    y_train, y_val, m_train, m_val, ...``, as ``sklearn``'s ``train_test_split``; the rows
+    drawn depend only on the number of examples (and ``y`` when stratified).
+    """
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < val_fraction < 1.0:
@@ -267,5 +343,6 @@ def split(x, y, *, val_fraction: float, split_seed: int, stratify: bool, name: s
     if len(x) < 2:
         raise UserError(f"{name}: need at least 2 examples to split, found {len(x)}")
     return train_test_split(
-        x, y, test_size=val_fraction, random_state=split_seed, stratify=y if stratify else None
+        x, y, *more, test_size=val_fraction, random_state=split_seed,
+        stratify=y if stratify else None,
     )

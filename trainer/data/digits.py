@@ -16,6 +16,7 @@ def digits(
     classes: list[int] | None = None,
     images: bool = False,
     in_memory="auto",
+    class_weight=None,
 ) -> DataModule:
     """1,797 digit images as 64 features scaled to [0, 1], 10 classes, stratified fixed split.
 
@@ -24,6 +25,8 @@ def digits(
     subset's validation images are exactly the full split's images of those digits.
     ``images`` gives each example as an 8x8x1 image (height, width, channels; for
     convolutional models) instead of 64 flat features: the same pixels and split.
+    ``class_weight`` (see ``DataModule``) is keyed by these class ids, after the
+    relabelling, and ``balanced`` counts the subset's training split.
     """
     from sklearn.datasets import load_digits
 
@@ -44,6 +47,7 @@ def digits(
     return DataModule(
         x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task="classification",
         batch_size=batch_size, seed=seed, shuffle=shuffle, name="digits", in_memory=in_memory,
+        class_weight=class_weight,
         # New raw inputs (pixels 0-16, as load_digits gives them) for trainer.predict.
         preprocess=preprocess,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.data.base import DataModule, split
+from trainer.data.weights import check_sample_weights
 from trainer.errors import UserError
 
 
@@ -20,15 +21,21 @@ def _existing(path: str | None, kind: str) -> Path:
     return p
 
 
-def _module(x, y, x_val, y_val, *, name, task, val_fraction, split_seed, **kw) -> DataModule:
+def _module(x, y, x_val, y_val, *, w=None, w_val=None, name, task, val_fraction, split_seed,
+            **kw) -> DataModule:
+    """A ``DataModule`` of the arrays; without a validation set, a split of ``x``/``y``
+    (and of the sample weights ``w``, with the same rows)."""
     if x_val is None:
         if len(x) == 0:
             raise UserError(f"{name}: the data set is empty; provide at least one example")
-        x, x_val, y, y_val = split(
-            x, y, val_fraction=val_fraction, split_seed=split_seed, stratify=False, name=name
-        )
+        parts = split(x, y, *([] if w is None else [w]), val_fraction=val_fraction,
+                      split_seed=split_seed, stratify=False, name=name)
+        x, x_val, y, y_val = parts[:4]
+        if w is not None:
+            w, w_val = parts[4:]
     return DataModule(
-        x_train=x, y_train=y, x_val=x_val, y_val=y_val, task=task, name=name, **kw
+        x_train=x, y_train=y, x_val=x_val, y_val=y_val, task=task, name=name,
+        w_train=w, w_val=w_val, **kw
     )
 
 
@@ -45,11 +52,18 @@ def npz(
     shuffle: bool = True,
     allow_nonfinite: bool = False,
     in_memory="auto",
+    w_key: str | None = None,
+    class_weight=None,
 ) -> DataModule:
     """Arrays ``x_key``/``y_key`` from an .npz file.
 
     If the archive also holds ``<x_key>_val`` and ``<y_key>_val`` they are the
     validation set; otherwise a fixed ``val_fraction`` is split off.
+
+    ``w_key`` names an array of per-example sample weights of the training rows, and
+    ``<w_key>_val``, if present, those of the validation set (without it, validation
+    examples weigh 1); a split set splits the weights with the same rows.
+    ``class_weight``: see ``DataModule``.
     """
     p = _existing(path, "npz")
     try:
@@ -63,12 +77,26 @@ def npz(
                     f"{p}: no array {key!r} (found {sorted(archive.files)}); "
                     "set data.x_key / data.y_key"
                 )
+        if w_key is not None and w_key not in archive.files:
+            raise UserError(f"{p}: no array {w_key!r} (found {sorted(archive.files)}); "
+                            "set data.w_key to the array of sample weights, or null")
         arrays = {k: archive[k] for k in archive.files}
+    x, x_val = arrays[x_key], arrays.get(f"{x_key}_val")
+    w = w_val = None
+    if w_key is not None:
+        w = check_sample_weights(arrays[w_key], rows=len(x), where=f"{p}: array {w_key!r}")
+        if f"{w_key}_val" in arrays:
+            if x_val is None:
+                raise UserError(f"{p}: array {w_key + '_val'!r} weighs a validation set the "
+                                f"archive lacks (no {x_key + '_val'!r}); remove it or add the "
+                                "validation arrays")
+            w_val = check_sample_weights(arrays[f"{w_key}_val"], rows=len(x_val),
+                                         where=f"{p}: array {w_key + '_val'!r}")
     return _module(
-        arrays[x_key], arrays[y_key], arrays.get(f"{x_key}_val"), arrays.get(f"{y_key}_val"),
+        x, arrays[y_key], x_val, arrays.get(f"{y_key}_val"), w=w, w_val=w_val,
         name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,
         batch_size=batch_size, seed=seed, shuffle=shuffle, allow_nonfinite=allow_nonfinite,
-        in_memory=in_memory,
+        in_memory=in_memory, class_weight=class_weight,
     )
 
 
@@ -85,9 +113,15 @@ def csv_file(
     shuffle: bool = True,
     allow_nonfinite: bool = False,
     in_memory="auto",
+    weight: str | None = None,
+    class_weight=None,
 ) -> DataModule:
     """A CSV file with a header row: ``target`` is the label column, ``features`` the inputs
-    (all other columns when omitted). Every cell must parse as a number."""
+    (all other columns when omitted). Every cell must parse as a number.
+
+    ``weight`` names a column of per-example sample weights (finite, >= 0): never a
+    feature, split with the same rows. ``class_weight``: see ``DataModule``.
+    """
     p = _existing(path, "csv")
     with p.open(newline="") as f:
         rows = list(csv.reader(f))
@@ -96,7 +130,15 @@ def csv_file(
     header, body = [h.strip() for h in rows[0]], rows[1:]
     if target not in header:
         raise UserError(f"{p}: no column {target!r} (columns: {header}); set data.target")
-    features = list(features) if features else [h for h in header if h != target]
+    if weight is not None and weight not in header:
+        raise UserError(f"{p}: no weight column {weight!r} (columns: {header}); fix data.weight")
+    if weight is not None and weight == target:
+        raise UserError(f"{p}: data.weight={weight!r} is the target column; name the column "
+                        "of sample weights")
+    features = list(features) if features else [h for h in header if h not in (target, weight)]
+    if weight is not None and weight in features:
+        raise UserError(f"{p}: the weight column {weight!r} is also in data.features; a "
+                        "sample weight is not an input, remove it from data.features")
     for col in features:
         if col not in header:
             raise UserError(
@@ -107,13 +149,15 @@ def csv_file(
     if not body:
         raise UserError(f"{p}: the file has a header but no data rows")
     index = {h: i for i, h in enumerate(header)}
-    values = np.empty((len(body), len(features) + 1), dtype=np.float64)
+    columns = [*features, target] + ([] if weight is None else [weight])
+    n_features = len(features)
+    values = np.empty((len(body), len(columns)), dtype=np.float64)
     for r, row in enumerate(body):
         if len(row) != len(header):
             raise UserError(
                 f"{p}: line {r + 2} has {len(row)} fields, the header has {len(header)}"
             )
-        for c, col in enumerate([*features, target]):
+        for c, col in enumerate(columns):
             cell = row[index[col]].strip()
             try:
                 values[r, c] = float(cell)
@@ -121,14 +165,22 @@ def csv_file(
                 raise UserError(
                     f"{p}: line {r + 2}, column {col!r}: {cell!r} is not a number"
                 ) from None
-            if not (allow_nonfinite and col != target) and not np.isfinite(values[r, c]):
+            # allow_nonfinite frees the features only: targets and weights stay finite.
+            feature = c < n_features
+            if not (allow_nonfinite and feature) and not np.isfinite(values[r, c]):
                 raise UserError(
                     f"{p}: line {r + 2}, column {col!r} is {cell!r}; clean the data"
-                    + ("" if col == target else " or set data.allow_nonfinite=true")
+                    + (" or set data.allow_nonfinite=true" if feature else "")
                 )
+            if c > n_features and values[r, c] < 0:
+                raise UserError(f"{p}: line {r + 2}, column {col!r} is {cell!r}; sample "
+                                "weights must be finite and >= 0")
+    w = None
+    if weight is not None:
+        w = check_sample_weights(values[:, -1], rows=len(body), where=f"{p}: column {weight!r}")
     return _module(
-        values[:, :-1], values[:, -1], None, None,
+        values[:, :n_features], values[:, n_features], None, None, w=w,
         name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,
         batch_size=batch_size, seed=seed, shuffle=shuffle, allow_nonfinite=allow_nonfinite,
-        in_memory=in_memory,
+        in_memory=in_memory, class_weight=class_weight,
     )

@@ -78,8 +78,9 @@ def epoch_permutation(num_examples: int, seed: int, epoch) -> tf.Tensor:
 class TensorSource(Source):
     """Batches sliced by index from tensors held in memory, inside the compiled loop.
 
-    Holds ``x`` and ``y`` as tensors, the epoch's order of the examples and the
-    position in it (both ``tf.Variable``, created here, outside any tf.function).
+    Holds ``x`` and ``y`` (and the per-example weights ``w``, if given) as tensors, the
+    epoch's order of the examples and the position in it (both ``tf.Variable``, created
+    here, outside any tf.function).
     ``next()`` gathers the next full batch by index, so the whole multi-step
     execution (``steps_per_execution`` steps) can be one XLA program.
 
@@ -98,13 +99,17 @@ class TensorSource(Source):
     With ``tape.reset.action=retry``, a retried step takes the next batch of the
     epoch's order; a retry in the fused loop that runs past the last full batch
     wraps to the epoch's first batch.
+
+    Batches are ``(x, y)``, or ``(x, y, w)`` when ``w`` is given, its rows gathered
+    with the same indices as theirs.
     """
 
     xla_loop = True
 
-    def __init__(self, x, y, *, batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, x, y, *, batch_size: int, seed: int = 0, shuffle: bool = True, w=None):
         self.x = tf.convert_to_tensor(x)
         self.y = tf.convert_to_tensor(y)
+        self.w = None if w is None else tf.convert_to_tensor(w, tf.float32)
         self.num_examples = int(self.x.shape[0])
         self.batch_size = int(batch_size)
         self.seed = int(seed)
@@ -142,7 +147,9 @@ class TensorSource(Source):
                             "resume it, or start fresh with trainer.resume=never")
 
     def _gather(self, indices):
-        return tf.gather(self.x, indices), tf.gather(self.y, indices)
+        if self.w is None:
+            return tf.gather(self.x, indices), tf.gather(self.y, indices)
+        return tf.gather(self.x, indices), tf.gather(self.y, indices), tf.gather(self.w, indices)
 
     def next(self):
         """The next full batch (static shape ``[batch_size, ...]``)."""

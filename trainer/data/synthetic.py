@@ -21,10 +21,12 @@ def synthetic(
     seed: int = 0,
     shuffle: bool = True,
     in_memory="auto",
+    class_weight=None,
 ) -> DataModule:
     """A linear regression problem, or Gaussian blobs for classification.
 
     ``data_seed`` fixes the generated examples; ``seed`` only drives the shuffle.
+    ``class_weight`` (classification only): see ``DataModule``.
     """
     if n_samples < 2 or n_features < 1:
         raise UserError("data.n_samples must be at least 2 and data.n_features at least 1")
@@ -45,5 +47,5 @@ def synthetic(
     return DataModule(
         x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task=task,
         batch_size=batch_size, seed=seed, shuffle=shuffle, name=f"synthetic {task}",
-        in_memory=in_memory,
+        in_memory=in_memory, class_weight=class_weight,
     )
