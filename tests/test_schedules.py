@@ -35,6 +35,26 @@ def test_cosine_warms_up_to_the_optimizers_rate_and_decays_over_the_run(make_cfg
     assert 2.9e-3 < peak <= 3e-3 and rates.seen[-1][1] < 1e-5
 
 
+@pytest.mark.parametrize("eager", [False, True])
+def test_tensorboard_draws_the_scheduled_rate_at_every_step(make_cfg, tmp_path, eager):
+    # A 10-step warm-up inside executions of 16 steps: TensorBoard still gets the ramp, one
+    # point per step, the rate each step's update used (the schedule at its iteration).
+    from tests.tb_reader import load, scalars
+
+    r = build(make_cfg("+experiment=dense", "~callbacks.checkpoint", "schedule=cosine",
+                       "schedule.warmup_steps=10", "trainer.epochs=2",
+                       "trainer.steps_per_execution=16", "optimizer.learning_rate=3e-3",
+                       f"trainer.run_eagerly={str(eager).lower()}"), tmp_path)
+    r.trainer.fit(r.step, r.data)
+    expected = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=0.0, warmup_target=3e-3, warmup_steps=10, decay_steps=36)
+    points = scalars(load(tmp_path / "tb" / "train"), "learning_rate")
+    assert [s for s, _ in points] == list(range(1, 47))
+    for step, rate in points:
+        assert rate == pytest.approx(float(expected(step - 1)), rel=1e-5, abs=1e-9), step
+    assert max(rate for _, rate in points[:10]) < 3e-3 and points[10][1] == pytest.approx(3e-3)
+
+
 def test_an_experiments_rate_is_the_peak_of_the_users_schedule(make_cfg, tmp_path):
     # finetune sets optimizer.learning_rate=1e-2 and parameter groups; the schedule the user
     # chooses shapes that rate instead of being replaced by it, groups included.

@@ -243,6 +243,15 @@ class GroupedOptimizer(tf.Module):
                 opt.learning_rate = value * self.groups[int(name.split("_")[1])][1]
 
     @property
+    def schedule(self):
+        """The base rate's ``keras.optimizers.schedules.LearningRateSchedule``, or None for a
+        constant rate."""
+        rate = self._base()._learning_rate
+        if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+            return rate
+        return None
+
+    @property
     def iterations(self):
         return self._base().iterations
 

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_file_loader import LegacyEventFi
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
+from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from trainer.callbacks.base import Callback, resolve
 from trainer.errors import UserError
@@ -30,7 +31,10 @@ class TensorBoardCallback(Callback):
     """Writes event files under ``<log_dir>/train`` and ``<log_dir>/val``.
 
     - every execution: the train logs (``loss``, metrics, ``grad_norm``,
-      ``learning_rate``, ``time/steps_per_second``) into ``train``;
+      ``learning_rate``, ``time/steps_per_second``) into ``train``; a learning rate that
+      follows a schedule is written at every step (the rate that step's update used,
+      computed from the schedule on the execution's iterations), so a warm-up shorter
+      than an execution still draws its ramp;
     - every epoch: the validation logs into ``val`` under the same tags, so
       TensorBoard draws train and validation on one chart; with an HParams session
       (``trainer.hparams``), also the epoch's ``train/`` and ``val/`` logs (as in
@@ -117,6 +121,40 @@ class TensorBoardCallback(Callback):
         self._histogram_when.reset(global_step)
         self._flush_when.reset(global_step)
         self._write_histograms(trainer, global_step, start=True)
+        self._start_rates(trainer, global_step)
+
+    def _start_rates(self, trainer, global_step: int) -> None:
+        """The optimizers whose rate follows a schedule, with their iteration count now."""
+        optimizers = trainer.optimizers
+        self._rates = {}
+        for name, opt in optimizers.items():
+            schedule = getattr(opt, "schedule", None)
+            if schedule is None:
+                continue
+            tag = "learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"
+            writer = self._rate_writers.get((tag, id(schedule)))
+            if writer is None:
+                writer = self._rate_writers[tag, id(schedule)] = _schedule_writer(
+                    self._writer("train"), tag, schedule)
+            self._rates[tag] = [opt, int(opt.iterations.numpy()), writer]
+        self._rate_step = global_step
+
+    def _write_rates(self, global_step: int, logs: dict) -> dict:
+        """Each scheduled rate at every step of the execution that just ended; returns
+        ``logs`` without the rates so written. An optimizer that did not update once per
+        step (a GAN critic's several, skipped updates) keeps the execution's value."""
+        steps = global_step - self._rate_step
+        written = set()
+        for tag, entry in self._rates.items():
+            opt, first, writer = entry
+            now = int(opt.iterations.numpy())
+            if steps > 0 and now - first == steps:
+                writer(tf.constant(self._rate_step + 1, tf.int64),
+                       tf.constant(first, tf.int64), tf.constant(steps, tf.int64))
+                written.add(f"train/{tag}")
+            entry[1] = now
+        self._rate_step = global_step
+        return {k: v for k, v in logs.items() if k not in written}
 
     def _opened_for_same(self, root, models) -> bool:
         """Whether the writers and compiled functions are those of this run dir and models."""
@@ -151,9 +189,10 @@ class TensorBoardCallback(Callback):
         self._histograms = tf.function(
             lambda step, grads: _histograms(train, step, grads, models), autograph=False)
         self._scalar_plans = {}
+        self._rate_writers = {}
 
     def on_execution_end(self, trainer, global_step, logs):
-        self._scalars(logs, global_step)
+        self._scalars(self._write_rates(global_step, logs), global_step)
         self._write_histograms(trainer, global_step)
 
     def on_epoch_end(self, trainer, epoch, logs):
@@ -225,6 +264,24 @@ def _scalar_writer(writer, tags):
                 tf.summary.scalar(tag, values[i], step=step)
 
     return tf.function(write, autograph=False)
+
+
+def _schedule_writer(writer, tag, schedule):
+    """A compiled ``(first_step, first_iteration, count) -> None`` writing
+    ``schedule(first_iteration + j)`` as scalar ``tag`` at step ``first_step + j``."""
+
+    # tf.summary.write with the scalar plugin's metadata, not tf.summary.scalar: inside the
+    # loop's name scope the latter would tag the points "while/<tag>".
+    metadata = scalar_metadata.create_summary_metadata(display_name=None, description=None)
+    serialized = metadata.SerializeToString()
+
+    def write(first_step, first_iteration, count):
+        with writer.as_default():
+            for j in tf.range(count):
+                rate = tf.cast(schedule(first_iteration + j), tf.float32)
+                tf.summary.write(tag, rate, step=first_step + j, metadata=serialized)
+
+    return tf.function(write)
 
 
 def histogram_variables(model) -> list:
