@@ -98,3 +98,34 @@ def test_a_missing_or_foreign_run_dir_is_one_line(tmp_path, capsys, argv, messag
     assert evaluate_main(argv) == 2 and predict_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(message in line for line in err)
+
+
+def test_evaluate_weighs_as_training_did_and_reports_the_keras_metrics(tmp_path, capsys):
+    # Weighted validation rows (an npz's w_val) and a Keras metric: evaluate's values are
+    # the weighted ones training logged, AUC included.
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from trainer.data import digits
+
+    d = digits()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "weighted.npz"
+    np.savez(path, x=d.x_train, y=d.y_train, x_val=d.x_val, y_val=d.y_val,
+             w=rng.uniform(0, 2, len(d.x_train)), w_val=rng.uniform(0, 2, len(d.x_val)))
+    run_dir = tmp_path / "run"
+    GlobalHydra.instance().clear()
+    with initialize_config_module("trainer.configs", version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "+experiment=dense", "data=npz", f"data.path={path}", "data.w_key=w",
+            "trainer.epochs=1", "~callbacks.tensorboard", "~callbacks.profile",
+            "metrics=[{_target_: keras.metrics.AUC}]"])
+    GlobalHydra.instance().clear()
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+    metrics = run(cfg, run_dir=run_dir)
+    assert evaluate_main([str(run_dir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for key in ("val/loss", "val/accuracy", "val/auc"):
+        assert printed[key] == pytest.approx(metrics[key], abs=1e-6), key

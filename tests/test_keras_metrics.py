@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from trainer import UserError
+from trainer import metrics as trainer_metrics
 from trainer.run import build
 
 # Keras metrics that are not means of batch values (AUC, precision, F1), one with a vector
@@ -35,6 +36,9 @@ def keras_evaluate(model, metrics, x, y, sample_weight=None) -> dict:
     copies of ``metrics`` (weighted ones with ``sample_weight``): integer labels for Sparse*
     metrics, one-hot for the others."""
     probabilities = keras.Sequential([model, keras.layers.Softmax()])
+    # The default accuracy is the trainer's own: Keras' SparseCategoricalAccuracy checks it.
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+               if isinstance(m, trainer_metrics.Accuracy) else m for m in metrics]
     out = {}
     for sparse in (True, False):
         chosen = [type(m).from_config(m.get_config()) for m in metrics

@@ -14,10 +14,41 @@ def accuracy(y_true, logits):
     return tf.reduce_mean(tf.cast(tf.equal(pred, tf.cast(y_true, tf.int32)), tf.float32))
 
 
+class Accuracy(keras.metrics.Metric):
+    """Share of examples whose largest logit is the true class, over every example added
+    since the last reset (weighted by ``sample_weight``): Keras'
+    ``SparseCategoricalAccuracy``, computed on the logits themselves (the largest logit is
+    the largest probability) in a handful of ops, as it runs in every training step."""
+
+    #: Takes the model's logits and integer labels (``MetricSet`` skips the softmax).
+    takes_logits = True
+
+    def __init__(self, name: str = "accuracy", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        correct = tf.cast(tf.equal(tf.argmax(y_pred, axis=-1, output_type=tf.int32), labels),
+                          tf.float32)
+        if sample_weight is None:
+            self.total.assign_add(tf.reduce_sum(correct))
+            self.count.assign_add(tf.cast(tf.size(correct), tf.float32))
+        else:
+            weight = tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
+            self.total.assign_add(tf.reduce_sum(correct * weight))
+            self.count.assign_add(tf.reduce_sum(weight))
+
+    def result(self):
+        return tf.math.divide_no_nan(tf.convert_to_tensor(self.total),
+                                     tf.convert_to_tensor(self.count))
+
+
 def default_metrics(task: str) -> list:
     """The task's metric: accuracy for classification, mean absolute error for regression."""
     if task == "classification":
-        return [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+        return [Accuracy(name="accuracy")]
     if task == "regression":
         return [keras.metrics.MeanAbsoluteError(name="mae")]
     return []
@@ -129,9 +160,13 @@ def _update(metrics, task, y_true, y_pred, sample_weight) -> None:
             metric.update_state(y_true, y_pred, sample_weight=sample_weight)
         return
     labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-    probabilities = tf.nn.softmax(y_pred)
-    one_hot = None
+    probabilities = one_hot = None  # made once, if a metric needs them
     for metric in metrics:
+        if getattr(metric, "takes_logits", False):
+            metric.update_state(labels, y_pred, sample_weight=sample_weight)
+            continue
+        if probabilities is None:
+            probabilities = tf.nn.softmax(y_pred)
         if wants_sparse_labels(metric):
             metric.update_state(labels, probabilities, sample_weight=sample_weight)
             continue
