@@ -87,6 +87,12 @@ def test_npz_missing_array_lists_what_is_there(tmp_path):
         npz(path=str(tmp_path / "a.npz"))
 
 
+def test_npz_half_a_validation_set_is_named(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 2)), y=np.zeros(4), x_val=np.zeros((2, 2)))
+    with pytest.raises(UserError, match=r"array 'x_val' without 'y_val'"):
+        npz(path=str(tmp_path / "a.npz"))
+
+
 def test_nonfinite_features_are_accepted_on_request():
     x = np.ones((10, 2), "float32")
     x[3, 1] = np.inf

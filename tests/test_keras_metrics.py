@@ -63,11 +63,16 @@ def flat(logs: dict, prefix: str) -> dict:
         if not key.startswith(prefix):
             continue
         name, _, index = key[len(prefix):].partition("/")
-        if index:
+        if index.isdigit():
             out.setdefault(name, {})[int(index)] = value
-        else:
+        elif not index:
             out[name] = value
     return {k: [v[i] for i in sorted(v)] if isinstance(v, dict) else v for k, v in out.items()}
+
+
+def _by_name(metrics, name):
+    (metric,) = [m for m in metrics if m.name == name]
+    return metric
 
 
 def check_against_keras(logs, metrics, model, x, y, prefix, sample_weight=None):
@@ -90,6 +95,8 @@ def test_epoch_metrics_equal_keras_evaluate(make_cfg, tmp_path, mode):
     assert [m.name for m in metrics] == ["accuracy", "auc", "precision", "recall", "f1_score",
                                          "top_k_categorical_accuracy",
                                          "sparse_top_k_categorical_accuracy"]
+    # Unweighted, the default accuracy is the stateless per-batch log (exact over the epoch).
+    assert "accuracy" not in r.step.metric_sets["train"].used
     # 1,437 examples at batch 100: 15 steps in 4 executions, the last batch short.
     check_against_keras(logs, metrics, r.step.model, data.x_train, data.y_train, "train/")
     check_against_keras(logs, metrics, r.step.model, data.x_val, data.y_val, "val/")
@@ -102,8 +109,8 @@ def test_metrics_are_reset_at_each_epoch_and_evaluation(make_cfg, tmp_path):
     r.trainer.fit(r.step, r.data)
     # Over three epochs the counts are one epoch's, not three: reset when an epoch opens;
     # the validation copies hold one pass over the validation set.
-    train = r.step.metric_sets["train"].metrics[0]
-    val = r.step.metric_sets["val"].metrics[0]
+    train, val = (_by_name(r.step.metric_sets[split].metrics, "sparse_top_k_categorical_accuracy")
+                  for split in ("train", "val"))
     assert float(train.count.numpy()) == len(r.data.x_train) == 1437
     assert float(val.count.numpy()) == len(r.data.x_val) == 360
 
@@ -137,9 +144,15 @@ def test_a_skipped_step_leaves_the_metrics_alone(make_cfg, tmp_path):
     x[150, 3] = np.nan  # in the second batch of 100
     r.data.x_train = x
     r.trainer._prepare(r.step, r.data)  # the sources again, over the changed array
-    r.trainer.fit(r.step, r.data)
-    train = r.step.metric_sets["train"].metrics[0]
+    logs = r.trainer.fit(r.step, r.data)
+    train = _by_name(r.step.metric_sets["train"].metrics, "sparse_top_k_categorical_accuracy")
     assert float(train.count.numpy()) == 1437 - 100
+    # The loop's means leave the batch out as well: the epoch's accuracy is Keras' on the
+    # other 1,337 examples.
+    keep = np.ones(1437, bool)
+    keep[100:200] = False
+    check_against_keras(logs, [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+                        r.step.model, r.data.x_train[keep], r.data.y_train[keep], "train/")
 
 
 def test_a_run_resumed_mid_epoch_ends_with_the_same_metrics(make_cfg, tmp_path):
@@ -189,6 +202,7 @@ def test_weighted_metrics_and_loss_equal_keras_evaluate(make_cfg, tmp_path, mode
     data, metrics = r.data, r.step.metric_sets["train"].metrics
     w = data.w_train
     assert set(np.unique(w)) == {0.0, 1.0, 5.0}
+    assert "accuracy" in r.step.metric_sets["train"].used  # its weighted Keras form
     check_against_keras(logs, metrics, r.step.model, data.x_train, data.y_train, "train/",
                         sample_weight=w)
     check_against_keras(logs, metrics, r.step.model, data.x_val, data.y_val, "val/")

@@ -25,24 +25,49 @@ class Accuracy(keras.metrics.Metric):
 
     def __init__(self, name: str = "accuracy", dtype=None):
         super().__init__(name=name, dtype=dtype)
-        self.total = self.add_variable(shape=(), initializer="zeros", name="total")
-        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+        # (correct, examples) in one variable: one state update per step, not two.
+        self.sums = self.add_variable(shape=(2,), initializer="zeros", name="sums")
+
+    @property
+    def count(self):
+        """Examples (sample weights) added since the last reset."""
+        return tf.convert_to_tensor(self.sums)[1]
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+        # As few ops as it takes: it runs in every step, and a tiny model's step is a few
+        # dozen ops (labels already int32 of rank 1 and a static batch size cost none).
+        labels = _int_labels(y_true)
         correct = tf.cast(tf.equal(tf.argmax(y_pred, axis=-1, output_type=tf.int32), labels),
                           tf.float32)
         if sample_weight is None:
-            self.total.assign_add(tf.reduce_sum(correct))
-            self.count.assign_add(tf.cast(tf.size(correct), tf.float32))
+            rows = correct.shape[0]
+            count = (tf.constant(float(rows)) if rows is not None
+                     else tf.cast(tf.size(correct), tf.float32))
+            sums = tf.stack([tf.reduce_sum(correct), count])
         else:
             weight = tf.cast(tf.reshape(sample_weight, [-1]), tf.float32)
-            self.total.assign_add(tf.reduce_sum(correct * weight))
-            self.count.assign_add(tf.reduce_sum(weight))
+            sums = tf.stack([tf.reduce_sum(correct * weight), tf.reduce_sum(weight)])
+        self.sums.assign_add(sums)
 
     def result(self):
-        return tf.math.divide_no_nan(tf.convert_to_tensor(self.total),
-                                     tf.convert_to_tensor(self.count))
+        sums = tf.convert_to_tensor(self.sums)
+        return tf.math.divide_no_nan(sums[0], sums[1])
+
+
+def _int_labels(y_true):
+    """Integer class labels of rank 1 (no op when they already are)."""
+    if y_true.shape.rank != 1:
+        y_true = tf.reshape(y_true, [-1])
+    return y_true if y_true.dtype == tf.int32 else tf.cast(y_true, tf.int32)
+
+
+def mae(y_true, y_pred):
+    """Mean absolute error of one batch (stateless)."""
+    return tf.reduce_mean(tf.abs(tf.cast(y_true, y_pred.dtype) - y_pred))
+
+
+#: The task's own metric as a stateless per-batch function (``TapeStep.metric_fns``).
+STATELESS_DEFAULTS = {"classification": {"accuracy": accuracy}, "regression": {"mae": mae}}
 
 
 def default_metrics(task: str) -> list:
@@ -97,8 +122,9 @@ class MetricSet:
             if task == "classification" and metric.get_config().get("from_logits"):
                 raise UserError(f"metrics: {metric.name} has from_logits=true, but metrics see "
                                 "probabilities (the softmax of the model's logits); drop it")
-        #: Set when ``update`` is traced: a step that never updates its metrics reports none.
-        self.used = False
+        #: Names of the metrics ``update`` was traced for: a step reports only those (one that
+        #: never updates its metrics reports none).
+        self.used: set[str] = set()
 
     def clone(self) -> MetricSet:
         """Fresh metrics of the same configuration (validation's own copies)."""
@@ -128,17 +154,19 @@ class MetricSet:
         for metric in lazy:
             metric.reset_state()
 
-    def update(self, y_true, y_pred, sample_weight=None) -> None:
-        """Add one batch (this replica's rows of it) to every metric."""
-        self.used = True
-        _update(self.metrics, self.task, y_true, y_pred, sample_weight)
+    def update(self, y_true, y_pred, sample_weight=None, skip=()) -> None:
+        """Add one batch (this replica's rows of it) to every metric but those named in
+        ``skip``."""
+        chosen = [m for m in self.metrics if m.name not in skip]
+        self.used.update(m.name for m in chosen)
+        _update(chosen, self.task, y_true, y_pred, sample_weight)
 
     def results(self) -> dict:
         """Each metric's result over the examples added since the last reset, by name."""
-        if not self.used:
-            return {}
         out = {}
         for metric in self.metrics:
+            if metric.name not in self.used:
+                continue
             value = tf.convert_to_tensor(metric.result())
             if value.shape.rank == 0:
                 out[metric.name] = value
@@ -159,12 +187,14 @@ def _update(metrics, task, y_true, y_pred, sample_weight) -> None:
         for metric in metrics:
             metric.update_state(y_true, y_pred, sample_weight=sample_weight)
         return
-    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
-    probabilities = one_hot = None  # made once, if a metric needs them
+    y_true = tf.convert_to_tensor(y_true)
+    labels = probabilities = one_hot = None  # made once, if a metric needs them
     for metric in metrics:
         if getattr(metric, "takes_logits", False):
-            metric.update_state(labels, y_pred, sample_weight=sample_weight)
+            metric.update_state(y_true, y_pred, sample_weight=sample_weight)
             continue
+        if labels is None:
+            labels = _int_labels(y_true)
         if probabilities is None:
             probabilities = tf.nn.softmax(y_pred)
         if wants_sparse_labels(metric):

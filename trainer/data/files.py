@@ -82,6 +82,11 @@ def npz(
                             "set data.w_key to the array of sample weights, or null")
         arrays = {k: archive[k] for k in archive.files}
     x, x_val = arrays[x_key], arrays.get(f"{x_key}_val")
+    halves = [f"{k}_val" for k in (x_key, y_key) if f"{k}_val" in arrays]
+    if len(halves) == 1:
+        other = f"{y_key}_val" if halves == [f"{x_key}_val"] else f"{x_key}_val"
+        raise UserError(f"{p}: array {halves[0]!r} without {other!r}; a validation set needs "
+                        "both (or neither, to split one off)")
     w = w_val = None
     if w_key is not None:
         w = check_sample_weights(arrays[w_key], rows=len(x), where=f"{p}: array {w_key!r}")
