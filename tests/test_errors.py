@@ -127,9 +127,12 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path, data, expected):
         pytest.param(["metrics=[auc]"],
                      "error: metrics: 'auc' is not a metric node; write each entry as "
                      "{_target_: keras.metrics.AUC}", id="metric-not-a-node"),
-        pytest.param(["data.class_weight={12:2.0}"],
-                     "error: data.class_weight: class 12 is not a class of digits (classes 0-9)",
-                     id="class-weight-unknown-class"),
+        pytest.param(["data.task=classification", "data.class_weight={12:2.0}"],
+                     "error: data.class_weight: class 12 is not a class of synthetic "
+                     "classification (classes 0-2)", id="class-weight-unknown-class"),
+        pytest.param(["data.class_weight=balanced"],
+                     "error: data.class_weight is set but synthetic regression is a regression "
+                     "task", id="class-weight-regression"),
         pytest.param(["freeze.patterns=[*]"],
                      "error: freeze.patterns=['*'] freezes every variable, so nothing would "
                      "train", id="freeze-everything"),

@@ -413,9 +413,11 @@ def _assert_nothing_alive(pids):
 
 @pytest.mark.slow
 def test_two_workers_match_one_process_over_two_replicas(tmp_path):
-    launched = _launch(tmp_path / "mw", *TINY, *_save_weights(tmp_path / "mw_weights"))
+    # A Keras metric too: its variables have a copy per worker, summed when read.
+    auc = "metrics=[{_target_: keras.metrics.AUC}]"
+    launched = _launch(tmp_path / "mw", *TINY, auc, *_save_weights(tmp_path / "mw_weights"))
     mirrored = subprocess.run(
-        [sys.executable, "-m", "trainer", *TINY, "distribute=mirrored",
+        [sys.executable, "-m", "trainer", *TINY, auc, "distribute=mirrored",
          "distribute.cpu_replicas=2", *_save_weights(tmp_path / "mirrored_weights"),
          f"hydra.run.dir={tmp_path / 'mirrored'}"],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
@@ -430,7 +432,11 @@ def test_two_workers_match_one_process_over_two_replicas(tmp_path):
     # The chief keeps the run's outputs; the other worker writes none of its own.
     run_dir = tmp_path / "mw"
     assert (run_dir / "metrics.json").exists() and (run_dir / "model.keras").exists()
-    assert json.loads((run_dir / "metrics.json").read_text())["step"] == 2 * 23
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 2 * 23
+    expected = json.loads((tmp_path / "mirrored" / "metrics.json").read_text())
+    for key in ("train/auc", "val/auc", "train/accuracy", "val/loss"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-4), key
     assert (run_dir / ".hydra" / "overrides.yaml").exists()
 
 
