@@ -107,6 +107,7 @@ class MultitaskStep(TapeStep):
         pcgrad: apply gradient surgery to the shared gradients (else sum them).
     """
 
+    takes_sample_weight = False  # its own train_step: unweighted task losses
     TASKS = ("digit", "parity")
 
     def __init__(self, *, model, optimizer, task: str = "classification",

@@ -115,7 +115,7 @@ class PinnStep(TapeStep):
         self.problem = problem
         self.bc_weight = float(bc_weight)
         self.pde_scale = float(pde_scale)
-        self.metric_fns = {"l2_error": relative_l2}
+        self.metric_fns = {**self.metric_fns, "l2_error": relative_l2}
 
     def derivatives(self, x, training: bool):
         """``(u, u', u'')`` at ``x`` from nested tapes (differentiable by an outer tape)."""

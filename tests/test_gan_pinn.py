@@ -212,7 +212,8 @@ def test_pinn_experiment_runs_a_few_steps(make_cfg, tmp_path):
     cfg = make_cfg("+experiment=pinn", *SHORT, "callbacks.solution.every_n_steps=2")
     run(cfg, run_dir=tmp_path)
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert {"pinn/relative_l2_error", "pinn/max_abs_error", "val/l2_error"} <= set(saved)
+    assert {"pinn/relative_l2_error", "pinn/max_abs_error", "val/l2_error", "val/mae",
+            "train/mae"} <= set(saved)
     assert saved["step"] == 3 and saved["pinn/relative_l2_error"] > 0
     assert _images(tmp_path, "pinn/solution") == [0, 2, 3]
 

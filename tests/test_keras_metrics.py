@@ -237,3 +237,71 @@ def test_weighted_training_equals_keras_fit(make_cfg, tmp_path, eager):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
     # The weights mattered: Keras' unweighted epoch ends elsewhere.
     assert not np.allclose(model.get_weights()[0], keras_fit(None)[0], atol=1e-4)
+
+
+def test_each_kind_of_classification_metric_gets_the_inputs_it_expects():
+    # Accuracy compares values and MeanIoU takes class ids: they get argmax predictions;
+    # OneHotMeanIoU and AUC get one-hot labels and probabilities; Sparse* integer labels.
+    import tensorflow as tf
+
+    from trainer.metrics import MetricSet
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(64, 4)).astype(np.float32)
+    y = rng.integers(0, 4, 64).astype(np.int32)
+    metrics = MetricSet([keras.metrics.Accuracy(name="acc"),
+                         keras.metrics.MeanIoU(num_classes=4, name="miou"),
+                         keras.metrics.OneHotMeanIoU(num_classes=4, name="onehot_miou"),
+                         keras.metrics.SparseCategoricalAccuracy(name="sparse_acc"),
+                         keras.metrics.AUC(name="auc")], task="classification")
+    metrics.update(tf.constant(y), tf.constant(logits))
+    got = {k: float(v) for k, v in metrics.results().items()}
+    predicted = logits.argmax(axis=1)
+    assert got["acc"] == pytest.approx(np.mean(predicted == y))
+    assert got["sparse_acc"] == pytest.approx(np.mean(predicted == y))
+    iou = keras.metrics.MeanIoU(num_classes=4)
+    iou.update_state(y, predicted)
+    assert got["miou"] == pytest.approx(float(iou.result())) == got["onehot_miou"]
+    auc = keras.metrics.AUC()
+    auc.update_state(keras.utils.to_categorical(y, 4), tf.nn.softmax(logits))
+    assert got["auc"] == pytest.approx(float(auc.result()))
+    assert 0.1 < got["acc"] < 0.6  # chance level on random logits: not a degenerate 0 or 1
+
+
+def test_weighted_data_and_a_step_that_takes_no_weights(make_cfg, tmp_path):
+    r = build(make_cfg("+experiment=multitask", "callbacks=none", "data.class_weight=balanced"),
+              tmp_path)
+    with pytest.raises(UserError, match="the step MultitaskStep takes no per-example weights"):
+        r.trainer.fit(r.step, r.data)
+
+
+def test_a_lazily_built_metric_of_a_subclassed_model_is_in_the_checkpoint(tmp_path):
+    # F1Score makes its variables on its first update, and a subclassed model has no
+    # output shape before it is called: the trainer builds the metrics before it lists the
+    # checkpoint's contents, so a restart restores them too.
+    import tensorflow as tf
+
+    from trainer import TapeStep, Trainer
+    from trainer.data import synthetic
+
+    class Linear(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    data = synthetic(task="classification", n_samples=64, batch_size=16)
+    model = Linear()
+    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.1),
+                    metrics=[keras.metrics.F1Score(average="macro", name="f1")])
+    trainer = Trainer(epochs=1, run_dir=str(tmp_path))
+    with pytest.raises(UserError, match="model 'model' has no variables yet"):
+        trainer.fit(step, data)
+    model(data.x_train[:1])  # built by a call: no output_shape to build the metrics from
+    logs = trainer.fit(step, data)
+    assert 0.0 < logs["train/f1"] <= 1.0
+    path = trainer.checkpoint.write(str(tmp_path / "ckpt"))
+    names = [name for name, _ in tf.train.list_variables(path)]
+    assert [n for n in names if "/metrics/f1/" in n], names

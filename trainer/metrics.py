@@ -96,7 +96,8 @@ class MetricSet:
     over all its examples, never a mean of batch values.
 
     For classification the model outputs logits: each metric sees the softmax
-    probabilities, and the labels as integers (``Sparse*`` metrics) or one-hot.
+    probabilities or the predicted class ids, and the labels as integers or one-hot,
+    as the metric expects (``metric_inputs``).
 
     Args:
         metrics: ``keras.metrics.Metric`` objects; their names are the log keys
@@ -142,8 +143,8 @@ class MetricSet:
     def build(self, num_outputs: int) -> None:
         """Create the variables of metrics that make them on their first update (``F1Score``),
         here rather than inside a traced step: on every replica (under a strategy), and
-        before the checkpoint lists them. A dummy update in the strategy's replica
-        context, then a reset. Call it in the strategy's scope."""
+        before the checkpoint lists them (``Step.build_metrics``). A dummy update in the
+        strategy's replica context, then a reset. Call it in the strategy's scope."""
         lazy = [m for m in self.metrics if not m.variables]
         if not lazy:
             return
@@ -188,19 +189,37 @@ def _update(metrics, task, y_true, y_pred, sample_weight) -> None:
             metric.update_state(y_true, y_pred, sample_weight=sample_weight)
         return
     y_true = tf.convert_to_tensor(y_true)
-    labels = probabilities = one_hot = None  # made once, if a metric needs them
+    made: dict = {}  # each input made once, if a metric needs it
+
+    def get(kind):
+        if kind not in made:
+            if kind == "labels":
+                made[kind] = _int_labels(y_true)
+            elif kind == "probabilities":
+                made[kind] = tf.nn.softmax(y_pred)
+            elif kind == "classes":
+                made[kind] = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+            else:  # one_hot; a static width (the model's outputs): F1Score needs it
+                made[kind] = tf.one_hot(get("labels"), y_pred.shape[-1], dtype=tf.float32)
+        return made[kind]
+
     for metric in metrics:
         if getattr(metric, "takes_logits", False):
             metric.update_state(y_true, y_pred, sample_weight=sample_weight)
             continue
-        if labels is None:
-            labels = _int_labels(y_true)
-        if probabilities is None:
-            probabilities = tf.nn.softmax(y_pred)
-        if wants_sparse_labels(metric):
-            metric.update_state(labels, probabilities, sample_weight=sample_weight)
-            continue
-        if one_hot is None:
-            # Static width (the model's outputs): metrics such as F1Score need it.
-            one_hot = tf.one_hot(labels, y_pred.shape[-1], dtype=probabilities.dtype)
-        metric.update_state(one_hot, probabilities, sample_weight=sample_weight)
+        truth, prediction = metric_inputs(metric)
+        metric.update_state(get(truth), get(prediction), sample_weight=sample_weight)
+
+
+def metric_inputs(metric) -> tuple[str, str]:
+    """What a Keras classification metric is given: ``(labels | one_hot, probabilities |
+    classes)``. Integer labels for ``Sparse*`` metrics and for ``IoU``/``MeanIoU`` with
+    ``sparse_y_true``; predicted class ids for ``keras.metrics.Accuracy`` (it compares
+    values) and ``IoU``/``MeanIoU`` with ``sparse_y_pred``; else one-hot labels and
+    probabilities (``AUC``, ``Precision``, ``Recall``, ``F1Score``, ``TopK...``)."""
+    if isinstance(metric, keras.metrics.Accuracy):
+        return "labels", "classes"
+    if hasattr(metric, "sparse_y_pred"):  # the IoU family
+        return ("labels" if metric.sparse_y_true else "one_hot",
+                "classes" if metric.sparse_y_pred else "probabilities")
+    return ("labels" if wants_sparse_labels(metric) else "one_hot"), "probabilities"

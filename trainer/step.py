@@ -80,6 +80,10 @@ class Step:
             named once in a warning and left alone) or ``"zero"`` (zero gradients).
     """
 
+    #: Whether ``train_step`` and ``test_step`` take batches ``(x, y, sample_weight)`` of
+    #: weighted data (``Data.weighted``) and weigh their loss and metrics by them.
+    takes_sample_weight = False
+
     def __init__(self, *, models: dict, optimizers: dict, regularizers=(),
                  unconnected_gradients: str = "none"):
         if not models:
@@ -190,6 +194,14 @@ class Step:
             # An epoch's metrics so far: a run resumed mid-epoch ends with the same values.
             state["metrics"] = train_metrics.variables
         return state
+
+    def build_metrics(self, num_outputs: int) -> None:
+        """Create the variables of metrics that make them on their first update (Keras'
+        ``F1Score``) for a model with ``num_outputs`` outputs: the trainer calls this in
+        the strategy's scope before its checkpoint lists the step's state and before any
+        tracing, so every replica has them and a restart restores them."""
+        for metrics in self.metric_sets.values():
+            metrics.build(num_outputs)
 
     def metric_results(self, split: str = "train") -> dict:
         """The Keras metrics of ``split`` over the examples since their last reset, by

@@ -242,7 +242,9 @@ class Trainer:
         histograms every step ends bit-identical to one without.
         """
         moved = [v for m in self.step.models.values() for v in m.non_trainable_variables]
-        moved += tf.nest.flatten(self.step.state())
+        # Not the metrics: the probe never updates them, and their per-replica copies
+        # (summed when read) could not be read and put back by the chief alone.
+        moved += tf.nest.flatten({k: v for k, v in self.step.state().items() if k != "metrics"})
         saved = [v.numpy() for v in moved]
         grads = {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
         for v, value in zip(moved, saved):
@@ -358,6 +360,13 @@ class Trainer:
         measure, self.xla = self.xla == MEASURE, self.xla is True
         if self.distribution.distributed:
             log.info("distribution: %s", self.distribution.describe())
+        try:
+            outputs = data.num_outputs
+        except NotImplementedError:  # a Data of one's own may leave it out
+            outputs = None
+        if outputs:
+            with self.distribution.scope():
+                step.build_metrics(outputs)
         self.checkpoint = training_checkpoint(self, step=step, source=self._train_source,
                                               callbacks=self.callbacks)
         self.progress.steps_per_epoch = self.steps_per_epoch
@@ -581,6 +590,15 @@ def _check_contract(step, data) -> None:
     if not isinstance(data, Data):
         raise UserError(f"the data {type(data).__name__} is not a trainer.data.Data; use "
                         "trainer.DataModule or subclass trainer.data.Data")
+    for name, model in step.models.items():
+        if not model.variables:
+            raise UserError(f"the step's model {name!r} has no variables yet (a subclassed model "
+                            "makes them on its first call): call model.build(input_shape), or "
+                            "the model on a batch, before fit")
+    if data.weighted and not step.takes_sample_weight:
+        raise UserError(f"the step {type(step).__name__} takes no per-example weights, but the "
+                        "data is weighted (data.class_weight, data.w_key or data.weight); "
+                        "remove the weights, or use a step that weighs its loss (TapeStep)")
 
 
 def _check_finite(logs: dict, epoch: int) -> None:
