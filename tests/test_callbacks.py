@@ -77,6 +77,7 @@ class FakeTrainer:
         from trainer.state import Progress
 
         self.models = models
+        self.optimizers = {}
         self.global_step = tf.Variable(0, dtype=tf.int64)
         self.epoch, self.epochs, self.steps_per_epoch = 0, epochs, steps_per_epoch
         self.stop_training = False
