@@ -128,7 +128,7 @@ class TensorBoardCallback(Callback):
         optimizers = trainer.optimizers
         self._rates = {}
         for name, opt in optimizers.items():
-            schedule = getattr(opt, "schedule", None)
+            schedule = opt.schedule
             if schedule is None:
                 continue
             tag = "learning_rate" if len(optimizers) == 1 else f"learning_rate/{name}"

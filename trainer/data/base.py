@@ -250,27 +250,10 @@ class DataModule(Data):
         """
         import tensorflow as tf
 
-        from trainer.data.sources import epoch_permutation
+        from trainer.data.sources import epoch_batches
 
-        n, size = len(self.x_train), self.batch_size
         x, y = tf.constant(self.x_train), tf.constant(self.y_train)
-        if self.shuffle:
-            orders = tf.data.Dataset.counter().map(lambda e: epoch_permutation(n, self.seed, e))
-        else:
-            orders = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int32)).repeat()
-        full, tail = divmod(n, size)
-
-        def batches_of(order):
-            # The epoch's full batches as rows of one reshape (half the CPU of .batch() per
-            # batch, and a static shape when the batch size divides the set, which the step's
-            # graph folds), then the short last batch, if any.
-            rows = tf.data.Dataset.from_tensor_slices(tf.reshape(order[: full * size],
-                                                                 [full, size]))
-            if tail:
-                rows = rows.concatenate(tf.data.Dataset.from_tensors(order[full * size:]))
-            return rows
-
-        batches = orders.flat_map(batches_of)
+        batches = epoch_batches(len(self.x_train), self.batch_size, self.seed, self.shuffle)
         if self.w_train is None:
             ds = batches.map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
         else:  # the weights gathered with the same indices stay with their rows

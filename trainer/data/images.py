@@ -309,26 +309,13 @@ class ImageFolderData(Data):
         """Endless tf.data pipeline of training batches, reshuffled each epoch from the seed."""
         import tensorflow as tf
 
-        from trainer.data.sources import epoch_permutation
+        from trainer.data.sources import epoch_batches
 
         self._prepare()
         if self.module is not None:
             return self.module.train_dataset()
-        n, size = len(self.files["train"]), self.batch_size
-        if self.shuffle:
-            orders = tf.data.Dataset.counter().map(lambda e: epoch_permutation(n, self.seed, e))
-        else:
-            orders = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int32)).repeat()
-        full, tail = divmod(n, size)
-
-        def batches_of(order):
-            rows = tf.data.Dataset.from_tensor_slices(tf.reshape(order[: full * size],
-                                                                 [full, size]))
-            if tail:
-                rows = rows.concatenate(tf.data.Dataset.from_tensors(order[full * size:]))
-            return rows
-
-        batches = orders.flat_map(batches_of)
+        batches = epoch_batches(len(self.files["train"]), self.batch_size, self.seed,
+                                self.shuffle)
         ds = batches.map(self._decode_batch("train"), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE)
 

@@ -75,6 +75,30 @@ def epoch_permutation(num_examples: int, seed: int, epoch) -> tf.Tensor:
     return tf.random.experimental.stateless_shuffle(tf.range(num_examples, dtype=tf.int32), seed)
 
 
+def epoch_batches(num_examples: int, batch_size: int, seed: int, shuffle: bool):
+    """An endless ``tf.data`` pipeline of index vectors, one per training batch: epoch
+    ``e``'s examples in ``epoch_permutation`` order (the order the in-memory source uses),
+    batched within the epoch, the last batch short if the batch size does not divide the set.
+    Map it to the batch's tensors by gathering those indices."""
+    n, size = num_examples, batch_size
+    if shuffle:
+        orders = tf.data.Dataset.counter().map(lambda e: epoch_permutation(n, seed, e))
+    else:
+        orders = tf.data.Dataset.from_tensors(tf.range(n, dtype=tf.int32)).repeat()
+    full, tail = divmod(n, size)
+
+    def batches_of(order):
+        # The epoch's full batches as rows of one reshape (half the CPU of .batch() per
+        # batch, and a static shape when the batch size divides the set, which the step's
+        # graph folds), then the short last batch, if any.
+        rows = tf.data.Dataset.from_tensor_slices(tf.reshape(order[: full * size], [full, size]))
+        if tail:
+            rows = rows.concatenate(tf.data.Dataset.from_tensors(order[full * size:]))
+        return rows
+
+    return orders.flat_map(batches_of)
+
+
 class TensorSource(Source):
     """Batches sliced by index from tensors held in memory, inside the compiled loop.
 
