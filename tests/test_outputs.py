@@ -98,3 +98,49 @@ def test_an_unknown_optimized_metric_exits_2_naming_it(make_cfg, tmp_path, monke
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "val/accuracy_typo" in err and "val/loss" in err  # names it and what exists
+
+
+# A run whose validation loss is lowest before its last epoch (a rate high enough to overshoot).
+OVERSHOOT = ["data=synthetic", "data.task=classification", "optimizer.learning_rate=0.3",
+             "trainer.epochs=6", "trainer.steps_per_execution=4", "callbacks.progress.mode=log",
+             "callbacks.tensorboard.histogram_every_n_steps=0"]
+KERAS_STOP = ("+callbacks.keras.callbacks=[{_target_: keras.callbacks.EarlyStopping, "
+              "monitor: val_loss, patience: 100, restore_best_weights: true}]")
+
+
+@pytest.mark.parametrize("how", [
+    ["callbacks.checkpoint.monitor=val/loss"],
+    ["callbacks=early_stopping", "callbacks.early_stopping.patience=100",
+     "callbacks.early_stopping.restore_best_weights=true"],
+    ["+callbacks.keras._target_=trainer.KerasCallbacks", KERAS_STOP],
+], ids=["best_checkpoint", "early_stopping", "keras_early_stopping"])
+def test_metrics_describe_the_weights_that_are_shipped(make_cfg, tmp_path, how):
+    """With best weights restored at the end, metrics.json and the sweep's value are the
+    best epoch's (what model.keras gives when evaluated), the last epoch's under last/."""
+    from omegaconf import OmegaConf
+
+    from trainer.evaluate import evaluate
+    from trainer.inference import load_run
+
+    cfg = make_cfg(*OVERSHOOT, *how)
+    metrics = run(cfg, run_dir=tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    best = min(history, key=lambda logs: logs["val/loss"])
+    assert best["epoch"] < history[-1]["epoch"]  # the case at issue: best is not last
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["epoch"] == best["epoch"] and metrics["step"] == best["step"]
+    for key in ("val/loss", "val/accuracy", "train/loss"):
+        assert metrics[key] == best[key]
+        assert metrics[f"last/{key}"] == history[-1][key]
+    (tmp_path / ".hydra").mkdir(exist_ok=True)
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    shipped = load_run(str(tmp_path))
+    assert evaluate(shipped, shipped.data.validation_batches())["val/loss"] == pytest.approx(
+        metrics["val/loss"], rel=1e-6)
+
+
+def test_metrics_are_the_last_epochs_when_the_last_weights_are_shipped(make_cfg, tmp_path):
+    metrics = run(make_cfg(*OVERSHOOT), run_dir=tmp_path)
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert metrics["val/loss"] == history[-1]["val/loss"] and metrics["epoch"] == 6
+    assert not any(k.startswith("last/") for k in metrics)

@@ -2,11 +2,16 @@
 
 import os
 
+from trainer.preemption import catch_from_start
+
+# First: a stop signal during the seconds of start-up (imports, composing, building,
+# restoring) ends the run with its documented status and one line, not a traceback.
+catch_from_start()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import hydra
+import hydra  # noqa: E402
 
-from trainer.config import register_configs
+from trainer.config import register_configs  # noqa: E402
 
 register_configs()
 

@@ -16,10 +16,18 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class Preempted(Exception):
-    """A run stopped by a signal after saving; ``python -m trainer`` exits ``EXIT_PREEMPTED``."""
+    """A run stopped by a signal after saving; ``python -m trainer`` exits ``EXIT_PREEMPTED``.
 
-    def __init__(self, *, signal: str, global_step: int, run_dir, saved: bool = True):
+    ``global_step`` None: stopped during start-up, before training began.
+    """
+
+    def __init__(self, *, signal: str, global_step: int | None, run_dir, saved: bool = True):
         self.signal, self.global_step, self.run_dir = signal, global_step, run_dir
+        if global_step is None:
+            super().__init__(f"stopped by {signal} during start-up, before training began; "
+                             f"{run_dir} is as it was: run the same command again to start "
+                             "(or resume)")
+            return
         if saved:
             what = (f"after saving a checkpoint; resume with the same command and "
                     f"hydra.run.dir={run_dir} (trainer.resume=auto continues from it)")
@@ -39,8 +47,9 @@ class Preemption:
     handlers) nothing is caught.
     """
 
-    def __init__(self):
+    def __init__(self, *, quiet: bool = False):
         self.signum: int | None = None
+        self.quiet = quiet  # no log line: start-up's stop says it all in its one line
 
     @property
     def requested(self) -> bool:
@@ -53,9 +62,10 @@ class Preemption:
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            log.warning("%s received: stopping at the next execution boundary to save a "
-                        "checkpoint (press Ctrl-C again to stop at once)",
-                        signal.Signals(signum).name)
+            if not self.quiet:
+                log.warning("%s received: stopping at the next execution boundary to save a "
+                            "checkpoint (press Ctrl-C again to stop at once)",
+                            signal.Signals(signum).name)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     @contextlib.contextmanager
@@ -65,8 +75,35 @@ class Preemption:
             yield self
             return
         previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        # A signal that arrived during start-up, before this watch began, stops the loop
+        # at its first boundary.
+        self.signum = self.signum or _STARTUP.signum
         try:
             yield self
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+
+#: The process's signals from its start until the trainer watches (``catch_from_start``).
+_STARTUP = Preemption(quiet=True)
+
+
+def catch_from_start() -> None:
+    """Record SIGTERM and SIGINT from now on instead of dying (143) or raising
+    ``KeyboardInterrupt`` in the middle of imports.
+
+    ``python -m trainer`` calls it first thing: the driver checks ``raise_if_signalled``
+    between the stages of start-up and stops with one line and ``EXIT_PREEMPTED``, and a
+    signal that arrives later still, before training, stops the loop at its first
+    boundary. A second SIGINT stops the process at once, as while training.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _STARTUP._handle)
+
+
+def raise_if_signalled(run_dir) -> None:
+    """``Preempted`` (before training began) if a signal arrived during start-up."""
+    if _STARTUP.requested:
+        raise Preempted(signal=_STARTUP.name, global_step=None, run_dir=run_dir)

@@ -78,6 +78,12 @@ def improved(value: float, best: float, mode: str, min_delta: float = 0.0) -> bo
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
+def epoch_of_best(history: list[dict], monitor: str, best: float) -> int | None:
+    """The epoch (1-based) whose ``monitor`` log is ``best``: the first that reached it, since
+    a later one had to beat it to count; None if no epoch of ``history`` logged it."""
+    return next((logs["epoch"] for logs in history if logs.get(monitor) == best), None)
+
+
 def resolve(trainer, path: str) -> Path:
     """A callback's path, relative to the trainer's run directory unless absolute."""
     p = Path(path).expanduser()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback, improved, resolve
+from trainer.callbacks.base import Callback, epoch_of_best, improved, resolve
 from trainer.errors import UserError
 from trainer.periodic import Periodic
 
@@ -154,6 +154,7 @@ class CheckpointCallback(Callback):
         if best and not trainer.preempted:
             # Only the weights: the latest checkpoint (saved above) keeps the last state.
             tf.train.Checkpoint(models=trainer.models).read(best).expect_partial()
+            trainer.weights_epoch = epoch_of_best(trainer.history, self.monitor, self.best)
             log.info("the models hold the best weights (%s=%.4g, %s)", self.monitor,
                      self.best, best)
         if self._scratch:

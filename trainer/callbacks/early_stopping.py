@@ -7,7 +7,7 @@ import math
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback, improved
+from trainer.callbacks.base import Callback, epoch_of_best, improved
 from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -98,4 +98,5 @@ class EarlyStopping(Callback):
         if self._best_weights and math.isfinite(self.best) and not trainer.preempted:
             for copy, v in zip(self._best_weights, self._weights):
                 v.assign(copy)
+            trainer.weights_epoch = epoch_of_best(trainer.history, self.monitor, self.best)
             log.info("restored the weights of the best epoch (%s=%.4g)", self.monitor, self.best)

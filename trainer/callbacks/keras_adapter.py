@@ -151,6 +151,9 @@ class KerasCallbacks(Callback):
         out = keras_logs(logs)
         for cb in self.callbacks:
             cb.on_train_end(dict(out))
+            if getattr(cb, "restore_best_weights", False) and cb.best_weights is not None:
+                # Keras' EarlyStopping gave the model the weights of its best epoch.
+                trainer.weights_epoch = cb.best_epoch + 1
 
 
 def _writes_files(callback) -> bool:
