@@ -80,3 +80,23 @@ def test_short_runs_and_fixed_settings_do_not_measure(make_cfg, tmp_path, monkey
         r = build(make_cfg(*DENSE, f"trainer.jit_compile={jit}"), tmp_path / jit)
         r.trainer.fit(r.step, r.data)
     assert not calls
+
+
+def _tables(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("variables:")]
+
+
+def test_the_variable_table_is_logged_once_though_auto_compiles_three_times(
+        make_cfg, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(trainer.xla, "AUTO_XLA_MIN_STEPS", 10)
+    monkeypatch.setattr(trainer_module, "time_compilations",
+                        lambda *a, **k: {True: [2.0], False: [1.0]})
+    compiles = []
+    real = trainer_module.Trainer._compile
+    monkeypatch.setattr(trainer_module.Trainer, "_compile",
+                        lambda self, **kw: compiles.append(1) or real(self, **kw))
+    with caplog.at_level(logging.INFO, logger="trainer.trainer"):
+        r = build(make_cfg(*DENSE, "trainer.jit_compile=auto"), tmp_path)
+        r.trainer.fit(r.step, r.data)
+    assert len(compiles) == 3  # the plain step, the XLA one to time, the chosen one
+    assert len(_tables(caplog)) == 1

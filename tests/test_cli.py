@@ -107,3 +107,21 @@ def test_multirun_jobs_in_the_real_tensorboard_hparams_dashboard(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_run_prints_no_warning_of_its_own(tmp_path):
+    """A plain run raises no Python warning from the package's code and nothing AutoGraph
+    had to leave unconverted (``AutoGraph could not transform ...``)."""
+    import re
+    from pathlib import Path
+
+    import trainer
+
+    p = cli("+experiment=dense", "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}",
+            cwd=tmp_path, env={"PYTHONWARNINGS": "default"})  # DeprecationWarnings too
+    assert p.returncode == 0, p.stderr
+    output = p.stdout + p.stderr
+    assert "AutoGraph could not transform" not in output
+    package = re.escape(str(Path(trainer.__file__).parent))
+    ours = re.findall(rf"^{package}\S*\.py:\d+: \w+: .*$", output, flags=re.MULTILINE)
+    assert not ours

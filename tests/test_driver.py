@@ -170,3 +170,18 @@ def test_build_validates_before_tensorflow_is_imported(tmp_path):
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "config key data.path" in p.stdout and p.stdout.strip().endswith("False False")
+
+
+def test_the_metrics_line_prints_significant_digits(make_cfg, tmp_path, caplog):
+    """A small learning rate is printed as itself (1.5e-05), not rounded away to 0.0."""
+    import logging
+
+    from trainer.run import run
+
+    with caplog.at_level(logging.INFO, logger="trainer.run"):
+        run(make_cfg("data=synthetic", "model.hidden_units=[4]", "trainer.epochs=1",
+                     "trainer.max_steps=2", "callbacks=none", "optimizer.learning_rate=1.5e-5"),
+            run_dir=tmp_path)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("metrics:"))
+    assert "train/learning_rate=1.5e-05" in line.split()
+    assert "step=2" in line.split()  # counts are printed whole

@@ -217,3 +217,17 @@ def test_unknown_pattern_in_config_fails_before_training(make_cfg, tmp_path):
     with pytest.raises(UserError, match=r"freeze\.patterns: pattern 'backbone/\*' matches no"):
         run(cfg, run_dir=tmp_path)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_variable_table_is_logged_again_when_an_unfreeze_recompiles(caplog):
+    import logging
+
+    model = _mlp()
+    set_trainable([model], ["body/*"], False)
+    schedule = FreezeSchedule(unfreeze=[{"at_epoch": 2, "patterns": ["body/*"]}])
+    with caplog.at_level(logging.INFO, logger="trainer.trainer"):
+        _fit(model, epochs=3, callbacks=[schedule])
+    tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("variables:")]
+    assert len(tables) == 2  # at the start, and once more for the new trainable set
+    assert "| net/body/kernel | [3, 8] | 24 | frozen |" in tables[0]
+    assert "| net/body/kernel | [3, 8] | 24 | trainable |" in tables[1]

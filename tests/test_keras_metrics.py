@@ -305,3 +305,18 @@ def test_a_lazily_built_metric_of_a_subclassed_model_is_in_the_checkpoint(tmp_pa
     path = trainer.checkpoint.write(str(tmp_path / "ckpt"))
     names = [name for name, _ in tf.train.list_variables(path)]
     assert [n for n in names if "/metrics/f1/" in n], names
+
+
+def test_autograph_converts_the_metric_update():
+    """The update is traced into every step: a function AutoGraph cannot convert would run
+    unconverted, with a warning on every run ("AutoGraph could not transform")."""
+    import tensorflow as tf
+
+    for fn in (trainer_metrics._update, trainer_metrics._input):
+        tf.autograph.to_graph(fn)  # raises where the conversion fails
+    metrics = [keras.metrics.F1Score(), keras.metrics.Accuracy(),
+               keras.metrics.SparseCategoricalAccuracy()]
+    update = tf.function(lambda y, p: trainer_metrics._update(metrics, "classification", y, p,
+                                                              None))
+    update(tf.constant([1, 0]), tf.constant([[0.2, 0.8], [0.9, 0.1]]))
+    assert [float(np.mean(m.result())) for m in metrics] == pytest.approx([1.0, 1.0, 1.0])

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Lowest first. A name matches a module and everything under it; the longest match wins.
 LAYERS = [
     ("bottom", ["trainer.errors", "trainer.keys", "trainer.metrics", "trainer.periodic",
-                "trainer.config", "trainer.distribute", "trainer.replicas"]),
+                "trainer.config", "trainer.distribute", "trainer.replicas", "trainer.atomic"]),
     ("tape and building blocks", ["trainer.tape", "trainer.freeze", "trainer.optim",
                                   "trainer.schedules",
                                   "trainer.regularizers", "trainer.models", "trainer.data"]),

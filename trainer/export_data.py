@@ -26,6 +26,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.atomic import default_mode
 from trainer.config import register_configs
 from trainer.data.base import TASKS
 from trainer.data.tfrecord import FORMAT, META, VERSION, shard_name
@@ -162,7 +163,7 @@ def _replace(new: Path, out: Path) -> None:
     renamed aside (so ``out`` is always either the old export or the new one, or for
     an instant absent) and deleted once the new one is in place.
     """
-    new.chmod(0o755)  # mkdtemp makes it private to the user
+    new.chmod(default_mode(directory=True))  # mkdtemp makes it private to the user
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))

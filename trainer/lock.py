@@ -25,7 +25,7 @@ def run_dir_lock(run_dir: Path, name: str | None = None):
     share the run dir, each with its own lock).
     """
     path = Path(run_dir) / (name or LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask, as open() does
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -189,26 +189,35 @@ def _update(metrics, task, y_true, y_pred, sample_weight) -> None:
             metric.update_state(y_true, y_pred, sample_weight=sample_weight)
         return
     y_true = tf.convert_to_tensor(y_true)
-    made: dict = {}  # each input made once, if a metric needs it
-
-    def get(kind):
-        if kind not in made:
-            if kind == "labels":
-                made[kind] = _int_labels(y_true)
-            elif kind == "probabilities":
-                made[kind] = tf.nn.softmax(y_pred)
-            elif kind == "classes":
-                made[kind] = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
-            else:  # one_hot; a static width (the model's outputs): F1Score needs it
-                made[kind] = tf.one_hot(get("labels"), y_pred.shape[-1], dtype=tf.float32)
-        return made[kind]
-
+    made = {}  # each input made once, if a metric needs it
     for metric in metrics:
         if getattr(metric, "takes_logits", False):
             metric.update_state(y_true, y_pred, sample_weight=sample_weight)
             continue
         truth, prediction = metric_inputs(metric)
-        metric.update_state(get(truth), get(prediction), sample_weight=sample_weight)
+        metric.update_state(_input(truth, made, y_true, y_pred),
+                            _input(prediction, made, y_true, y_pred), sample_weight=sample_weight)
+
+
+def _input(kind: str, made: dict, y_true, y_pred):
+    """The metric input ``kind`` (see ``metric_inputs``), made once per update into ``made``.
+
+    A function of its own, not a closure over ``made``: AutoGraph converts ``_update``
+    when a step is traced, and turns a closure's captured names into ``nonlocal`` ones,
+    which it cannot do for an annotated name (it then runs the function unconverted,
+    with a warning on every run).
+    """
+    if kind not in made:
+        if kind == "labels":
+            made[kind] = _int_labels(y_true)
+        elif kind == "probabilities":
+            made[kind] = tf.nn.softmax(y_pred)
+        elif kind == "classes":
+            made[kind] = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+        else:  # one_hot; a static width (the model's outputs): F1Score needs it
+            made[kind] = tf.one_hot(_input("labels", made, y_true, y_pred), y_pred.shape[-1],
+                                    dtype=tf.float32)
+    return made[kind]
 
 
 def metric_inputs(metric) -> tuple[str, str]:

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.atomic import atomic_write as _atomic_write
 from trainer.config import TapeConfig
 from trainer.errors import UserError
 from trainer.freeze import param_counts, require_trainable, set_trainable
@@ -62,18 +62,6 @@ def flat_hparams(container: dict, prefix: str = "") -> dict:
         elif value is not None:
             out[name] = str(value)
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _optimizer(node, schedule=None, total_steps: int = 0):
@@ -397,7 +385,9 @@ def write_outputs(r: Run) -> dict:
         r.run_dir / "metrics.json",
         lambda p: Path(p).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n"),
     )
-    log.info("metrics: %s", {k: round(v, 4) for k, v in metrics.items()})
+    # Significant digits, not decimals: a learning rate of 1.5e-5 is not 0.0. Counts whole.
+    log.info("metrics: %s", " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4g}"
+                                     for k, v in metrics.items()))
     return metrics
 
 

@@ -293,7 +293,12 @@ class Trainer:
         self._check_scope()
         self._variables_key = self._trainable_key()
         self.variable_table = variable_table(self.step.models.values())
-        log.info("variables:\n%s", self.variable_table)
+        # Once per step and set of trainable variables: jit_compile=auto compiles the same
+        # step two or three times, a recompile after an unfreeze has a new table to show.
+        shown = (id(self.step), self._variables_key)
+        if shown != getattr(self, "_table_shown", None):
+            self._table_shown = shown
+            log.info("variables:\n%s", self.variable_table)
         auto = self.jit_compile == "auto"
         options = LoopOptions(run_eagerly=self.run_eagerly, jit_compile=self.xla,
                               xla_fallback=auto, short_batch_jit=False if auto else None)
