@@ -222,10 +222,16 @@ def test_user_error_passes_through_tracing_as_itself():
     assert caught.value is error
 
 
-def test_new_keys_are_accepted_where_the_config_takes_them(make_cfg):
+def test_new_keys_are_accepted_where_the_config_takes_them(make_cfg, monkeypatch):
     """A custom step's own argument, a new callback and a new regularizer are not typos."""
+    import sys
+    import types
+
     from trainer.run import validate
 
+    # The targets' module must exist (validation checks it), not its names: an imported
+    # module without a source is taken at its word until it is built.
+    monkeypatch.setitem(sys.modules, "my", types.ModuleType("my"))
     validate(make_cfg("step._target_=my.Step", "+step.beta=0.2",
                       "+callbacks.spy._target_=my.Spy", "+regularizer.mine._target_=my.Reg",
                       "+model.width=16", "model._target_=my.model"))

@@ -53,7 +53,10 @@ def test_predict_writes_classes_and_probabilities(finished, tmp_path, suffix):
     assert predict_main([str(run_dir), "--out", str(out)]) == 0
     if suffix == "npz":
         with np.load(out) as f:
+            assert sorted(f.files) == ["prediction", "probabilities"]  # as the README says
             prediction, probabilities = f["prediction"], f["probabilities"]
+        assert prediction.dtype == np.int64 and probabilities.dtype == np.float32
+        assert prediction.shape == (360,)
     else:
         table = np.loadtxt(out, delimiter=",", skiprows=1)
         prediction, probabilities = table[:, 0].astype(int), table[:, 1:]

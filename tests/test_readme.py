@@ -76,3 +76,30 @@ def test_python_api_example(tmp_path, monkeypatch):
     code = _block("from trainer import TapeStep, Trainer, TensorBoardCallback")
     exec(code.replace("epochs=5", "epochs=2"), {})
     assert (tmp_path / "runs" / "a" / "tb" / "train").is_dir()
+
+
+def test_shards_from_another_tool_example_writes_indexes_and_trains(make_cfg, tmp_path,
+                                                                     monkeypatch):
+    """The streaming section's worked example: shards written with a plain
+    tf.io.TFRecordWriter, the index command it shows, the meta.json it shows, the run."""
+    import json
+    import shlex
+
+    from trainer.export_data import index_main
+    from trainer.run import run
+
+    monkeypatch.chdir(tmp_path)
+    exec(_block("tf.io.TFRecordWriter("), {})
+    (commands,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+                   if "--index" in b]
+    index, train = commands.strip().splitlines()
+    assert index.startswith("python -m trainer.export_data --index ")
+    assert index_main(shlex.split(index)[3:]) == 0
+    (shown,) = [b for b in re.findall(r"```json\n(.*?)```", README, flags=re.S)
+                if '"format": "trainer.tfrecord"' in b]
+    assert json.loads((tmp_path / "shards" / "mine" / "meta.json").read_text()) == json.loads(
+        shown)
+    assert train.startswith("python -m trainer ")
+    metrics = run(make_cfg(*shlex.split(train)[3:], "trainer.max_steps=30", "callbacks=none"),
+                  run_dir=tmp_path / "run")
+    assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.7, metrics

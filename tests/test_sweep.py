@@ -183,6 +183,20 @@ def test_summary_takes_the_direction_from_the_sweeper(tmp_path, capsys):
     assert [row[0] for row in table(capsys.readouterr().out)] == ["0", "2", "1"]
 
 
+def test_summary_breaks_a_tie_on_the_objective_by_the_loss(tmp_path, capsys):
+    # Equal accuracies (a small validation set): the lower val/loss first, a run without
+    # one last, then the job order; a better objective still wins whatever its loss.
+    for job, loss in enumerate([0.5, 0.3, None, 0.3, 0.4]):
+        metrics = {"val/accuracy": 0.9, **({"val/loss": loss} if loss is not None else {})}
+        fake_run(tmp_path, str(job), [f"seed={job}"], metrics)
+    fake_run(tmp_path, "5", ["seed=5"], {"val/accuracy": 0.95, "val/loss": 0.9})
+    assert summary_main([str(tmp_path)]) == 0
+    assert [row[0] for row in table(capsys.readouterr().out)] == ["5", "1", "3", "4", "0", "2"]
+    # Lower loss first whichever way the objective is sorted.
+    assert summary_main([str(tmp_path), "--mode", "min"]) == 0
+    assert [row[0] for row in table(capsys.readouterr().out)] == ["1", "3", "4", "0", "2", "5"]
+
+
 def test_summary_metric_and_mode_options(sweep, capsys):
     assert summary_main([str(sweep), "--metric", "val/loss"]) == 0
     assert [row[0] for row in table(capsys.readouterr().out)][:3] == ["2", "1", "0"]

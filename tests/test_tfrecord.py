@@ -195,7 +195,9 @@ def _nan_first(d):
 @pytest.mark.parametrize(("damage", "kwargs", "message"), [
     (None, {"path": "{d}/nothing-*.tfrecord"}, r"nothing-\*\.tfrecord' matches no files"),
     (None, {"path": ""}, r"data\.path is not set"),
-    (lambda d: (d / META).unlink(), {}, r"meta\.json is missing: .*export_data"),
+    (lambda d: (d / META).unlink(), {},
+     r"meta\.json is missing: .*export_data.*; if another tool did, write it with python -m "
+     r"trainer\.export_data --index /"),
     (lambda d: (d / META).write_text("{not json"), {}, r"meta\.json: not valid JSON"),
     (lambda d: _edit_meta(d, lambda m: m.update(feature_shape=[0])), {},
      r"meta\.json: feature_shape \[0\] is not a list of positive integers"),
@@ -208,8 +210,8 @@ def _nan_first(d):
      r"extra\.tfrecord is not a shard listed in"),
     (None, {"path": "{d}/train-*.tfrecord"}, r"matches no val examples"),
     (_bad_first_shape, {},
-     r"train-00000-of-00004\.tfrecord: the first record has 2 feature values, meta\.json says "
-     r"shape \[3\]"),
+     r"train-00000-of-00004\.tfrecord: the first record has 2 float32 values of 'x', "
+     r"meta\.json says shape \[3\]"),
     (_nan_first, {}, r"train-00001-of-00004\.tfrecord: the first record's features hold NaN"),
     (lambda d: _edit_meta(d, lambda m: m["splits"]["val"].update(nonfinite_examples=2)), {},
      r"2 val examples hold NaN or infinity \(meta\.json\); .*data\.allow_nonfinite=true"),
@@ -394,3 +396,103 @@ def test_digits_round_trip_keeps_the_arrays(tmp_path):
     expected = np.lexsort(d.x_train.T)
     np.testing.assert_array_equal(x[order], d.x_train[expected])
     np.testing.assert_array_equal(y[order], d.y_train[expected])
+
+
+# --- meta.json's errors name the fix -------------------------------------------------------
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda m: m["splits"]["train"].update(shards=[{"file": 3}]),
+     "meta.json: splits.train.shards is not a list of {file, examples, bytes}; the metadata "
+     "does not describe the shards: re-export them with python -m trainer.export_data, or for "
+     "shards another tool wrote, index them with python -m trainer.export_data --index DIR"),
+    (lambda m: m.update(version=1),
+     "meta.json: version 1 does not record the features' preparation (version 2 does); "),
+    (lambda m: m.pop("preparation"),
+     "meta.json: preparation is missing (null if the features need none); "),
+    (lambda m: m.update(preparation={"divide_by": 0}),
+     "meta.json: preparation divide_by is 0; "),
+    (lambda m: m.update(preparation={"scale": 2}),
+     "meta.json: preparation {'scale': 2} is neither null nor {\"subtract\": NUMBER, "
+     "\"divide_by\": NUMBER}; "),
+    (lambda m: m.update(feature_dtype="uint8"),
+     "meta.json: feature_dtype 'uint8' is not one of ('float32', 'int64'); "),
+], ids=["shards", "version-1", "no-preparation", "divide-by-zero", "bad-preparation", "dtype"])
+def test_bad_metadata_names_the_key_and_both_fixes(tmp_path, change, message):
+    directory = _write(tmp_path / "d")
+    _edit_meta(directory, change)
+    with pytest.raises(UserError) as e:
+        tfrecord(path=str(directory))
+    text = str(e.value)
+    assert text.startswith(f"{directory / META}: ")
+    assert message.replace("DIR", str(directory)) in text
+    assert text.endswith(f"--index {directory}") and "}}" not in text and "\n" not in text
+
+
+# --- raw or prepared -----------------------------------------------------------------------
+def test_predict_on_a_run_trained_from_exported_digits_prepares_raw_inputs(make_cfg, export_cfg,
+                                                                          tmp_path):
+    """The shards hold the digits prepared (x / 16) and meta.json says so; predict --input
+    takes raw pixels (0-16) and prepares them as data=digits does."""
+    from omegaconf import OmegaConf
+
+    from trainer.inference import load_run
+    from trainer.predict import main as predict_main
+
+    out = tmp_path / "shards"
+    meta = export(export_cfg(f"out={out}", "shards=2"))
+    assert meta["preparation"] == {"subtract": 0.0, "divide_by": 16.0}
+    run_dir = tmp_path / "run"
+    cfg = make_cfg("+experiment=dense", "data=tfrecord", f"data.path={out}/*.tfrecord",
+                   "trainer.max_steps=20", "callbacks=none")
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra saves
+    run(cfg, run_dir=run_dir)
+    prepared = digits(batch_size=64).x_val  # what data=digits trains and predicts on
+    np.savez(tmp_path / "raw.npz", x=prepared * 16.0)
+    assert predict_main([str(run_dir), "--input", str(tmp_path / "raw.npz"),
+                         "--out", str(tmp_path / "p.npz")]) == 0
+    with np.load(tmp_path / "p.npz") as f:
+        probabilities = f["probabilities"]
+    model = load_run(str(run_dir)).step.models["model"]
+    expected = tf.nn.softmax(model.predict(prepared, verbose=0)).numpy()
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    assert (probabilities.argmax(1) == digits(batch_size=64).y_val).mean() > 0.8
+
+
+def test_the_preparation_survives_reading_into_memory_and_exporting_again(export_cfg,
+                                                                          tmp_path):
+    first = tmp_path / "first"
+    export(export_cfg(f"out={first}", "shards=2"))
+    raw = digits(batch_size=64).x_val[:3] * 16.0
+    for in_memory in (False, True):
+        data = tfrecord(path=str(first), batch_size=64, in_memory=in_memory)
+        np.testing.assert_array_equal(data.prepare(raw), digits(batch_size=64).x_val[:3])
+    again = export(export_cfg(f"out={tmp_path / 'again'}", "data=tfrecord",
+                              f"data.path={first}", "data.in_memory=true"))
+    assert again["preparation"] == {"subtract": 0.0, "divide_by": 16.0}
+    # Shards with no preparation recorded take new inputs as they come.
+    plain = _write(tmp_path / "plain")
+    assert _meta(plain)["preparation"] is None
+    assert tfrecord(path=str(plain)).prepare([[1.0, 2.0, 3.0]]).tolist() == [[1.0, 2.0, 3.0]]
+
+
+def test_an_export_refuses_a_preparation_meta_json_cannot_hold(tmp_path):
+    from trainer.data import Scaling
+    from trainer.export_data import _preparation
+
+    x, y = np.ones((8, 2)), np.arange(8) % 2
+    data = DataModule(x_train=x, y_train=y, x_val=x, y_val=y, batch_size=4, name="mine",
+                      preprocess=lambda v: v / 255.0)
+    with pytest.raises(UserError, match=r"^data mine: its preprocess '.*<lambda>' is a function "
+                       r"that meta\.json cannot record; pass preprocess=trainer\.data\.Scaling"):
+        _preparation(data)
+    data = DataModule(x_train=x, y_train=y, x_val=x, y_val=y, batch_size=4,
+                      preprocess=Scaling(divide_by=255.0, subtract=1.0))
+    assert _preparation(data) == {"subtract": 1.0, "divide_by": 255.0}
+    np.testing.assert_allclose(data.prepare([[256.0, 1.0]]), [[1.0, 0.0]])
+
+
+def test_digits_as_images_prepare_flat_raw_rows():
+    d = digits(batch_size=64, images=True)
+    raw = d.x_val.reshape(len(d.x_val), 64) * 16.0  # a CSV's rows of raw pixels
+    np.testing.assert_array_equal(d.prepare(raw), d.x_val)
+    assert d.preprocess.to_json() == {"subtract": 0.0, "divide_by": 16.0}

@@ -1,13 +1,18 @@
-"""``python -m trainer.export_data``: write any configured data set into TFRecord shards.
+"""``python -m trainer.export_data``: write any configured data set into TFRecord shards,
+or index shards another tool wrote.
 
     python -m trainer.export_data +experiment=dense out=DIR shards=8
+    python -m trainer.export_data --index DIR [--x-key NAME --y-key NAME]
     python -m trainer data=tfrecord data.path='DIR/*.tfrecord' ...
 
 The config is the training run's (``configs/export_data.yaml`` composes ``config.yaml``
 and adds ``out``, ``shards`` and ``overwrite``); the data node is built as training
-would build it, and its train and validation arrays are written by ``write_shards``
-into a temporary directory beside ``out``, renamed to ``out`` once complete: ``out``
-is never half written. The format is ``trainer.data.tfrecord``'s.
+would build it, and its train and validation arrays (prepared, as training sees them)
+are written by ``write_shards`` into a temporary directory beside ``out``, renamed to
+``out`` once complete: ``out`` is never half written. ``meta.json`` records the
+preparation, so a run on the shards prepares new inputs as the data set does. The
+format is ``trainer.data.tfrecord``'s. ``--index DIR`` reads the shards in ``DIR`` and
+writes their ``meta.json`` (``trainer.data.tfrecord_index``); no config is composed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import argparse
 import json
 import shutil
 import sys
@@ -29,7 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.atomic import default_mode
 from trainer.config import register_configs
 from trainer.data.base import TASKS
-from trainer.data.tfrecord import FORMAT, META, VERSION, shard_name
+from trainer.data.preparation import describe
+from trainer.data.tfrecord_meta import FORMAT, META, VERSION, shard_name, write_meta
 from trainer.errors import UserError
 
 register_configs()
@@ -58,14 +65,16 @@ def _example(x_row, y_row, task: str) -> bytes:
 
 
 def write_shards(directory, *, x_train, y_train, x_val, y_val, task: str, num_outputs: int,
-                 shards: int, name: str = "data", shuffle_seed: int = 0) -> dict:
+                 shards: int, name: str = "data", shuffle_seed: int = 0,
+                 preparation: dict | None = None) -> dict:
     """Write both splits into ``directory`` (which must exist) as TFRecord shards, and the
     metadata last; returns the metadata.
 
     Each split is cut into up to ``shards`` shards of near-equal size (never an empty
     one). The training rows are written in a fixed random order (``shuffle_seed``), so
     that a small shuffle buffer still mixes a source sorted by class; the validation
-    rows in their own order. Features are written as float32.
+    rows in their own order. Features are written as float32, as given: ``preparation``
+    (``Scaling.to_json()``, or None) records what was done to them beforehand.
     """
     import tensorflow as tf
 
@@ -99,9 +108,10 @@ def write_shards(directory, *, x_train, y_train, x_val, y_val, task: str, num_ou
         splits[split] = {"examples": len(x), "nonfinite_examples": int((~finite).sum()),
                          "shards": entries}
     meta = {"format": FORMAT, "version": VERSION, "name": name, "task": task,
-            "feature_shape": list(x_train.shape[1:]), "feature_dtype": "float32",
-            "num_outputs": int(num_outputs), "splits": splits}
-    (directory / META).write_text(json.dumps(meta, indent=2) + "\n")
+            "x_key": "x", "y_key": "y", "feature_shape": list(x_train.shape[1:]),
+            "feature_dtype": "float32", "num_outputs": int(num_outputs),
+            "preparation": preparation, "splits": splits}
+    write_meta(directory, meta)
     return meta
 
 
@@ -143,17 +153,37 @@ def export(cfg: DictConfig) -> dict:
         raise UserError("the data is weighted, but TFRecord shards hold no per-example "
                         "weights; export it without data.class_weight, data.w_key or "
                         "data.weight")
+    preparation = _preparation(data)
     x_train, y_train, x_val, y_val = arrays
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         meta = write_shards(tmp, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
                             task=data.task, num_outputs=data.num_outputs, shards=cfg.shards,
-                            name=getattr(data, "name", type(data).__name__))
+                            name=getattr(data, "name", type(data).__name__),
+                            preparation=preparation)
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _preparation(data) -> dict | None:
+    """What ``data`` did to its raw features, as ``meta.json`` records it: the arrays are
+    written prepared, and a run on the shards must prepare new inputs the same way."""
+    from trainer.data.base import Data, DataModule
+
+    name = getattr(data, "name", type(data).__name__)
+    if type(data).prepare not in (Data.prepare, DataModule.prepare):
+        raise UserError(f"data {name}: {type(data).__name__} overrides prepare, which "
+                        f"{META} cannot record; pass its preparation as preprocess="
+                        "trainer.data.Scaling(...) instead")
+    try:
+        return describe(getattr(data, "preprocess", None))
+    except ValueError as e:
+        raise UserError(f"data {name}: its preprocess {e} that {META} cannot record; pass "
+                        "preprocess=trainer.data.Scaling(divide_by=..., subtract=...) "
+                        "instead") from None
 
 
 def _replace(new: Path, out: Path) -> None:
@@ -188,6 +218,44 @@ def export_or_exit(cfg: DictConfig) -> None:
           f"data=tfrecord data.path='{out}/*.tfrecord'")
 
 
+def index_main(argv) -> int:
+    """``--index DIR``: write ``DIR/meta.json`` for the shards there; a user error exits 2
+    with one line on stderr."""
+    from trainer.data.tfrecord_index import index_shards
+
+    p = argparse.ArgumentParser(prog="python -m trainer.export_data --index",
+                                description="Write meta.json for TFRecord shards another "
+                                "tool wrote (train-*.tfrecord and val-*.tfrecord in DIR).")
+    p.add_argument("--index", metavar="DIR", required=True, help="the shards' directory")
+    p.add_argument("--x-key", help="the features' name in each tf.train.Example (default: "
+                                   "inferred)")
+    p.add_argument("--y-key", help="the target's name (default: inferred)")
+
+    def error(message):
+        print(f"error: {message}; usage: python -m trainer.export_data --index DIR "
+              "[--x-key NAME --y-key NAME]", file=sys.stderr)
+        sys.exit(2)
+
+    p.error = error
+    args = p.parse_args(argv)
+    try:
+        meta = index_shards(args.index, x_key=args.x_key, y_key=args.y_key)
+    except UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    splits, directory = meta["splits"], Path(args.index).expanduser().resolve()
+    outputs = (f"{meta['num_outputs']} classes" if meta["task"] == "classification"
+               else f"{meta['num_outputs']} targets")
+    print(f"wrote {directory / META}: {splits['train']['examples']} train and "
+          f"{splits['val']['examples']} validation examples in "
+          f"{len(splits['train']['shards'])} + {len(splits['val']['shards'])} shards; "
+          f"{meta['task']} ({outputs}) of {meta['x_key']!r} "
+          f"{meta['feature_shape']} {meta['feature_dtype']} -> {meta['y_key']!r}; preparation "
+          f"{json.dumps(meta['preparation'])}; train on them with data=tfrecord "
+          f"data.path='{directory}/*.tfrecord'")
+    return 0
+
+
 @hydra.main(version_base="1.3", config_path="pkg://trainer.configs", config_name="export_data")
 def main(cfg):
     """Write the configured data set into ``cfg.out`` as TFRecord shards."""
@@ -195,4 +263,6 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    if any(a == "--index" or a.startswith("--index=") for a in sys.argv[1:]):
+        sys.exit(index_main(sys.argv[1:]))
     main()

@@ -6,8 +6,11 @@
 
 New inputs are raw features, as the data set's files hold them: the run's own
 preprocessing (``Data.prepare``: the digits' scaling to [0, 1]) is applied to them.
-Classification writes ``prediction`` (the class) and ``p_<k>`` (probabilities);
-regression ``y_<k>``. ``--checkpoint`` and ``key=value`` overrides as for evaluate.
+As CSV, classification writes the columns ``prediction`` (the class) and ``p_<k>`` (its
+probabilities), regression ``y_<k>``; as NPZ, one row per input, classification writes the
+arrays ``prediction`` (int64, shape ``(n,)``) and ``probabilities`` (float32, ``(n,
+classes)``, the softmax of the logits), regression ``outputs`` (float32, ``(n, k)``).
+``--checkpoint`` and ``key=value`` overrides as for evaluate.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def predict(run, x) -> dict:
                               for i in range(0, len(x), 1024)]) if len(x) else np.zeros((0,))
     if run.data.task == "classification":
         probabilities = tf.nn.softmax(outputs).numpy()
-        return {"prediction": probabilities.argmax(axis=1), "probabilities": probabilities}
+        # int64 on every platform (argmax gives the platform's index type), as documented.
+        return {"prediction": probabilities.argmax(axis=1).astype(np.int64),
+                "probabilities": probabilities}
     return {"outputs": outputs}
 
 

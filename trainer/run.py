@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +24,28 @@ from trainer.errors import UserError
 from trainer.freeze import param_counts, require_trainable, set_trainable
 from trainer.lock import run_dir_lock, worker_index_from_env
 from trainer.preemption import EXIT_PREEMPTED, Preempted
-from trainer.validation import validate
+from trainer.validation import locate, target_error, validate
 
 log = logging.getLogger(__name__)
 
 
 def instantiate_node(node, **kwargs):
-    """``hydra.utils.instantiate`` that surfaces a user error from the target as itself."""
+    """``hydra.utils.instantiate`` that surfaces a user error from the target as itself,
+    and a target that cannot be imported as a one-line ``UserError``."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, UserError):
             raise cause from None
+        # Hydra names the target (a nested node's too) and its key only in its message; its
+        # ImportError wraps the import's own error.
+        located = re.match(r"Error locating target '(.+?)'", str(e))
+        if located:
+            key = re.search(r"^full_key: (.+)$", str(e), flags=re.M)
+            original = getattr(cause, "__cause__", None) or cause or e
+            raise target_error(located.group(1), original,
+                               f"{key.group(1)}._target_" if key else "_target_") from None
         if isinstance(cause, TypeError) and "keyword argument" in str(cause):
             # A misspelt key on a node the schemas do not type (a regularizer, a step).
             target = node.get("_target_", "?") if hasattr(node, "get") else "?"
@@ -191,15 +201,14 @@ def _offered_step_arguments(cfg: DictConfig, model, optimizer, task) -> dict:
 def metric_objects(nodes) -> list:
     """The ``metrics`` list's ``keras.metrics`` objects (built in the strategy's scope:
     their variables then keep one copy per replica, summed when read)."""
-    from hydra.utils import get_class
     from keras.src.utils.naming import to_snake_case
 
     objects = []
-    for node in nodes:
+    for i, node in enumerate(nodes):
         if not (hasattr(node, "get") and node.get("_target_")):
             raise UserError(f"metrics: {node!r} is not a metric node; write each entry as "
                             "{_target_: keras.metrics.AUC} (with its arguments, if any)")
-        cls = get_class(node._target_)
+        cls = locate(node._target_, f"metrics[{i}]._target_")
         named = {}
         if "name" not in node and "name" in inspect.signature(cls).parameters:
             # Keras numbers unnamed metrics per process (auc, auc_1, ...): the log keys and

@@ -14,7 +14,8 @@ listed last.
 The objective is ``--metric``, else the runs' ``optimized_metric``; the direction is
 ``--mode``, else the sweeper's (``hydra.sweeper.direction``, Optuna's) when the objective is
 what it optimised, else ``max`` for accuracy-like names and ``min`` for the rest (losses,
-errors). Reads files only: TensorFlow is not imported.
+errors). Runs tied on the objective are ordered by ``val/loss`` (lower first), then by job
+number. Reads files only: TensorFlow is not imported.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ HIGHER_IS_BETTER = ("accuracy", "acc", "auc", "precision", "recall", "f1", "iou"
                     "coverage", "quality", "reward", "score")
 #: Metrics shown after the objective and the validation metrics, when a run has them.
 TRAIN_COLUMNS = ("train/loss", "time/fit_seconds")
+#: Breaks a tie on the objective: lower first.
+TIE_BREAK = "val/loss"
 #: How deep below DIR run directories are looked for.
 MAX_DEPTH = 3
 LOCK_FILES = (".trainer.lock",)
@@ -158,17 +161,22 @@ def _finite(value) -> bool:
 
 
 def sort_runs(runs: list[RunInfo], metric: str, mode: str) -> list[RunInfo]:
-    """Best first; runs without a finite objective, then unfinished runs, last."""
+    """Best first; runs without a finite objective, then unfinished runs, last.
+
+    Runs tied on the objective (an accuracy of 0.95 on a small validation set) are ordered
+    by ``val/loss``, lower first (a run without a finite one last), then by job number.
+    """
     sign = -1 if mode == "max" else 1
 
     def key(r: RunInfo):
         job = (0, int(r.name), "") if r.name.isdigit() else (1, 0, r.name)
         value = (r.metrics or {}).get(metric)
         if r.metrics is None:
-            return (2, 0.0, *job)
+            return (2, 0.0, 0.0, *job)
         if not _finite(value):
-            return (1, 0.0, *job)
-        return (0, sign * value, *job)
+            return (1, 0.0, 0.0, *job)
+        loss = r.metrics.get(TIE_BREAK)
+        return (0, sign * value, loss if _finite(loss) else math.inf, *job)
 
     return sorted(runs, key=key)
 

@@ -5,8 +5,9 @@ from trainer.data.base import Data, DataModule
 from trainer.data.digits import digits
 from trainer.data.files import csv_file, npz
 from trainer.data.images import ImageFolderData, images
+from trainer.data.preparation import Scaling
 from trainer.data.synthetic import synthetic
 from trainer.data.tfrecord import tfrecord
 
-__all__ = ["Data", "DataModule", "ImageFolderData", "csv_file", "digits", "images", "npz",
-           "synthetic", "tfrecord"]
+__all__ = ["Data", "DataModule", "ImageFolderData", "Scaling", "csv_file", "digits", "images",
+           "npz", "synthetic", "tfrecord"]

@@ -88,8 +88,10 @@ class DataModule(Data):
             (``IteratorSource``); ``"auto"`` (default) holds them in memory when
             they take at most ``IN_MEMORY_MAX_BYTES`` and ``train_dataset`` is
             not overridden. Both give the same batches for the same seed.
-        preprocess: what the builder did to the raw features (``x / 16`` for the
-            digits), applied by ``prepare`` to new inputs at prediction time.
+        preprocess: what the builder did to the raw features (``Scaling(divide_by=16)``
+            for the digits), applied by ``prepare`` to new inputs at prediction time. A
+            ``trainer.data.Scaling`` is recorded by ``python -m trainer.export_data`` in
+            the shards' ``meta.json``; a plain function cannot be exported.
         w_train, w_val: per-example sample weights of the two sets (finite, >= 0, not
             all zero), or None: every example weighs 1.
         class_weight: ``"balanced"`` (scikit-learn's ``n / (n_classes * count)`` over the
@@ -219,11 +221,17 @@ class DataModule(Data):
         """Whether batches carry per-example weights: ``(x, y, w)``."""
         return self.w_train is not None
 
-    def prepare(self, x):
-        """Raw features through ``preprocess`` (given by the data set's builder), as float32."""
-        import numpy as np
+    @property
+    def preprocess(self):
+        """What the builder did to the raw features (a ``Scaling``, a function, or None)."""
+        return self._preprocess
 
-        x = np.asarray(x, dtype=np.float32)
+    def prepare(self, x):
+        """Raw features through ``preprocess`` (given by the data set's builder), as float32;
+        rows of flat values (a CSV's) are first reshaped to ``input_shape``."""
+        from trainer.data.preparation import reshape_rows
+
+        x = reshape_rows(x, self.input_shape)
         return x if self._preprocess is None else np.asarray(self._preprocess(x), np.float32)
 
     @property

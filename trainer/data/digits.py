@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.data.base import DataModule, split
+from trainer.data.preparation import Scaling
 from trainer.errors import UserError
 
 
@@ -40,16 +41,13 @@ def digits(
         x_va, y_va = _keep(x_va, y_va, classes)
     if images:
         x_tr, x_va = x_tr.reshape(-1, 8, 8, 1), x_va.reshape(-1, 8, 8, 1)
-    def preprocess(x):
-        flat = x.ndim == 2 and x.shape[1] == 64
-        return (x.reshape(-1, 8, 8, 1) if images and flat else x) / 16.0
-
     return DataModule(
         x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task="classification",
         batch_size=batch_size, seed=seed, shuffle=shuffle, name="digits", in_memory=in_memory,
         class_weight=class_weight,
-        # New raw inputs (pixels 0-16, as load_digits gives them) for trainer.predict.
-        preprocess=preprocess,
+        # The scaling above, for new raw inputs (pixels 0-16, as load_digits gives them, flat
+        # rows reshaped to images by prepare) and for the meta.json of an export.
+        preprocess=Scaling(divide_by=16),
     )
 
 

@@ -1,19 +1,20 @@
-"""Sharded TFRecord data: shards streamed through tf.data, described by the export's meta.json.
+"""Sharded TFRecord data: shards streamed through tf.data, described by their meta.json.
 
-An exported directory (``python -m trainer.export_data out=DIR``) holds
+A directory of shards (``python -m trainer.export_data out=DIR`` writes one; shards another
+tool wrote get theirs from ``python -m trainer.export_data --index DIR``) holds
 ``train-00000-of-00008.tfrecord``... and ``val-00000-of-00002.tfrecord``... (the
-prefix before the first ``-`` names the split) and ``meta.json``: the feature shape,
-the task, the width of the model's output and the examples of each split and shard.
-Each record is a ``tf.train.Example`` with ``x`` (a float list: the features,
-flattened row-major) and ``y`` (an int64 list of one class, or a float list of the
-regression targets). Nothing here loads a whole split: batches stream from disk
+prefix before the first ``-`` names the split) and ``meta.json`` (``tfrecord_meta``): the
+feature shape, the task, the width of the model's output, the preparation the features
+already had, and the examples of each split and shard. Each record is a
+``tf.train.Example`` with ``x`` (a float or int64 list: the features, flattened row-major)
+and ``y`` (an int64 list of one class, or a float list of the regression targets); the
+metadata may name other keys. Nothing here loads a whole split: batches stream from disk
 through a bounded shuffle buffer.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
@@ -22,77 +23,24 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.base import TASKS, Data
+from trainer.data.base import Data
+from trainer.data.preparation import Scaling, reshape_rows
+from trainer.data.tfrecord_meta import (  # noqa: F401 (FORMAT, VERSION, shard_name: re-exported)
+    DTYPES,
+    FORMAT,
+    META,
+    SPLITS,
+    VERSION,
+    fix,
+    read_meta,
+    shard_name,
+    split_of,
+)
 from trainer.errors import UserError
 
-META = "meta.json"
-FORMAT = "trainer.tfrecord"
-VERSION = 1
-SPLITS = ("train", "val")
 #: Shards read at once (the interleave's cycle length). A constant, not AUTOTUNE: the
 #: order of the examples depends on it, and must not depend on the machine.
 READERS = 8
-REEXPORT = "re-export them with python -m trainer.export_data"
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    """The file name of shard ``index`` of ``count`` of ``split``."""
-    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def split_of(filename: str) -> str | None:
-    """The split a shard's file name belongs to (``"train"``, ``"val"``), or None."""
-    prefix = os.path.basename(filename).split("-", 1)[0]
-    return prefix if prefix in SPLITS else None
-
-
-# --- metadata ----------------------------------------------------------------------------
-def _meta_error(path: Path, what: str) -> UserError:
-    return UserError(f"{path}: {what}; the metadata does not describe the shards: {REEXPORT}")
-
-
-def read_meta(directory: Path) -> dict:
-    """``directory/meta.json``, checked field by field (a ``UserError`` names the bad one)."""
-    path = directory / META
-    if not path.is_file():
-        raise UserError(f"{path} is missing: the shards need the metadata the export writes; "
-                        f"{REEXPORT} (out={directory})")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _meta_error(path, f"not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _meta_error(path, f"format is not {FORMAT!r}")
-    if meta.get("version") != VERSION:
-        raise _meta_error(path, f"version {meta.get('version')!r} is not {VERSION}")
-    if meta.get("task") not in TASKS:
-        raise _meta_error(path, f"task {meta.get('task')!r} is not one of {TASKS}")
-    shape = meta.get("feature_shape")
-    if not (isinstance(shape, list) and shape and all(_positive(d) for d in shape)):
-        raise _meta_error(path, f"feature_shape {shape!r} is not a list of positive integers")
-    if not _positive(meta.get("num_outputs")):
-        raise _meta_error(path, f"num_outputs {meta.get('num_outputs')!r} is not a positive "
-                          "integer")
-    splits = meta.get("splits")
-    for split in SPLITS:
-        entry = splits.get(split) if isinstance(splits, dict) else None
-        shards = entry.get("shards") if isinstance(entry, dict) else None
-        if not isinstance(shards, list) or not all(_shard_entry(s) for s in shards):
-            raise _meta_error(path, f"splits.{split}.shards is not a list of {{file, "
-                              "examples, bytes}}")
-        if not isinstance(entry.get("nonfinite_examples", 0), int):
-            raise _meta_error(path, f"splits.{split}.nonfinite_examples is not an integer")
-    return meta
-
-
-def _positive(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _shard_entry(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-            and isinstance(entry.get("examples"), int) and entry["examples"] >= 0
-            and isinstance(entry.get("bytes"), int))
 
 
 # --- finding and checking the shards -------------------------------------------------------
@@ -120,18 +68,19 @@ def find_shards(path: str | None) -> tuple[Path, dict, dict[str, list[dict]]]:
         for entry in meta["splits"][split]["shards"]:
             if not (directory / entry["file"]).is_file():
                 raise UserError(f"{directory / entry['file']} is missing (listed in "
-                                f"{directory / META}); restore it or {REEXPORT}")
+                                f"{directory / META}); restore it or {fix(directory)}")
     chosen: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for f in matched:
         name = os.path.basename(f)
         if name not in listed:
             raise UserError(f"{f} is not a shard listed in {directory / META}; remove it, "
-                            f"narrow data.path, or {REEXPORT}")
+                            f"narrow data.path, or {fix(directory)}")
         split, entry = listed[name]
         size = os.path.getsize(f)
         if size != entry["bytes"]:
             raise UserError(f"{f} has {size} bytes, {META} says {entry['bytes']}: the shard "
-                            f"changed after the export (truncated or rewritten); {REEXPORT}")
+                            f"changed after the export (truncated or rewritten); "
+                            f"{fix(directory)}")
         chosen[split].append(entry)
     for split in SPLITS:
         if not sum(e["examples"] for e in chosen[split]):
@@ -153,12 +102,12 @@ def first_record(path: Path) -> bytes | None:
             return None
         if len(head) < 12:
             raise UserError(f"{path}: not a TFRecord file (it ends inside the first record's "
-                            f"header); {REEXPORT}")
+                            f"header); {fix(path.parent)}")
         (length,) = struct.unpack("<Q", head[:8])
         data = f.read(length) if length <= os.path.getsize(path) else b""
         if len(data) != length:
             raise UserError(f"{path}: not a TFRecord file (its first record claims {length} "
-                            f"bytes, more than the file holds); {REEXPORT}")
+                            f"bytes, more than the file holds); {fix(path.parent)}")
         return data
 
 
@@ -173,21 +122,22 @@ def check_first_record(path: Path, meta: dict, *, allow_nonfinite: bool) -> None
     try:
         feature = Example.FromString(data).features.feature
     except DecodeError:
-        raise UserError(f"{path}: the first record is not a tf.train.Example; {REEXPORT}"
-                        ) from None
+        raise UserError(f"{path}: the first record is not a tf.train.Example; "
+                        f"{fix(path.parent)}") from None
     size = math.prod(meta["feature_shape"])
-    x = list(feature["x"].float_list.value) if "x" in feature else []
+    x_key, y_key, kind = meta["x_key"], meta["y_key"], DTYPES[meta["feature_dtype"]]
+    x = list(getattr(feature[x_key], kind).value) if x_key in feature else []
     if len(x) != size:
-        raise UserError(f"{path}: the first record has {len(x)} feature values, {META} says "
-                        f"shape {meta['feature_shape']} ({size}): the shards and the metadata "
-                        f"disagree; {REEXPORT}")
-    y = feature.get("y")
+        raise UserError(f"{path}: the first record has {len(x)} {meta['feature_dtype']} values "
+                        f"of {x_key!r}, {META} says shape {meta['feature_shape']} ({size}): the "
+                        f"shards and the metadata disagree; {fix(path.parent)}")
+    y = feature.get(y_key)
     width = 1 if meta["task"] == "classification" else meta["num_outputs"]
     values = (y.int64_list.value if meta["task"] == "classification" else y.float_list.value
               ) if y is not None else []
     if len(values) != width:
-        raise UserError(f"{path}: the first record has {len(values)} target values, {META} "
-                        f"says {width} ({meta['task']}); {REEXPORT}")
+        raise UserError(f"{path}: the first record has {len(values)} target values of "
+                        f"{y_key!r}, {META} says {width} ({meta['task']}); {fix(path.parent)}")
     if not allow_nonfinite and not np.isfinite(np.asarray(x, np.float32)).all():
         raise UserError(f"{path}: the first record's features hold NaN or infinity; clean the "
                         "data and re-export it, or set data.allow_nonfinite=true")
@@ -249,6 +199,20 @@ class TFRecordData(Data):
         """Batches in one pass over a split (the last one may be short)."""
         return -(-self.num_examples["train" if split == "train" else "val"] // self.batch_size)
 
+    @property
+    def preparation(self) -> Scaling | None:
+        """What was done to the raw features before they were written (``meta.json``'s
+        ``preparation``; None: nothing). The shards hold prepared features: training,
+        evaluation and prediction on them read them as they are."""
+        return Scaling.from_json(self.meta["preparation"])
+
+    def prepare(self, x):
+        """New raw features prepared as the shards' features were (``preparation``; as
+        given when None), as float32, flat rows reshaped to ``feature_shape``: what
+        ``python -m trainer.predict --input`` feeds the model."""
+        x = reshape_rows(x, self.input_shape)
+        return x if self.preparation is None else self.preparation(x)
+
     # --- pipelines ---------------------------------------------------------------------------
     def _decode(self, split: str):
         """``records -> (x, y)`` for a batch of serialized examples, with in-graph checks
@@ -259,24 +223,27 @@ class TFRecordData(Data):
         shape, task, outputs = self.input_shape, self.task, self.num_outputs
         size, where = math.prod(shape), f"{self.directory} ({split} shards)"
         width = 1 if task == "classification" else outputs
-        spec = {"x": tf.io.RaggedFeature(tf.float32),
-                "y": tf.io.RaggedFeature(tf.int64 if task == "classification" else tf.float32)}
+        x_key, y_key = self.meta["x_key"], self.meta["y_key"]
+        spec = {x_key: tf.io.RaggedFeature(tf.as_dtype(self.meta["feature_dtype"])),
+                y_key: tf.io.RaggedFeature(tf.int64 if task == "classification" else tf.float32)}
 
         def decode(records):
             parsed = tf.io.parse_example(records, spec)
-            x, y = parsed["x"], parsed["y"]
+            x, y = parsed[x_key], parsed[y_key]
             checks = [
                 tf.debugging.assert_equal(
                     x.row_lengths(), tf.constant(size, x.row_splits.dtype),
                     message=f"{where}: a record's features are not of shape {list(shape)} "
-                    f"({size} values) as {META} says; {REEXPORT}"),
+                    f"({size} values) as {META} says; {fix(self.directory)}"),
                 tf.debugging.assert_equal(
                     y.row_lengths(), tf.constant(width, y.row_splits.dtype),
                     message=f"{where}: a record does not have {width} target value(s) as "
-                    f"{META} says; {REEXPORT}"),
+                    f"{META} says; {fix(self.directory)}"),
             ]
             with tf.control_dependencies(checks):
-                x = tf.reshape(x.flat_values, [-1, *shape])
+                # int64 features (another tool's pixels) become float32, as the in-memory
+                # data sets' features do.
+                x = tf.reshape(tf.cast(x.flat_values, tf.float32), [-1, *shape])
                 y = y.flat_values
             if not self.allow_nonfinite:
                 x = _all_finite(x, f"{where}: features hold NaN or infinity; clean the data and "
@@ -285,7 +252,7 @@ class TFRecordData(Data):
                 in_range = tf.debugging.Assert(
                     tf.reduce_all((y >= 0) & (y < outputs)),
                     [f"{where}: a class label is outside 0..{outputs - 1} (num_outputs in "
-                     f"{META}); {REEXPORT}"])
+                     f"{META}); {fix(self.directory)}"])
                 with tf.control_dependencies([in_range]):
                     return x, tf.cast(y, tf.int32)
             y = _all_finite(tf.reshape(y, [-1, outputs]), f"{where}: targets hold NaN or "
@@ -410,13 +377,16 @@ def tfrecord(
     task: str | None = None,
     in_memory="auto",
 ):
-    """TFRecord shards written by ``python -m trainer.export_data``, streamed from disk.
+    """TFRecord shards written by ``python -m trainer.export_data`` (or by another tool and
+    indexed by ``python -m trainer.export_data --index DIR``), streamed from disk.
 
-    ``path`` is a glob (``DIR/*.tfrecord``) or the export's directory; the matched
+    ``path`` is a glob (``DIR/*.tfrecord``) or the shards' directory; the matched
     files named ``train-*`` are the training set, ``val-*`` the validation set, and
-    ``DIR/meta.json`` describes them. ``task`` (default: the metadata's) must agree
-    with the metadata. Streams with ``in_memory`` ``auto`` or ``false``; ``true``
-    reads both splits into a ``DataModule`` (the fused in-memory loop, for small data).
+    ``DIR/meta.json`` describes them. The features are read as the shards hold them:
+    already prepared (``prepare`` applies the recorded preparation to new raw inputs).
+    ``task`` (default: the metadata's) must agree with the metadata. Streams with
+    ``in_memory`` ``auto`` or ``false``; ``true`` reads both splits into a ``DataModule``
+    (the fused in-memory loop, for small data, with the same preparation for new inputs).
 
     Checked here, before training: the metadata, that every listed shard exists with
     the size it had when written, and each shard's first record. While streaming, every
@@ -454,7 +424,9 @@ def tfrecord(
         (x, y), (x_val, y_val) = data.arrays("train"), data.arrays("val")
         return DataModule(x_train=x, y_train=y, x_val=x_val, y_val=y_val, task=data.task,
                           batch_size=batch_size, seed=seed, shuffle=shuffle,
-                          allow_nonfinite=allow_nonfinite, name=data.name, in_memory=True)
+                          allow_nonfinite=allow_nonfinite, name=data.name, in_memory=True,
+                          # The arrays are prepared already; new inputs get the same.
+                          preprocess=data.preparation)
     return data
 
 
