@@ -127,7 +127,12 @@ def _kill_during_save(run_dir, proc):
     folder = run_dir / "checkpoints"
     end = time.monotonic() + TIMEOUT
     while time.monotonic() < end and proc.poll() is None:
-        if any("_temp" in name for name in os.listdir(folder)):
+        names = os.listdir(folder)
+        # The save of a checkpoint after the first: the first one's own temporary files
+        # can still be on disk for a moment once its index is there, and killing then
+        # would leave no complete checkpoint at all.
+        done = {name.removesuffix(".index") for name in names if name.endswith(".index")}
+        if any("_temp" in name and name.split("_temp")[0] not in done for name in names):
             proc.send_signal(signal.SIGKILL)
             return
     pytest.fail("no save in progress was seen")

@@ -23,7 +23,8 @@ from trainer.config import TapeConfig
 from trainer.errors import UserError
 from trainer.freeze import param_counts, require_trainable, set_trainable
 from trainer.lock import run_dir_lock, worker_index_from_env
-from trainer.preemption import EXIT_PREEMPTED, Preempted
+from trainer.preemption import EXIT_PREEMPTED, Preempted, raise_if_signalled
+from trainer.rundir import accept
 from trainer.validation import locate, target_error, validate
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,10 @@ def flat_hparams(container: dict, prefix: str = "") -> dict:
         elif value is not None:
             out[name] = str(value)
     return out
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda p: Path(p).write_text(text))
 
 
 def _optimizer(node, schedule=None, total_steps: int = 0):
@@ -350,11 +355,18 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """
     validate(cfg)
     run_dir = _run_dir(run_dir)
+    raise_if_signalled(run_dir)
     # The workers of a multi-worker run share the run dir; each holds a lock of its own.
     with run_dir_lock(run_dir, name=_lock_name(cfg)):
         r = build(cfg, run_dir)
+        raise_if_signalled(run_dir)
+        # A start that is refused here (a checkpoint of another model) leaves the run dir
+        # as it was: its config and log are written only once the run is accepted.
+        r.trainer.prepare(r.step, r.data)
+        raise_if_signalled(run_dir)
+        accept(run_dir, cfg if r.trainer.is_chief else None, _write_text)
         r.trainer.fit(r.step, r.data)
-        metrics = write_outputs(r) if r.trainer.is_chief else dict(r.trainer.logs)
+        metrics = write_outputs(r) if r.trainer.is_chief else r.trainer.final_logs
     if r.trainer.preempted:
         from trainer.callbacks import CheckpointCallback
 
@@ -380,7 +392,8 @@ def write_outputs(r: Run) -> dict:
     After a resume they describe the whole run: the history and the last logs come
     back with the checkpoint. Returns the metrics.
     """
-    logs = r.trainer.logs
+    # The logs of the weights written: the best epoch's when a callback restored them.
+    logs = r.trainer.final_logs
     for name, m in r.models.items():
         filename = "model.keras" if name == "model" else f"{name}.keras"
         _atomic_write(r.run_dir / filename, m.save)

@@ -144,6 +144,9 @@ class Trainer:
         self.logs: dict = {}
         #: The checkpoint the last ``fit`` resumed from, or None.
         self.restored_from: str | None = None
+        #: The epoch (1-based) whose weights a callback gave the models at the end of
+        #: ``fit`` (the best checkpoint's, early stopping's best); None: the last ones.
+        self.weights_epoch: int | None = None
         self._preemption, self._cut_short = Preemption(), False
         self._stopped_when_restored = False
         self.step: Step | None = None
@@ -182,6 +185,23 @@ class Trainer:
     def history(self) -> list[dict]:
         """The logs of every finished epoch (restored with the checkpoint on resume)."""
         return self.progress.history
+
+    @property
+    def final_logs(self) -> dict:
+        """The logs that describe the weights the models hold after ``fit``.
+
+        ``logs`` (the last epoch's) unless a callback gave the models an earlier epoch's
+        weights (``weights_epoch``: the best checkpoint, ``restore_best_weights``); then
+        that epoch's logs, with the last epoch's under ``last/`` (``last/val/loss``), so
+        what is reported (``metrics.json``, a sweep's objective) is what is shipped.
+        """
+        logs, epoch = self.logs, self.weights_epoch
+        if epoch is None or epoch == logs.get("epoch"):
+            return dict(logs)
+        shipped = next(h for h in self.history if h.get("epoch") == epoch)
+        timers = {k: v for k, v in logs.items() if k.startswith("time/")}
+        last = {f"last/{k}": v for k, v in logs.items() if not k.startswith("time/")}
+        return {**shipped, **last, **timers}
 
     @property
     def preempted(self) -> str | None:
@@ -413,6 +433,20 @@ class Trainer:
         self._compile(evaluation=True)
 
     # --- the loop ---------------------------------------------------------------------
+    def prepare(self, step: Step, data: Data) -> None:
+        """Everything ``fit`` does before its first step, without training: check the step
+        and the data, build the compiled functions and, with ``resume``, read the
+        checkpoint back (a foreign one raises ``UserError`` here, with nothing assigned).
+
+        ``fit`` calls it itself; the driver calls it first, so that a run whose start is
+        refused writes nothing into its run dir. Done once for the same step, data and
+        compile settings.
+        """
+        flags = (self.run_eagerly, self.jit_compile)
+        if step is not self.step or data is not self.data or flags != self._fit_flags:
+            self._prepare(step, data)
+            self._fit_flags = flags
+
     def fit(self, step: Step, data: Data) -> dict:
         """Train ``step`` on ``data``; return the final logs (last epoch's train and val).
 
@@ -421,10 +455,7 @@ class Trainer:
         saved there. Calling ``fit`` again with the same step and data (after raising
         ``epochs``) continues with the functions already compiled, as Keras does.
         """
-        flags = (self.run_eagerly, self.jit_compile)
-        if step is not self.step or data is not self.data or flags != self._fit_flags:
-            self._prepare(step, data)
-            self._fit_flags = flags
+        self.prepare(step, data)
         if self._pace is None or self._pace.setting != self.steps_per_execution:
             self._pace = Pacing(self.steps_per_execution)
         # The whole run's steps: auto pacing splits it into at least MIN_EXECUTIONS executions.
@@ -433,6 +464,7 @@ class Trainer:
         # A run that a callback stopped (early stopping) stays stopped when resumed.
         self.stop_training, self._stopped_when_restored = self._stopped_when_restored, False
         self._preemption, self._cut_short = Preemption(), False
+        self.weights_epoch = None
         start = time.perf_counter()
         with self._preemption.watch():
             self._callback("on_fit_start")
