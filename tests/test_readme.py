@@ -41,6 +41,40 @@ def test_custom_step_example_trains_through_the_config(make_cfg, tmp_path, readm
     assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.7
 
 
+def test_custom_step_example_trains_on_weighted_data(make_cfg, tmp_path, readme_steps):
+    from trainer.run import run
+
+    cfg = make_cfg("+experiment=dense", "step._target_=readme_steps.ConfidencePenaltyStep",
+                   "data.class_weight=balanced", "trainer.max_steps=30", "callbacks=none")
+    metrics = run(cfg, run_dir=tmp_path)
+    assert metrics["step"] == 30 and metrics["val/accuracy"] > 0.7
+
+
+def test_custom_step_example_weighs_every_term_of_its_loss(readme_steps):
+    # Weights of 2 double the whole loss (Keras' reduction: sum(w * loss) / batch size).
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    step = readme_steps.ConfidencePenaltyStep(model=model, optimizer=keras.optimizers.SGD(0.1),
+                                              beta=0.5)
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.arange(8) % 3
+    plain, _ = step.compute_loss(x, y, training=False)
+    doubled, _ = step.compute_loss(x, y, training=False, sample_weight=tf.fill([8], 2.0))
+    assert float(doubled) == pytest.approx(2 * float(plain), rel=1e-5)
+
+
+def test_readme_opens_with_the_two_commands_and_where_to_run_them():
+    first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1)
+    assert README.index("```bash") < README.index("\n## ")
+    assert first.splitlines() == ["pip install -e . && python -m trainer +experiment=dense",
+                                  "pip install -e '.[test]' && ruff check . && pytest"]
+    intro = README[:README.index("\n## ")]
+    assert "python -m venv .venv && . .venv/bin/activate" in intro
+
+
 @pytest.mark.parametrize("eager", [False, True])
 def test_sampled_diagnostic_example_logs_once_per_execution(tmp_path, eager):
     import keras
