@@ -4,8 +4,9 @@
     python -m trainer.predict RUN_DIR --input new.npz --out preds.npz  # new inputs (array x)
     python -m trainer.predict RUN_DIR --input new.csv --out preds.csv  # numeric columns
 
-New inputs are raw features, as the data set's files hold them: the run's own
-preprocessing (``Data.prepare``: the digits' scaling to [0, 1]) is applied to them.
+New inputs (``--input``) are raw features: the run's own preparation (``Data.prepare``: the
+digits' scaling to [0, 1], or the one a TFRecord export recorded in its ``meta.json``) is
+applied to them; the run's validation data is read as training read it.
 As CSV, classification writes the columns ``prediction`` (the class) and ``p_<k>`` (its
 probabilities), regression ``y_<k>``; as NPZ, one row per input, classification writes the
 arrays ``prediction`` (int64, shape ``(n,)``) and ``probabilities`` (float32, ``(n,
