@@ -1,0 +1,73 @@
+"""docs/results.md comes from scripts/results.py, and the README quotes only its figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "results.md"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("results_script", ROOT / "scripts" / "results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def test_the_page_names_the_script_the_date_and_the_machine():
+    text = PAGE.read_text()
+    assert "Measured by `python scripts/results.py`" in text
+    assert re.search(r"Measured on \d{4}-\d{2}-\d{2}\.", text)
+    assert re.search(r"\d+-core .+, TensorFlow \d+\.\d+", text)
+    assert [m for m in re.findall(r"(?m)^## (.+)$", text)] == [
+        "The dense experiment", "The convolutional experiment", "Precisions",
+        "Replicas, workers, accumulation and dropout"]
+
+
+def test_every_figure_the_readme_quotes_is_on_the_page():
+    page = PAGE.read_text()
+    quoted = _readme_section("Results") + _readme_section("Scaling out")
+    figures = set(re.findall(r"\b\d\.\d{4,}\b", quoted))
+    assert figures, "the README quotes no results"
+    missing = sorted(f for f in figures if f not in page)
+    assert not missing, f"README figures not on docs/results.md (rerun the script): {missing}"
+
+
+def test_sections_not_measured_keep_their_text():
+    script = _script()
+    old = script.render({"dense": "## The dense experiment\n\nold dense\n\n",
+                         "cnn": "## The convolutional experiment\n\nold cnn\n\n"},
+                        date="2026-01-01", machine="2-core CPU, TensorFlow 2.0")
+    kept = script.previous_sections(old)
+    assert kept["dense"].strip() == "## The dense experiment\n\nold dense"
+    assert set(kept) == {"dense", "cnn"}
+    new = script.render({**kept, "cnn": "## The convolutional experiment\n\nnew cnn\n\n"},
+                        date="2026-02-02", machine="m")
+    assert "old dense" in new and "new cnn" in new and "old cnn" not in new
+    assert new.index("old dense") < new.index("new cnn")
+
+
+@pytest.mark.slow
+def test_the_script_measures_a_section_into_the_page(tmp_path):
+    out = tmp_path / "results.md"
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "results.py"), "--only", "cnn",
+                        "--seeds", "1", "--extra", "trainer.epochs=1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = out.read_text()
+    assert re.search(r"validation accuracy \*\*0\.\d{4}\*\* on seed 0", text)
+    assert "## The convolutional experiment" in text and "## The dense experiment" not in text
