@@ -16,6 +16,10 @@ steps with TensorBoard and checkpoints on, in a child process:
 accumulation, a mirrored strategy in a child process, jit_compile=auto's choice:
 ``benchmarks/scale.py``). ``--groups F --merge`` adds one group's results to the
 recorded ones.
+
+The top of benchmarks/: the timing (``measure``), the workloads and the machine's facts it
+shares with the other groups are in ``benchmarks/common.py``, whose docstring draws the
+modules' layers.
 """
 
 from __future__ import annotations
@@ -24,36 +28,17 @@ import argparse
 import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# The primitives every group shares; machine() is also read by scripts/results.py from here.
+from benchmarks.common import load, machine, measure, workloads
+
 HERE = Path(__file__).resolve().parent
-
-
-def workloads(quick: bool) -> dict:
-    from benchmarks.variants import Workload
-
-    a = Workload("A", "regression", 32, [64, 64], 1, batch_size=64,
-                 n_train=16384 if quick else 65536)
-    b = Workload("B", "classification", 784, [256, 256] if quick else [1024, 1024], 10,
-                 batch_size=256, n_train=8192)
-    return {
-        "A": a, "B": b,
-        "A+gp": replace(a, name="A+gp", gp_every=1), "A+gp/16": replace(a, name="A+gp/16",
-                                                                        gp_every=16),
-        "B+gp": replace(b, name="B+gp", gp_every=1), "B+gp/16": replace(b, name="B+gp/16",
-                                                                        gp_every=16),
-        "D": replace(a, name="D"), "D-eager": replace(a, name="D-eager", n_train=4096),
-    }
-
 
 ALL_KINDS = (("iterator", False), ("memory", False), ("memory", True))
 
@@ -123,8 +108,8 @@ def time_to_first_step(jit_compile: bool) -> dict:
     from hydra.core.global_hydra import GlobalHydra
 
     from trainer.callbacks import Callback
-    from trainer.config import register_configs
-    from trainer.run import build
+    from trainer.driver.run import build
+    from trainer.driver.schemas import register_configs
 
     class First(Callback):
         def on_execution_end(self, trainer, step, logs):
@@ -147,62 +132,6 @@ def time_to_first_step(jit_compile: bool) -> dict:
     r.trainer.fit(r.step, r.data)
     return {"compose_s": t1 - t0, "build_s": t2 - t1, "first_execution_s": first.at - t2,
             "total_s": first.at - t0}
-
-
-def measure(variants, *, windows: int, window_seconds: float, log) -> dict:
-    """Set up every variant, then time ``windows`` rounds of all of them, round robin."""
-    results = {}
-    for v in variants:
-        t0 = time.perf_counter()
-        v.setup()
-        steps, seconds = v.run(1)
-        v.epochs = max(1, round(window_seconds / max(seconds, 1e-6)))
-        log(f"  set up {v.name} in {time.perf_counter() - t0:.1f}s "
-            f"({steps / seconds:,.0f} steps/s, {v.epochs} epoch(s) per window)")
-        results[v.name] = {**v.meta, "rates": []}
-    for w in range(windows):
-        for v in variants:
-            steps, seconds = v.run(v.epochs)
-            results[v.name]["rates"].append(steps / seconds)
-        log(f"  window {w + 1}/{windows} done")
-    for r in results.values():
-        rates = r["rates"]
-        med = statistics.median(rates)
-        r.update(median=med, min=min(rates), max=max(rates),
-                 spread=(max(rates) - min(rates)) / med if med else 0.0)
-    peak = next((v for v in variants if v.kind == "peak"), None)
-    if peak is not None:
-        r = results[peak.name]
-        r["gflops"] = {k: r[k] * peak.flops / 1e9 for k in ("median", "min", "max")}
-    for v in variants:
-        if v.workload is not None and v.kind != "peak":
-            results[v.name]["flops_per_step"] = v.workload.flops_per_step()
-            results[v.name]["workload"] = v.workload.name
-    return results
-
-
-def machine() -> dict:
-    import keras
-    import tensorflow as tf
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__, "keras": keras.__version__,
-            "platform": platform.platform()}
-
-
-def load() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None) -> dict:

@@ -1,12 +1,14 @@
 """Ratios against the targets, the printed table and benchmarks/RESULTS.md, from the JSON.
 
 ``python -m benchmarks.report`` writes RESULTS.md again from results.json (the targets
-read off the recorded rows), without measuring anything.
+read off the recorded rows), without measuring anything (nor importing TensorFlow).
 """
 
 from __future__ import annotations
 
-import statistics
+from benchmarks.common import ratio
+from benchmarks.scale_report import report_lines
+from benchmarks.scale_report import summarize as scale_summary
 
 
 def _find(group: dict, workload: str, spe=None, kind=None, source=None, xla=None,
@@ -33,17 +35,6 @@ def _best(group, workload, **kw):
 
 
 KINDS = (("iterator", False), ("memory", False), ("memory", True))
-
-
-def ratio(a: dict, b: dict) -> float:
-    """``a``'s speed over ``b``'s: the median of their ratios window by window.
-
-    Both ran in every round robin window, one right after the other, so a change in
-    the machine's load hits the pair alike; the median of the paired ratios is steadier
-    than the ratio of two medians taken over different windows.
-    """
-    pairs = [x / y for x, y in zip(a["rates"], b["rates"]) if y]
-    return statistics.median(pairs) if pairs else a["median"] / b["median"]
 
 
 def _kind(source, xla):
@@ -177,8 +168,6 @@ def summarize(result: dict) -> tuple[dict, list]:
         cases["E"] = case
     f = groups.get("F")
     if f:
-        from benchmarks.scale import summarize as scale_summary
-
         cases["F"] = scale_summary(f, target)
     return cases, targets
 
@@ -337,8 +326,6 @@ def markdown_report(result: dict) -> str:
                 f"the hand-written loop {100 * b['hand_share_of_peak']:.0f}%."]
     scale = bool(result["cases"].get("F"))
     if scale:
-        from benchmarks.scale import report_lines
-
         out += report_lines(result)  # with a table of F's variants
     out += ["", "## Every variant" + (" (F's: in its section)" if scale else ""), "",
             "| variant | steps/s (median) | min | max | spread |", "|---|---:|---:|---:|---:|"]

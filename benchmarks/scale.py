@@ -1,7 +1,8 @@
 """Group F, "scale": mixed precision, streaming from shards, gradient accumulation, a
 mirrored strategy, and ``jit_compile=auto``'s choice. Rows in the format of
 ``bench.py``'s groups; ``report.py`` reads the targets off them (``summarize``) and
-writes their section of RESULTS.md (``report_lines``).
+writes their section of RESULTS.md (``report_lines``), both in ``scale_report.py`` (no
+TensorFlow there) and importable from here too.
 
 All on the B workload (MLP 784-1024-1024-10, batch 256, in memory, no XLA, the
 trainer's default step), unless said otherwise:
@@ -45,13 +46,16 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.common import measure, workloads
+from benchmarks.scale_report import ACCUMULATE
+from benchmarks.scale_report import report_lines as report_lines
+from benchmarks.scale_report import summarize as summarize
 from benchmarks.streaming import ShardVariant
 from benchmarks.variants import HandVariant, TrainerVariant, Workload, _TrainerClock
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE_EXPERIMENT = ROOT / "configs" / "experiment" / "dense.yaml"
 DIGITS_TRAIN = 1437  # the digits' training split (1,797 at val_fraction 0.2)
-ACCUMULATE = 4
 BF16, FP16 = "mixed_bfloat16", "mixed_float16"
 
 
@@ -111,8 +115,6 @@ def dense_workload(tiny: bool = False) -> MlpWorkload:
 
 def b_workload(quick: bool, tiny: bool) -> Workload:
     """bench's B (quick: hidden 256-256; tiny, for the tests: 32-16-10 on 512 examples)."""
-    from benchmarks.bench import workloads
-
     b = workloads(quick)["B"]
     return replace(b, n_features=32, hidden=[16], n_train=512, batch_size=64) if tiny else b
 
@@ -137,11 +139,11 @@ class ScaleTrainer(TrainerVariant):
     def setup(self):
         import keras
 
-        import trainer.trainer as trainer_module
+        import trainer.training.trainer as trainer_module
         from trainer import TapeStep, Trainer
         from trainer.data import DataModule
         from trainer.distribute import NoDistribution
-        from trainer.optim import LossScale
+        from trainer.step.optimizers import LossScale
 
         w = self.workload
         x, y = w.arrays()
@@ -262,7 +264,7 @@ def variants(quick: bool = False, *, directory: str | os.PathLike | None = None,
 def mirrored_variants(quick: bool = False, *, tiny: bool = False) -> list:
     """One device and ``Mirrored(cpu_replicas=2)``, on B in memory without XLA (under a
     strategy the trainer never uses XLA). Needs two logical CPU devices: call
-    ``trainer.distribute.split_cpu(2)`` before TensorFlow starts."""
+    ``trainer.distribute.strategies.split_cpu(2)`` before TensorFlow starts."""
     from trainer.distribute import Mirrored
 
     b = b_workload(quick, tiny)
@@ -288,10 +290,8 @@ def mirrored_in_subprocess(quick: bool, *, windows: int, window_seconds: float, 
 
 
 def measure_cpu(variants, *, windows: int, window_seconds: float, log) -> dict:
-    """``bench.measure``'s rows, each with the CPU time per step of its timed windows
+    """``common.measure``'s rows, each with the CPU time per step of its timed windows
     (``cpu_ms_per_step``, window by window, and ``cpu_ms_per_step_median``)."""
-    from benchmarks.bench import measure
-
     rows = measure(variants, windows=windows, window_seconds=window_seconds, log=log)
     for r in rows.values():
         if r.get("cpu_ms_per_step"):
@@ -320,163 +320,6 @@ def run_group(quick: bool = False, *, windows: int, window_seconds: float, tiny:
         rows.update(mirrored_in_subprocess(quick, windows=windows,
                                            window_seconds=window_seconds, tiny=tiny, log=log))
     return rows
-
-
-# --- the report ------------------------------------------------------------------------------
-def _ratio(a, b):
-    from benchmarks.report import ratio
-
-    return ratio(a, b) if a and b else None
-
-
-def _by(group: dict, prefix: str, suffix: str):
-    """The row of ``group`` whose name starts with ``prefix`` and ends with ``suffix``."""
-    return next((r for name, r in group.items()
-                 if name.startswith(prefix) and name.endswith(suffix)), None)
-
-
-def cpu_flags() -> set:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def summarize(group: dict, target) -> dict:
-    """Group F's case, calling ``target(case, what, value, op, threshold)`` for each target."""
-    case = {"cpu_avx512_bf16": "avx512_bf16" in cpu_flags()}
-    fp32, bf16, hand, hand32, fp16 = (
-        _by(group, "F/precision/", s) for s in ("/trainer-memory", "/trainer-memory-bf16",
-                                                "/hand-memory-bf16", "/hand-memory",
-                                                "/trainer-memory-fp16"))
-    case["bf16_vs_fp32"] = _ratio(bf16, fp32)
-    case["bf16_trainer_vs_hand"] = _ratio(bf16, hand)
-    case["hand_bf16_vs_fp32"] = _ratio(hand, hand32)
-    case["fp32_trainer_vs_hand"] = _ratio(fp32, hand32)
-    case["fp16_vs_fp32"] = _ratio(fp16, fp32)
-    target("F", "B mixed_bfloat16 / float32 (trainer, memory)", case["bf16_vs_fp32"], ">=", 1.4)
-    target("F", "B mixed_bfloat16 trainer/hand (memory)", case["bf16_trainer_vs_hand"], ">=",
-           0.95)
-    memory, iterator, shards = (_by(group, "F/streaming/", s) for s in (
-        "/trainer-memory", "/trainer-iterator", "/trainer-tfrecord"))
-    case["tfrecord_vs_memory"] = _ratio(shards, memory)
-    case["tfrecord_vs_iterator"] = _ratio(shards, iterator)
-    case["iterator_vs_memory"] = _ratio(iterator, memory)
-    target("F", "B TFRecord shards / memory (trainer)", case["tfrecord_vs_memory"], ">=", 0.9)
-    target("F", "B TFRecord shards / tf.data iterator (trainer)", case["tfrecord_vs_iterator"],
-           ">=", 0.9)
-    plain = _by(group, "F/accumulation/B/", "/trainer-memory")
-    accum = _by(group, f"F/accumulation/B-accum{ACCUMULATE}/", "/trainer-memory")
-    case["accumulate_micro_vs_plain"] = _ratio(accum, plain)
-    target("F", f"B accumulate_steps={ACCUMULATE}: micro-batches/s / plain steps/s",
-           case["accumulate_micro_vs_plain"], ">=", 0.95)
-    one, two = (_by(group, "F/mirrored/", s) for s in ("/trainer-memory-1device",
-                                                       "/trainer-memory-mirrored2"))
-    case["mirrored2_vs_one_device"] = _ratio(two, one)
-    auto = {}
-    labels = sorted({n.split("/")[2] for n in group if n.startswith("F/auto/")})
-    for label in labels:
-        rows = {k: group.get(f"F/auto/{label}/jit-{k}") for k in ("false", "true", "auto")}
-        if not all(rows.values()):
-            continue
-        faster = "true" if rows["true"]["median"] > rows["false"]["median"] else "false"
-        entry = {
-            "steps_per_s": {k: r["median"] for k, r in rows.items()},
-            "xla_vs_no_xla": _ratio(rows["true"], rows["false"]),
-            "faster_fixed": faster,
-            "auto_chose": "true" if rows["auto"]["xla"] else "false",
-            "auto_vs_faster": _ratio(rows["auto"], rows[faster]),
-            "calibration_ms_per_step": rows["auto"].get("calibration_ms_per_step"),
-            "cpu_ms_per_step": {k: r.get("cpu_ms_per_step_median") for k, r in rows.items()},
-        }
-        auto[label] = entry
-        target("F", f"jit_compile=auto / faster fixed ({label}; auto chose "
-               f"{'XLA' if entry['auto_chose'] == 'true' else 'no XLA'})",
-               entry["auto_vs_faster"], ">=", 0.95)
-    case["auto"] = auto
-    return case
-
-
-READING = """\
-Reading F:
-
-- bf16: the matmuls run about twice as fast in bfloat16 on this CPU (avx512_bf16), while
-  Adam's float32 update of the 1.9M parameters, memory-bound and about a quarter of the
-  float32 step, does not change; the hand-written loop gains what the trainer gains.
-  float16 has no fast CPU kernels (and pays the loss scale's checks).
-- TFRecord: reading, shuffling and parsing 256 records costs about 1.2 ms of CPU per batch
-  (the in-memory arrays through tf.data: about 0.15 ms), taken from the two cores the
-  step's matmuls use: the CPU column shows the difference per step.
-- Accumulation: the micro-batches can outrun plain steps, because the optimizer's update
-  runs once per 4 micro-batches.
-- Mirrored: two replicas on two cores split each product in two and add an all-reduce of
-  the gradients, where one device already used both cores.
-- `jit_compile=auto` times executions inside one epoch (at most 100 steps, the epoch's
-  full batches); per-epoch costs (the evaluation, the short last batch's separate call)
-  are not in that measurement and weigh most on short epochs such as the digits' 23."""
-
-
-def report_lines(result: dict) -> list:
-    """The F section of RESULTS.md."""
-    f = result["cases"].get("F")
-    if not f:
-        return []
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    out = ["", "## F: scale", "",
-           "B (MLP 784-1024-1024-10, batch 256, `steps_per_execution=32`, in memory, no XLA) "
-           "unless said otherwise. Each subgroup (the prefix after `F/`) is timed round robin "
-           "on its own with its own float32 baseline, in twice the windows of half the "
-           "length (the same time, twice the back-to-back pairs); ratios are medians of the "
-           "paired windows' ratios.", "",
-           f"- Precision (this CPU {'has' if f['cpu_avx512_bf16'] else 'lacks'} avx512_bf16): "
-           f"mixed_bfloat16 / float32 {fmt(f['bf16_vs_fp32'])} (the hand-written loop's: "
-           f"{fmt(f['hand_bf16_vs_fp32'])}), trainer / hand-written loop "
-           f"{fmt(f['bf16_trainer_vs_hand'])} in bf16, {fmt(f['fp32_trainer_vs_hand'])} in "
-           f"float32; mixed_float16 / float32 {fmt(f['fp16_vs_fp32'])} (no float16 matmul "
-           "kernels of use on CPU: no target)",
-           f"- TFRecord shards (8 on local disk, shuffle buffer 10,000): / in memory (fused) "
-           f"{fmt(f['tfrecord_vs_memory'])}, / the arrays through tf.data (iterator) "
-           f"{fmt(f['tfrecord_vs_iterator'])}; iterator / in memory "
-           f"{fmt(f['iterator_vs_memory'])}",
-           f"- accumulate_steps={ACCUMULATE} at batch {256 * ACCUMULATE} (micro-batches of 256) "
-           f"/ batch 256: {fmt(f['accumulate_micro_vs_plain'])} in micro-batches per second",
-           f"- Mirrored over 2 logical CPUs / one device (in a child process): "
-           f"{fmt(f['mirrored2_vs_one_device'])} (2 cores: no gain expected, no target)",
-           "", READING,
-           "", "`jit_compile=auto` (dense: the dense experiment's model and batch size on "
-           "random data of the digits' size; B-bf16: B under mixed_bfloat16):", "",
-           "| model | steps/s: false | true | auto | auto chose | faster fixed | auto / "
-           "faster | true / false | CPU ms/step: false, true | calibration ms/step: "
-           "XLA, no XLA |",
-           "|---|---:|---:|---:|---|---|---:|---:|---|---|"]
-    for label, e in f["auto"].items():
-        s, cal = e["steps_per_s"], e.get("calibration_ms_per_step") or {}
-        cpu = e.get("cpu_ms_per_step") or {}
-        timing = f"{cal['xla']:.3f}, {cal['no_xla']:.3f}" if cal else "-"
-        cpus = (f"{cpu['false']:.3f}, {cpu['true']:.3f}" if cpu.get("false") and cpu.get("true")
-                else "-")
-        out.append(f"| {label} | {s['false']:,.0f} | {s['true']:,.0f} | {s['auto']:,.0f} | "
-                   f"{e['auto_chose']} | {e['faster_fixed']} | {fmt(e['auto_vs_faster'])} | "
-                   f"{fmt(e['xla_vs_no_xla'])} | {cpus} | {timing} |")
-    rows = result.get("groups", {}).get("F", {})
-    if rows:
-        out += ["", "Every F variant, with the process's CPU time per step (all threads; "
-                "other processes stretch a window's wall time, hardly its CPU time):", "",
-                "| variant | steps/s (median) | min | max | spread | CPU ms per step (median) |",
-                "|---|---:|---:|---:|---:|---:|"]
-        for name, r in rows.items():
-            cpu = r.get("cpu_ms_per_step_median")
-            unit = " (micro-batches)" if r.get("unit") == "micro-batches" else ""
-            out.append(f"| {name}{unit} | {r['median']:,.1f} | {r['min']:,.1f} | "
-                       f"{r['max']:,.1f} | {100 * r['spread']:.0f}% | "
-                       f"{'-' if cpu is None else f'{cpu:.2f}'} |")
-    return out
 
 
 def main(argv=None):

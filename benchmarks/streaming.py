@@ -1,6 +1,6 @@
 """Streaming from TFRecord shards against the in-memory path, on the B workload.
 
-``streaming_rows()`` times, round robin in one process (``benchmarks.bench.measure``),
+``streaming_rows()`` times, round robin in one process (``benchmarks.common.measure``),
 the trainer on the B model (MLP 784-1024-1024-10, batch 256) fed from the arrays in
 memory (``TensorSource``), from the same arrays through tf.data (``IteratorSource``),
 and from TFRecord shards of the same arrays on local disk (``data=tfrecord``). It
@@ -18,6 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from benchmarks.common import measure, workloads
 from benchmarks.variants import TrainerVariant, _TrainerClock
 
 
@@ -36,7 +37,7 @@ class ShardVariant(TrainerVariant):
 
         from trainer import TapeStep, Trainer
         from trainer.data import tfrecord
-        from trainer.export_data import write_shards
+        from trainer.driver.export import write_shards
 
         w = self.workload
         x, y = w.arrays()
@@ -65,11 +66,9 @@ def streaming_rows(*, quick: bool = False, spe: int = 32, windows: int = 3,
     ``quick`` uses bench's quick B (hidden 256-256). The shards go to ``directory`` (a
     new temporary directory by default) on local disk. None of the variants uses XLA,
     so the rows differ only in where the batches come from. Returns
-    ``{variant name: row}`` as ``benchmarks.bench.measure`` makes them (``median``,
+    ``{variant name: row}`` as ``benchmarks.common.measure`` makes them (``median``,
     ``min``, ``max``, ``spread``, ``rates``, ``kind``, ``source``, ...).
     """
-    from benchmarks.bench import measure, workloads
-
     w = workloads(quick)["B"]
     directory = Path(directory or tempfile.mkdtemp(prefix="bench-shards-")) / "shards"
     name = f"B/spe{spe}"

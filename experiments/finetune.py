@@ -6,7 +6,7 @@ import logging
 
 import keras
 
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ def _pretrained_backbone(input_shape, units, activation, dropout, *, classes, ep
                          learning_rate, batch_size, seed):
     """Train a fresh backbone with a throwaway head on the digits ``classes``."""
     from trainer.data import digits
-    from trainer.supervised import TapeStep
-    from trainer.trainer import Trainer
+    from trainer.step.tape_step import TapeStep
+    from trainer.training.trainer import Trainer
 
     source = digits(classes=list(classes), batch_size=batch_size, seed=seed)
     if source.input_shape != tuple(input_shape):

@@ -14,13 +14,13 @@ from collections.abc import Mapping
 import numpy as np
 import tensorflow as tf
 
+from trainer.common.errors import UserError
 from trainer.data.base import DataModule
-from trainer.errors import UserError
+from trainer.distribute.replicas import global_batch_size, local_rows
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
 from trainer.regularizers import CriticContext
 from trainer.regularizers.functional import fold_seed, normal
-from trainer.replicas import global_batch_size, local_rows
-from trainer.step import Step, StepInfo
+from trainer.step.base import Step, StepInfo
 
 
 # --- data --------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from trainer.errors import UserError
-from trainer.metrics import accuracy
-from trainer.replicas import batch_mean, step_variable
-from trainer.supervised import TapeStep
+from trainer.common.errors import UserError
+from trainer.distribute.replicas import batch_mean, step_variable
+from trainer.step.metrics import accuracy
+from trainer.step.tape_step import TapeStep
 
 
 def two_head_mlp(

@@ -14,10 +14,10 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from trainer.common.errors import UserError
 from trainer.data.base import DataModule
-from trainer.errors import UserError
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
-from trainer.supervised import TapeStep
+from trainer.step.tape_step import TapeStep
 
 
 class Poisson1D:

@@ -12,8 +12,8 @@ import numpy as np
 
 from trainer.callbacks import Callback, TensorBoardCallback
 from trainer.callbacks.base import resolve
-from trainer.errors import UserError
-from trainer.periodic import Periodic
+from trainer.common.errors import UserError
+from trainer.training.periodic import Periodic
 
 COLORS = {
     "real": (31, 119, 180),

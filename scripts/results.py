@@ -170,7 +170,7 @@ def replicas(work: Path, seeds: int) -> str:
 `python -m trainer +experiment=dense trainer.epochs=2 model.dropout=D` and the same over 2
 replicas, 2 workers and 4 micro-batches: the losses at the end. Without random layers every
 way ends where one device does; with Keras' `Dropout`, which draws its mask for the rows it is
-called on, they do not (see [Scaling out](../README.md#several-devices-distributemirrored)).
+called on, they do not (see [Scaling out](scaling.md#several-devices-distributemirrored)).
 
 | run | val/loss, dropout 0.1 | train/loss, dropout 0.1 | val/loss, dropout 0 | \
 train/loss, dropout 0 |

@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from trainer.callbacks import Callback
-from trainer.config import register_configs
 from trainer.distribute import split_cpu
+from trainer.driver.schemas import register_configs
 
 register_configs()
 

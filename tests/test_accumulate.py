@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import fit_linear, regression_data
-from trainer.optim import GroupedOptimizer
+from trainer.step.optimizers import GroupedOptimizer
 
 SGD = ["+experiment=dense", "model.dropout=0.0", "callbacks=none", "optimizer=sgd",
        "optimizer.momentum=0.0", "data.batch_size=64", "trainer.steps_per_execution=7"]
@@ -18,7 +18,7 @@ def _weights(models):
 
 
 def _run(make_cfg, tmp_path, name, *overrides):
-    from trainer.run import build
+    from trainer.driver.run import build
 
     r = build(make_cfg(*overrides), tmp_path / name)
     logs = r.trainer.fit(r.step, r.data)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import atomic
-from trainer.atomic import atomic_write, default_mode, umask
+from trainer.common import atomic
+from trainer.common.atomic import atomic_write, default_mode, umask
 
 # Each umask and the modes open() and mkdir() give under it (002: a group-writable one).
 UMASKS = [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750), (0o002, 0o664, 0o775)]
@@ -57,7 +57,7 @@ def test_atomic_write_gives_the_mode_open_would(modes, tmp_path):
 def test_a_run_dir_has_one_mode_for_every_file(modes, make_cfg, tmp_path):
     """metrics.json, history.jsonl and model.keras (written through temporary files) have
     the mode of the run dir's other files: the lock, the event files, the checkpoints."""
-    from trainer.run import run
+    from trainer.driver.run import run
 
     file_mode, dir_mode = modes
     run(make_cfg("data=synthetic", "model.hidden_units=[4]", "trainer.epochs=1",
@@ -79,7 +79,7 @@ def test_an_export_directory_has_the_mode_mkdir_would(modes, make_cfg, tmp_path)
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.export_data import export
+    from trainer.driver.export import export
 
     file_mode, dir_mode = modes
     out = tmp_path / "shards"

@@ -137,3 +137,64 @@ def test_merge_keeps_the_recorded_groups_and_lists_each_run():
     # Merging again replaces F and keeps the rest.
     again = merge(merged, later)
     assert [r["groups"] for r in again["runs"]] == runs
+
+
+def _benchmark_imports() -> dict:
+    """``{module: the benchmarks/ modules it imports}``, every import statement of
+    benchmarks/*.py read with ast (at the top, inside functions, absolute or relative)."""
+    import ast
+
+    package = ROOT / "benchmarks"
+    modules = {path.stem for path in package.glob("*.py")}
+
+    def module(dotted: str):
+        parts = dotted.split(".")
+        if parts[0] != "benchmarks":
+            return None
+        return parts[1] if len(parts) > 1 and parts[1] in modules else "__init__"
+
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found |= {module(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 1:  # above the package
+                    continue
+                base = "benchmarks" if node.level else ""
+                base = ".".join(filter(None, [base, node.module]))
+                found.add(module(base))  # the module, or the package's __init__
+                if module(base) == "__init__":  # from benchmarks import scale
+                    found |= {a.name for a in node.names if a.name in modules}
+        graph[path.stem] = found - {None, path.stem}
+    return graph
+
+
+def _circle(graph: dict):
+    """One import circle of ``graph`` as ``[a, b, ..., a]``, or None."""
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done:
+            return None
+        path.append(name)
+        for other in sorted(graph.get(name, ())):
+            if found := visit(other):
+                return found
+        path.pop()
+        done.add(name)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_benchmark_modules_import_one_way():
+    """No benchmarks/ module reaches itself through its imports (those inside functions
+    included): the modules stack in layers, bench.py at the top."""
+    graph = _benchmark_imports()
+    assert {"report", "scale"} <= graph["bench"]  # the reader sees the imports
+    assert _circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _circle(graph) is None, " -> ".join(_circle(graph))

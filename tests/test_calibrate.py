@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-import trainer.trainer as trainer_module
-import trainer.xla
-from trainer.calibrate import choose_faster
-from trainer.run import build
+import trainer.compile.plan
+import trainer.training.trainer as trainer_module
+from trainer.compile.calibrate import choose_faster
+from trainer.driver.run import build
 
 # A short dense run that auto measures once the threshold is lowered below it; inside the
 # first epoch (23 steps at batch 64), whose short last batch auto would run without XLA.
@@ -33,7 +33,7 @@ def _weights(r):
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_runs_the_faster_compilation_and_the_measurement_changes_nothing(
         make_cfg, tmp_path, monkeypatch, caplog, faster):
-    monkeypatch.setattr(trainer.xla, "AUTO_XLA_MIN_STEPS", 10)
+    monkeypatch.setattr(trainer.compile.plan, "AUTO_XLA_MIN_STEPS", 10)
     timings = {True: [1.0], False: [2.0]} if faster else {True: [2.0], False: [1.0]}
     real = trainer_module.time_compilations
 
@@ -58,13 +58,13 @@ def test_auto_runs_the_faster_compilation_and_the_measurement_changes_nothing(
 
 def test_a_resumed_run_keeps_the_choice_without_measuring_again(make_cfg, tmp_path,
                                                                 monkeypatch, caplog):
-    monkeypatch.setattr(trainer.xla, "AUTO_XLA_MIN_STEPS", 20)  # both runs measure
+    monkeypatch.setattr(trainer.compile.plan, "AUTO_XLA_MIN_STEPS", 20)  # both runs measure
     overrides = ["+experiment=dense", "trainer.max_steps=60", "trainer.steps_per_execution=10",
                  "callbacks=default", "~callbacks.tensorboard", "~callbacks.profile"]
     first = build(make_cfg(*overrides, "trainer.max_steps=30"), tmp_path)
     first.trainer.fit(first.step, first.data)
     chosen = first.trainer.xla
-    assert first.trainer.progress.xla is chosen
+    assert first.trainer.progress.plan["update_xla"] is chosen
     calls = []
     monkeypatch.setattr(trainer_module, "time_compilations",
                         lambda *a, **k: calls.append(1) or {True: [1.0], False: [1.0]})
@@ -88,14 +88,14 @@ def _tables(caplog) -> list[str]:
 
 def test_the_variable_table_is_logged_once_though_auto_compiles_three_times(
         make_cfg, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(trainer.xla, "AUTO_XLA_MIN_STEPS", 10)
+    monkeypatch.setattr(trainer.compile.plan, "AUTO_XLA_MIN_STEPS", 10)
     monkeypatch.setattr(trainer_module, "time_compilations",
                         lambda *a, **k: {True: [2.0], False: [1.0]})
     compiles = []
     real = trainer_module.Trainer._compile
     monkeypatch.setattr(trainer_module.Trainer, "_compile",
                         lambda self, **kw: compiles.append(1) or real(self, **kw))
-    with caplog.at_level(logging.INFO, logger="trainer.trainer"):
+    with caplog.at_level(logging.INFO, logger="trainer.training.trainer"):
         r = build(make_cfg(*DENSE, "trainer.jit_compile=auto"), tmp_path)
         r.trainer.fit(r.step, r.data)
     assert len(compiles) == 3  # the plain step, the XLA one to time, the chosen one

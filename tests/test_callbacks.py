@@ -74,7 +74,7 @@ class FakeTrainer:
     def __init__(self, run_dir, models, *, epochs=3, steps_per_epoch=7, callbacks=(),
                  val=()):
         from trainer.callbacks.base import callback_states
-        from trainer.state import Progress
+        from trainer.training.state import Progress, TrainingState
 
         self.models = models
         self.optimizers = {}
@@ -89,9 +89,10 @@ class FakeTrainer:
         self.variable_table = "| variable |"
         self.callbacks = sorted(callbacks, key=lambda cb: cb.order)  # as the trainer does
         self._val = list(val)
-        self.checkpoint = tf.train.Checkpoint(
+        self.training_state = TrainingState(
             global_step=self.global_step, models=models,
             callbacks=callback_states(self.callbacks, self))
+        self.checkpoint = self.training_state.checkpoint
 
     @property
     def current_step(self):
@@ -208,7 +209,7 @@ def test_callback_states_need_distinct_keys():
     from trainer import EarlyStopping
     from trainer.callbacks import Callback
     from trainer.callbacks.base import callback_states
-    from trainer.errors import UserError
+    from trainer.common.errors import UserError
 
     assert callback_states([CheckpointCallback(), ProgressCallback()], None) == {}
     with pytest.raises(UserError, match="callbacks/early_stopping"):
@@ -227,7 +228,7 @@ def test_callback_states_need_distinct_keys():
 
 
 def _mlp_with_frozen_body():
-    from trainer.freeze import set_trainable
+    from trainer.step.freezing import set_trainable
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, name="body"),

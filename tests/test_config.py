@@ -16,10 +16,10 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import ValidationError
 
 from tests.conftest import FAST
-from trainer.config import SCHEMAS
-from trainer.errors import UserError
-from trainer.export_data import write_shards
-from trainer.run import build, instantiate_node, run, validate
+from trainer.common.errors import UserError
+from trainer.driver.export import write_shards
+from trainer.driver.run import build, instantiate_node, run, validate
+from trainer.driver.schemas import SCHEMAS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -154,15 +154,16 @@ def test_bad_reset_setting_is_a_user_error(make_cfg, tmp_path):
 
 
 # --- each default is written once ----------------------------------------------------------
-# The schemas in trainer/config.py hold the defaults; the YAML files hold only what differs
+# The schemas in trainer/driver/schemas.py hold the defaults; the YAML files hold only what differs
 # from them, and the schemas' targets default to the same values.
 
 # Where a schema deliberately differs from a third-party target's default.
 DELIBERATE = {
     ("keras.optimizers.SGD", "momentum"): "optimizer=sgd is SGD with momentum 0.9",
 }
-# Schema keys the driver consumes before instantiating the target.
-DRIVER_KEYS = {"groups"}  # optimizer.groups: trainer.run wraps the optimizer in groups
+#: Keys the driver reads itself: optimizer.groups (it wraps the optimizer in groups), and the
+#: trainer node's resume, deterministic and checkpoint_dir (how to start, not how to train).
+DRIVER_KEYS = {"groups", "resume", "deterministic", "checkpoint_dir"}
 
 
 def _schemas_with_targets() -> dict:

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from trainer.common.errors import UserError
 from trainer.data import DataModule, csv_file, digits, npz, synthetic
-from trainer.errors import UserError
 
 
 def test_digits_split_is_fixed_and_independent_of_the_seed():

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.distribute import Mirrored, NoDistribution, batch_mean, replicated
-from trainer.errors import UserError
-from trainer.run import build
+from trainer import TapeStep
+from trainer.common.errors import UserError
+from trainer.distribute import Mirrored, NoDistribution, batch_mean
+from trainer.distribute.replicas import replicated
+from trainer.driver.run import build
 
 MIRRORED = ["distribute=mirrored", "distribute.cpu_replicas=2"]
 # 1437 training digits at batch 64: 22 full batches and a short one of 29 (split 14/15).
@@ -119,7 +121,7 @@ def test_jit_compile_under_a_strategy_compiles_forward_and_gradients(make_cfg, t
         _, two, _, _ = _compare(make_cfg, tmp_path, [*DENSE, "trainer.max_steps=20",
                                                      "trainer.jit_compile=true"])
     assert two.trainer.xla is False and two.step._jit_cache  # compiled, per step
-    assert "XLA compiles the step's forward pass and gradients" in caplog.text
+    assert "XLA for the forward pass and gradients, the update without" in caplog.text
 
 
 def test_a_step_built_outside_the_scope_is_an_error_naming_a_variable(make_cfg, tmp_path):
@@ -173,7 +175,7 @@ def test_bad_distribute_settings_are_errors(monkeypatch):
 
 
 def test_the_worker_index_is_read_before_tensorflow_starts(monkeypatch):
-    from trainer.lock import worker_index_from_env
+    from trainer.training.lock import worker_index_from_env
 
     monkeypatch.setenv("TF_CONFIG", json.dumps(
         {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 2}}))
@@ -194,3 +196,48 @@ def test_a_task_index_outside_the_cluster_is_an_error(monkeypatch):
          "task": {"type": "worker", "index": 5}}))
     with pytest.raises(UserError, match=r"task\.index=5 is not one of the 2 workers"):
         MultiWorker()
+
+
+class ShadowMetricStep(TapeStep):
+    """The default step, logging the norm of a trainable variable its loss never reads (an
+    EMA-style shadow copy); it keeps what its tape watched when the gradients were taken,
+    on every replica, and whether the loop asked for ``StepInfo.jit_gradients``."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        # Made with the step, in the strategy's scope: mirrored like the model's variables.
+        self.shadow = tf.Variable([3.0, 4.0], trainable=True, name="metric_shadow")
+        self.watched, self.jit_gradients = [], set()
+
+    def train_step(self, batch, info=None):
+        self.jit_gradients.add(info.jit_gradients)
+        return super().train_step(batch, info)
+
+    def compute_metrics(self, y, y_pred):
+        return {**super().compute_metrics(y, y_pred), "shadow_norm": tf.norm(self.shadow)}
+
+    def gradients(self, tape, loss, variables):
+        # A mirrored variable's copies are named <name>:0 and <name>/replica_<i>:0.
+        self.watched.append(sorted(v.name.split(":")[0].split("/replica_")[0]
+                                   for v in tape.watched_variables()))
+        return super().gradients(tape, loss, variables)
+
+
+def test_jit_gradients_under_a_strategy_do_not_record_the_metrics_on_the_tape(make_cfg,
+                                                                              tmp_path):
+    """``jit_compile=true`` under a strategy compiles the step's forward pass and gradients on
+    their own (``StepInfo.jit_gradients``): a second recording of the step's tape, whose
+    metrics must be computed under ``tape.stop_recording()`` as on the step's usual path.
+    Recorded, they would change no gradient; what shows is the tape watching a trainable
+    variable that only a metric reads. Every replica's tape, in every trace, must watch the
+    model's variables and nothing else (what one device's tape watches)."""
+    r, logs, _ = _train(make_cfg, tmp_path, "two", "data=synthetic", "model.hidden_units=[8]",
+                        "callbacks=none", "data.batch_size=32", "trainer.max_steps=6",
+                        "trainer.steps_per_execution=3", "trainer.jit_compile=true",
+                        "step._target_=tests.test_distribute.ShadowMetricStep", *MIRRORED)
+    assert r.distribution.num_replicas == 2 and r.step.jit_gradients == {True}
+    model = sorted(v.path for v in r.models["model"].trainable_variables)
+    # Two replicas, each tracing the sampled step and the others.
+    assert len(r.step.watched) >= 2 and all(w == model for w in r.step.watched), r.step.watched
+    assert logs["train/shadow_norm"] == pytest.approx(5.0)
+    assert r.trainer.current_step == 6

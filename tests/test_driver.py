@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tests.conftest import FAST
-from trainer.errors import UserError
-from trainer.run import StepArgument, build, step_kwargs
+from trainer.common.errors import UserError
+from trainer.driver.run import StepArgument, build, step_kwargs
 
 
 # --- the step's arguments, against signatures ----------------------------------------------
@@ -154,9 +154,9 @@ def test_build_validates_before_tensorflow_is_imported(tmp_path):
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_module\n"
-        "from trainer.config import register_configs\n"
-        "from trainer.errors import UserError\n"
-        "from trainer.run import build\n"
+        "from trainer.driver.schemas import register_configs\n"
+        "from trainer.common.errors import UserError\n"
+        "from trainer.driver.run import build\n"
         "register_configs()\n"
         "with initialize_config_module('trainer.configs', version_base='1.3'):\n"
         "    cfg = compose('config', overrides=['data=csv'])\n"
@@ -176,9 +176,9 @@ def test_the_metrics_line_prints_significant_digits(make_cfg, tmp_path, caplog):
     """A small learning rate is printed as itself (1.5e-05), not rounded away to 0.0."""
     import logging
 
-    from trainer.run import run
+    from trainer.driver.run import run
 
-    with caplog.at_level(logging.INFO, logger="trainer.run"):
+    with caplog.at_level(logging.INFO, logger="trainer.driver.run"):
         run(make_cfg("data=synthetic", "model.hidden_units=[4]", "trainer.epochs=1",
                      "trainer.max_steps=2", "callbacks=none", "optimizer.learning_rate=1.5e-5"),
             run_dir=tmp_path)

@@ -148,8 +148,8 @@ def test_build_errors_are_one_line(tmp_path, overrides, expected):
 def test_require_trainable_names_the_patterns_and_the_layers():
     import keras
 
-    from trainer.errors import UserError
-    from trainer.freeze import require_trainable, set_trainable
+    from trainer.common.errors import UserError
+    from trainer.step.freezing import require_trainable, set_trainable
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="body"),
                               keras.layers.Dense(1, name="head")], name="net")
@@ -189,8 +189,8 @@ def test_one_line_recovers_the_message_autograph_wraps(monkeypatch):
     original message: simulate it by removing the marker and tracing a raising function."""
     import tensorflow as tf
 
-    from trainer.errors import UserError
-    from trainer.run import _one_line
+    from trainer.common.errors import UserError
+    from trainer.driver.run import _one_line
 
     monkeypatch.delattr(UserError, "ag_pass_through")
 
@@ -209,7 +209,7 @@ def test_one_line_recovers_the_message_autograph_wraps(monkeypatch):
 def test_user_error_passes_through_tracing_as_itself():
     import tensorflow as tf
 
-    from trainer.errors import UserError
+    from trainer.common.errors import UserError
 
     error = UserError("freeze.patterns is wrong; fix it")
 
@@ -227,7 +227,7 @@ def test_new_keys_are_accepted_where_the_config_takes_them(make_cfg, monkeypatch
     import sys
     import types
 
-    from trainer.run import validate
+    from trainer.driver.run import validate
 
     # The targets' module must exist (validation checks it), not its names: an imported
     # module without a source is taken at its word until it is built.
@@ -253,3 +253,24 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path):
                    f"trainer.resume={first}")
     assert lines[-1].startswith(f"error: checkpoint {first}/checkpoints/ckpt-2 was written by "
                                 "another model or config (shapes differ: ")
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_of_another_format_version(tmp_path):
+    import tensorflow as tf
+
+    first = tmp_path / "first"
+    p = cli(*SYNTHETIC, *CHEAP, f"hydra.run.dir={first}", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    # Written again without its format_version, as checkpoints were before versions.
+    path = str(first / "checkpoints" / "ckpt-2")
+    reader = tf.train.load_checkpoint(path)
+    dtypes = {k: v for k, v in reader.get_variable_to_dtype_map().items()
+              if not k.startswith("format_version/")}
+    tf.raw_ops.SaveV2(prefix=path, tensor_names=list(dtypes),
+                      shape_and_slices=[""] * len(dtypes),
+                      tensors=[tf.constant(reader.get_tensor(k), dtype=d)
+                               for k, d in dtypes.items()])
+    lines = _fails(tmp_path, *SYNTHETIC, f"trainer.resume={first}")
+    assert lines[-1].startswith(f"error: checkpoint {path} has format version 1, this trainer "
+                                "reads version 2: ")

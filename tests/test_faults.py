@@ -49,19 +49,20 @@ def _env():
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
 
 
-def _command(run_dir, *extra):
-    return [sys.executable, "-m", "trainer", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+def _command(run_dir, *extra, run=RUN):
+    return [sys.executable, "-m", "trainer", *run, *extra, f"hydra.run.dir={run_dir}"]
 
 
-def _run(run_dir, *extra):
-    p = subprocess.run(_command(run_dir, *extra), cwd=run_dir.parent, env=_env(),
+def _run(run_dir, *extra, run=RUN):
+    p = subprocess.run(_command(run_dir, *extra, run=run), cwd=run_dir.parent, env=_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
     return p
 
 
-def _start(run_dir, *extra):
-    return subprocess.Popen(_command(run_dir, *extra), cwd=run_dir.parent, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(run_dir, *extra, run=RUN):
+    return subprocess.Popen(_command(run_dir, *extra, run=run), cwd=run_dir.parent,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def _wait_for_checkpoint(run_dir, proc, deadline=TIMEOUT):
@@ -83,12 +84,12 @@ def _outputs(run_dir):
     return weights, losses, metrics, history
 
 
-def _assert_same_run(a, b):
+def _assert_same_run(a, b, steps=STEPS):
     wa, la, ma, ha = a
     wb, lb, mb, hb = b
     assert len(wa) == len(wb) and all(np.array_equal(x, y) for x, y in zip(wa, wb))
     # One loss per step, each step once, the same values: no gap, no duplicate.
-    assert [s for s, _ in lb] == [s for s, _ in la] == list(range(1, STEPS + 1))
+    assert [s for s, _ in lb] == [s for s, _ in la] == list(range(1, steps + 1))
     assert lb == la
     assert ha == hb
     assert {k: v for k, v in mb.items() if not k.startswith("time/")} == {
@@ -218,3 +219,54 @@ def test_one_writer_per_run_dir_and_a_stale_lock_does_not_block(tmp_path, straig
     p = _run(run_dir)
     assert p.returncode == 0, p.stderr[-3000:]
     _assert_same_run(straight, _outputs(run_dir))
+
+
+#: Keras' EarlyStopping (restoring its best weights) and ReduceLROnPlateau through
+#: callbacks.keras, made to act at fixed epochs (min_delta=10: only the first epoch
+#: improves): the learning rate halves at every epoch end from the second on, and the run
+#: stops after epoch 5 (step 60) with the first epoch's weights. A run resumed without
+#: their state would lower the rate, stop and pick its weights at other epochs.
+KERAS_RUN = [
+    "data=synthetic", "data.task=classification", "model.hidden_units=[16,8]",
+    "trainer.epochs=8", "trainer.steps_per_execution=1", "optimizer.learning_rate=1e-2",
+    "callbacks.checkpoint.every_n_steps=7", "callbacks.checkpoint.every_seconds=0",
+    "callbacks.checkpoint.min_interval_seconds=0", "callbacks.progress.mode=log",
+    "callbacks.tensorboard.histogram_every_n_steps=0",
+    "+callbacks.keras._target_=trainer.KerasCallbacks",
+    "+callbacks.keras.callbacks=[{_target_: keras.callbacks.EarlyStopping, monitor: val_loss, "
+    "patience: 4, min_delta: 10, restore_best_weights: true}, {_target_: "
+    "keras.callbacks.ReduceLROnPlateau, monitor: val_loss, factor: 0.5, patience: 1, "
+    "min_delta: 10}]",
+    "+callbacks.pause._target_=tests.helpers.Pause", "+callbacks.pause.seconds=0.02",
+]
+
+
+def test_sigkill_then_resume_keeps_keras_callbacks_state(tmp_path):
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
+    p = _run(straight_dir, run=KERAS_RUN)
+    assert p.returncode == 0, p.stderr[-3000:]
+    straight = _outputs(straight_dir)
+    history = [json.loads(line) for line in straight[3]]
+    assert len(history) == 5 and history[-1]["step"] == 60  # early stopping acted
+    assert history[-1]["train/learning_rate"] < history[1]["train/learning_rate"]
+
+    proc = _start(run_dir, run=KERAS_RUN)
+    try:
+        # Killed after the first epoch's end (step 12), before early stopping's (step 60).
+        end = time.monotonic() + TIMEOUT
+        while not any(int(p.name.split("-")[1].split(".")[0]) >= 14
+                      for p in (run_dir / "checkpoints").glob("ckpt-*.index")):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < end, "no checkpoint in time"
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it was killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    p = _run(run_dir, run=KERAS_RUN)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    _assert_same_run(straight, _outputs(run_dir), steps=60)

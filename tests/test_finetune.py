@@ -10,9 +10,9 @@ import tensorflow as tf
 
 from trainer import TapeStep
 from trainer.callbacks import Callback
+from trainer.common.errors import UserError
 from trainer.data import digits
-from trainer.errors import UserError
-from trainer.freeze import set_trainable
+from trainer.step.freezing import set_trainable
 
 SHORT = [
     "+experiment=finetune",
@@ -66,10 +66,10 @@ def test_classes_is_in_the_data_schema(make_cfg):
 
 
 def test_experiment_freezes_unfreezes_and_groups(make_cfg, tmp_path, caplog):
-    from trainer.run import run
+    from trainer.driver.run import run
 
     cfg = make_cfg(*SHORT, "+callbacks.spy._target_=tests.test_finetune.Spy")
-    with caplog.at_level(logging.INFO, logger="trainer.trainer"):
+    with caplog.at_level(logging.INFO, logger="trainer.training.trainer"):
         run(cfg, run_dir=tmp_path)
     spy = SPIES[-1]
     start, epoch1, _, epoch3 = spy.snapshots
@@ -103,7 +103,7 @@ def test_experiment_freezes_unfreezes_and_groups(make_cfg, tmp_path, caplog):
 
 def test_group_update_is_lr_times_lr_scale_times_gradient(make_cfg, tmp_path):
     """One SGD step (momentum 0) by hand: backbone/dense_1 moves by 0.1 * lr * gradient."""
-    from trainer.run import build
+    from trainer.driver.run import build
 
     cfg = make_cfg(*SHORT, "optimizer=sgd", "optimizer.momentum=0.0")
     built = build(cfg, run_dir=tmp_path)

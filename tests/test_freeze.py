@@ -7,8 +7,8 @@ import tensorflow as tf
 
 from tests.helpers import regression_data
 from trainer import Callback, FreezeSchedule, GroupedOptimizer, TapeStep, Trainer
-from trainer.errors import UserError
-from trainer.freeze import param_counts, set_trainable, variable_table
+from trainer.common.errors import UserError
+from trainer.step.freezing import param_counts, set_trainable, variable_table
 
 
 def _mlp(seed=0, bn=False):
@@ -198,7 +198,7 @@ def test_freeze_from_config_writes_table_and_counts(make_cfg, tmp_path):
     import json
 
     from tests.tb_reader import load
-    from trainer.run import run
+    from trainer.driver.run import run
 
     cfg = make_cfg("+experiment=dense", "freeze.patterns=[dense_0/*]", "trainer.max_steps=5",
                    "callbacks.tensorboard.histogram_every_n_steps=0")
@@ -211,7 +211,7 @@ def test_freeze_from_config_writes_table_and_counts(make_cfg, tmp_path):
 
 
 def test_unknown_pattern_in_config_fails_before_training(make_cfg, tmp_path):
-    from trainer.run import run
+    from trainer.driver.run import run
 
     cfg = make_cfg("+experiment=dense", "freeze.patterns=[backbone/*]")
     with pytest.raises(UserError, match=r"freeze\.patterns: pattern 'backbone/\*' matches no"):
@@ -225,7 +225,7 @@ def test_the_variable_table_is_logged_again_when_an_unfreeze_recompiles(caplog):
     model = _mlp()
     set_trainable([model], ["body/*"], False)
     schedule = FreezeSchedule(unfreeze=[{"at_epoch": 2, "patterns": ["body/*"]}])
-    with caplog.at_level(logging.INFO, logger="trainer.trainer"):
+    with caplog.at_level(logging.INFO, logger="trainer.training.trainer"):
         _fit(model, epochs=3, callbacks=[schedule])
     tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("variables:")]
     assert len(tables) == 2  # at the start, and once more for the new trainable set

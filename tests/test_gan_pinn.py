@@ -11,11 +11,11 @@ import tensorflow as tf
 from tests import tb_reader
 from tests.helpers import cli
 from trainer import Trainer
-from trainer.errors import UserError
+from trainer.common.errors import UserError
+from trainer.driver.run import run
 from trainer.experiments.gan import WganStep, gan_models, ring_of_gaussians
 from trainer.experiments.pinn import PinnStep, Poisson1D, poisson_data
 from trainer.regularizers import GradientPenalty, R1Penalty
-from trainer.run import run
 
 BARE = ["trainer.epochs=1", "trainer.max_steps=3", "trainer.steps_per_execution=1"]
 SHORT = [*BARE, "callbacks.progress.mode=log", "callbacks.tensorboard.histogram_every_n_steps=2"]

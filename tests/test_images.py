@@ -11,10 +11,10 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import cli
+from trainer.common.errors import UserError
 from trainer.data import DataModule, ImageFolderData, digits, images
-from trainer.errors import UserError
+from trainer.driver.run import build, run
 from trainer.models import cnn
-from trainer.run import build, run
 
 PATTERNS = ("horizontal", "vertical", "diagonal")
 

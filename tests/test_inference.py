@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
+from trainer.driver.run import run
 from trainer.evaluate import main as evaluate_main
 from trainer.predict import main as predict_main
-from trainer.run import run
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import fit_linear, regression_data
 from trainer import KerasCallbacks, UserError
-from trainer.run import build
+from trainer.driver.run import build
 
 
 class Recording(keras.callbacks.Callback):
@@ -127,3 +127,75 @@ def test_from_yaml_and_bad_entries(make_cfg, tmp_path):
     assert (tmp_path / "log.csv").read_text().count("\n") == 3
     with pytest.raises(UserError, match=r"is not a keras\.callbacks\.Callback"):
         KerasCallbacks(callbacks=[object()])
+
+
+# --- their state across a restart ------------------------------------------------------------
+#: Keras' EarlyStopping (restoring its best weights) and ReduceLROnPlateau, both made to act
+#: at fixed epochs (min_delta=10: only the first epoch improves): the learning rate halves at
+#: every epoch end from the second on, and the run stops at epoch 5 (0-based 4) with the
+#: first epoch's weights. 12 steps an epoch; a checkpoint every 5 steps.
+KERAS_RUN = [
+    "data=synthetic", "data.task=classification", "model.hidden_units=[16,8]",
+    "trainer.epochs=8", "trainer.steps_per_execution=1", "optimizer.learning_rate=1e-2",
+    "callbacks.checkpoint.every_n_steps=5", "callbacks.checkpoint.every_seconds=0",
+    "callbacks.checkpoint.min_interval_seconds=0", "callbacks.progress.mode=log",
+    "callbacks.tensorboard.histogram_every_n_steps=0",
+    "+callbacks.keras._target_=trainer.KerasCallbacks",
+    "+callbacks.keras.callbacks=[{_target_: keras.callbacks.EarlyStopping, monitor: val_loss, "
+    "patience: 4, min_delta: 10, restore_best_weights: true}, {_target_: "
+    "keras.callbacks.ReduceLROnPlateau, monitor: val_loss, factor: 0.5, patience: 1, "
+    "min_delta: 10}]",
+]
+
+
+def _keras_callbacks(r):
+    adapter = next(cb for cb in r.trainer.callbacks if isinstance(cb, KerasCallbacks))
+    return adapter.callbacks
+
+
+def test_keras_callbacks_state_survives_a_restart(make_cfg, tmp_path):
+    from tests.helpers import Crash
+
+    cfg = make_cfg(*KERAS_RUN)
+    straight = build(cfg, tmp_path / "straight")
+    straight.trainer.fit(straight.step, straight.data)
+    stop, plateau = _keras_callbacks(straight)
+    assert stop.stopped_epoch == 4 and straight.trainer.current_step == 60
+    assert straight.trainer.weights_epoch == 1  # the first epoch's weights, restored
+
+    crashed = build(cfg, tmp_path / "resumed")
+    crashed.trainer.callbacks.append(Crash(at_step=33))  # in epoch 2; the checkpoint at 30
+    with pytest.raises(RuntimeError, match="crash at step"):
+        crashed.trainer.fit(crashed.step, crashed.data)
+    resumed = build(cfg, tmp_path / "resumed")
+    resumed.trainer.fit(resumed.step, resumed.data)
+    assert resumed.trainer.restored_from.endswith("ckpt-30")
+    again_stop, again_plateau = _keras_callbacks(resumed)
+    for attribute in ("wait", "stopped_epoch", "best", "best_epoch"):
+        assert getattr(again_stop, attribute) == getattr(stop, attribute), attribute
+    for attribute in ("wait", "best", "cooldown_counter"):
+        assert getattr(again_plateau, attribute) == getattr(plateau, attribute), attribute
+    assert resumed.trainer.current_step == 60 and resumed.trainer.weights_epoch == 1
+    assert resumed.trainer.history == straight.trainer.history  # learning rates included
+    for a, b in zip(resumed.models["model"].weights, straight.models["model"].weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_keras_callbacks_state_is_in_the_checkpoint(make_cfg, tmp_path):
+    import tensorflow as tf
+
+    r = build(make_cfg(*KERAS_RUN, "trainer.max_steps=30"), tmp_path)
+    r.trainer.fit(r.step, r.data)
+    path = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    names = {n for n, _ in tf.train.list_variables(path)}
+    attributes = "callbacks/keras/{}/attributes/.ATTRIBUTES/py_state"
+    assert {attributes.format("EarlyStopping_0"),
+            attributes.format("ReduceLROnPlateau_1")} <= names
+    weights = sorted(n for n in names if n.startswith("callbacks/keras/EarlyStopping_0/"
+                                                      "best_weights/"))
+    assert len(weights) == len(r.models["model"].weights) == 6
+    # The best weights are the first epoch's (min_delta=10: no later epoch improves).
+    stop, _ = _keras_callbacks(r)
+    for name, value in zip(sorted(weights, key=lambda n: int(n.split("/")[4])),
+                           stop.best_weights):
+        np.testing.assert_array_equal(tf.train.load_variable(path, name), value)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from trainer import UserError
-from trainer import metrics as trainer_metrics
-from trainer.run import build
+from trainer.driver.run import build
+from trainer.step import metrics as trainer_metrics
 
 # Keras metrics that are not means of batch values (AUC, precision, F1), one with a vector
 # result (per-class F1) and integer-label ones.
@@ -244,7 +244,7 @@ def test_each_kind_of_classification_metric_gets_the_inputs_it_expects():
     # OneHotMeanIoU and AUC get one-hot labels and probabilities; Sparse* integer labels.
     import tensorflow as tf
 
-    from trainer.metrics import MetricSet
+    from trainer.step.metrics import MetricSet
 
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(64, 4)).astype(np.float32)

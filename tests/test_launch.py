@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from trainer import launch
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.driver import launcher
+from trainer.training.preemption import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300  # seconds: the bound on any one real training command
@@ -100,19 +101,19 @@ NOW = datetime.datetime(2025, 3, 4, 5, 6, 7)
     (["hydra.run.dir=a", "hydra.run.dir=b"], "b"),
 ])
 def test_run_dir(overrides, expected):
-    assert launch.choose_run_dir(overrides, now=NOW) == expected
+    assert launcher.choose_run_dir(overrides, now=NOW) == expected
 
 
 def test_tf_config_and_worker_commands():
-    ports = launch.free_ports(3)
+    ports = launcher.free_ports(3)
     assert len(set(ports)) == 3 and all(0 < p < 65536 for p in ports)
-    cfg = launch.tf_config(ports, 2)
+    cfg = launcher.tf_config(ports, 2)
     assert cfg == {"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]},
                    "task": {"type": "worker", "index": 2}}
     assert json.loads(json.dumps(cfg)) == cfg
     overrides = ["+experiment=dense", "hydra.run.dir=ignored", "trainer.epochs=2"]
-    chief = launch.worker_command(0, "outputs/r", overrides)
-    other = launch.worker_command(1, "outputs/r", overrides)
+    chief = launcher.worker_command(0, "outputs/r", overrides)
+    other = launcher.worker_command(1, "outputs/r", overrides)
     assert chief == [sys.executable, "-m", "trainer", "distribute=multi_worker",
                      "+experiment=dense", "trainer.epochs=2", "hydra.run.dir=outputs/r"]
     # Only the chief writes .hydra/ and the log file.
@@ -121,10 +122,10 @@ def test_tf_config_and_worker_commands():
 
 
 def test_exit_statuses_in_words():
-    assert launch.describe(0) == "exited 0"
-    assert launch.describe(75) == "exited 75 (preempted)"
-    assert launch.describe(-9) == "was killed by SIGKILL"
-    assert [launch.exit_code(s) for s in (0, 3, -9, -15)] == [0, 3, 137, 143]
+    assert launcher.describe(0) == "exited 0"
+    assert launcher.describe(75) == "exited 75 (preempted)"
+    assert launcher.describe(-9) == "was killed by SIGKILL"
+    assert [launcher.exit_code(s) for s in (0, 3, -9, -15)] == [0, 3, 137, 143]
 
 
 # -- the process handling, over a fake worker --------------------------------------------

@@ -146,7 +146,7 @@ def test_validation_metrics_cover_the_split_once():
 
 
 def test_experiment_runs_through_hydra(make_cfg, tmp_path):
-    from trainer.run import run
+    from trainer.driver.run import run
 
     cfg = make_cfg("+experiment=multitask", "trainer.epochs=2", "trainer.max_steps=8",
                    "trainer.steps_per_execution=4", "model.hidden_units=[32]",

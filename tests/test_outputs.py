@@ -8,7 +8,7 @@ import keras
 import pytest
 
 from trainer import TapeStep
-from trainer.run import run, run_or_exit
+from trainer.driver.run import run, run_or_exit
 
 # A run of two steps on tiny data, with no callbacks: it writes model.keras and metrics.json.
 TINY = ["data=synthetic", "model.hidden_units=[4]", "trainer.epochs=1", "trainer.max_steps=2",
@@ -119,8 +119,8 @@ def test_metrics_describe_the_weights_that_are_shipped(make_cfg, tmp_path, how):
     best epoch's (what model.keras gives when evaluated), the last epoch's under last/."""
     from omegaconf import OmegaConf
 
-    from trainer.evaluate import evaluate
-    from trainer.inference import load_run
+    from trainer.driver.inference import evaluate
+    from trainer.driver.load import load_run
 
     cfg = make_cfg(*OVERSHOOT, *how)
     metrics = run(cfg, run_dir=tmp_path)

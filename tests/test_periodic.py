@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.periodic import Periodic
+from trainer.training.periodic import Periodic
 
 
 class Clock:
@@ -206,7 +206,8 @@ def test_repr_names_the_triggers_that_are_on():
 
 
 def test_the_module_does_not_import_tensorflow():
-    tree = ast.parse(Path(__file__).parents[1].joinpath("trainer", "periodic.py").read_text())
+    source = Path(__file__).parents[1] / "trainer" / "training" / "periodic.py"
+    tree = ast.parse(source.read_text())
     names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
              for a in n.names}
     names |= {n.module.split(".")[0] for n in ast.walk(tree)

@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from tests.helpers import cli, regression_data
 from trainer import StepInfo, TapeStep, Trainer
-from trainer.errors import UserError
+from trainer.common.errors import UserError
+from trainer.driver.run import instantiate_node, run
 from trainer.regularizers import (
     HessianTrace,
     InputGradientPenalty,
@@ -19,7 +20,6 @@ from trainer.regularizers import (
     Regularizer,
 )
 from trainer.regularizers import functional as F
-from trainer.run import instantiate_node, run
 
 SUPERVISED = {
     "input_gradient": lambda **kw: InputGradientPenalty(**kw),

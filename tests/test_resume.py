@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tests.helpers import Crash, fit_linear, linear_model, regression_data
 from trainer import CheckpointCallback, EarlyStopping, TapeStep, Trainer, UserError
-from trainer.run import build, run
+from trainer.driver.run import build, run
 
 #: Every piece of state that must come back: dropout, a reset policy that fires, a lazy
 #: regularizer, an unfreeze schedule, early stopping; checkpoints every 5 steps.
@@ -172,7 +172,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(make_cfg, tm
     data = sorted(folder.glob("ckpt-12.data-*"))[0]
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])  # truncated
     r = build(make_cfg(*STATEFUL), tmp_path)
-    with caplog.at_level("WARNING", logger="trainer.resume"):
+    with caplog.at_level("WARNING", logger="trainer.training.resume"):
         r.trainer.fit(r.step, r.data)
     assert r.trainer.restored_from.endswith("ckpt-10")
     assert any("ckpt-12 cannot be read" in m and "falling back to" in m
@@ -208,6 +208,39 @@ def test_a_checkpoint_of_another_data_order_is_refused(make_cfg, tmp_path):
     other = build(make_cfg(*STATEFUL, "data.seed=3"), tmp_path)
     with pytest.raises(UserError, match="data order comes from seed 0, this run's from seed 3"):
         other.trainer.fit(other.step, other.data)
+
+
+def _write_old_checkpoint(make_cfg, tmp_path, *, recorded: bool) -> str:
+    """A checkpoint of the same run, newer than its own, in format version 1: the version
+    variable set to 1 (``recorded``), or left out, as before versions were recorded."""
+    first = build(make_cfg(*STATEFUL, "trainer.max_steps=5"), tmp_path)
+    first.trainer.fit(first.step, first.data)
+    state = first.trainer.training_state
+    path = str(tmp_path / "checkpoints" / "ckpt-6")
+    if recorded:
+        state.version.assign(1)
+        return state.checkpoint.write(path)
+    objects = {k: v for k, v in state.objects.items() if k != "format_version"}
+    return tf.train.Checkpoint(**objects).write(path)
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["version-1", "no-version"])
+def test_a_checkpoint_of_another_format_version_is_refused_naming_both(make_cfg, tmp_path,
+                                                                       recorded):
+    from trainer.training.state import CheckpointVersionError, format_version
+
+    path = _write_old_checkpoint(make_cfg, tmp_path, recorded=recorded)
+    assert format_version(path) == 1
+    again = build(make_cfg(*STATEFUL), tmp_path)
+    before = _weights(again.models)
+    with pytest.raises(CheckpointVersionError) as refused:
+        again.trainer.fit(again.step, again.data)
+    message = str(refused.value)
+    assert message.startswith(f"checkpoint {path} has format version 1, this trainer reads "
+                              "version 2: ")
+    assert "trainer.resume=never" in message and "\n" not in message
+    _assert_identical(_weights(again.models), before)  # nothing was restored
+    assert again.trainer.current_step == 0 and again.trainer.restored_from is None
 
 
 # --- the checkpoint callback -----------------------------------------------------------------
@@ -269,7 +302,7 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
 
 
 def test_a_run_stopped_by_too_many_resets_saves_its_last_good_state(tmp_path):
-    from trainer.tape import ResetPolicy, TapeResetError
+    from trainer.step.tape import ResetPolicy, TapeResetError
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 3)).astype("float32")

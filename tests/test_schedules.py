@@ -6,8 +6,8 @@ import keras
 import pytest
 
 from trainer.callbacks import Callback
-from trainer.errors import UserError
-from trainer.run import build
+from trainer.common.errors import UserError
+from trainer.driver.run import build
 
 
 class Rates(Callback):

@@ -10,13 +10,14 @@ import tensorflow as tf
 
 from tests.helpers import fit_linear, linear_model, regression_data
 from trainer import CheckpointCallback, ProfileCallback, TapeStep, Trainer
+from trainer.common.errors import UserError
+from trainer.compile.executions import make_execution, train_step_functions
+from trainer.compile.pacing import BAND_SECONDS, FIRST_STEPS, Pacing, check_steps_per_execution
+from trainer.compile.plan import CompilePlan
 from trainer.data import DataModule
 from trainer.data import base as data_base
 from trainer.data.sources import IteratorSource, TensorSource, epoch_permutation
-from trainer.errors import UserError
-from trainer.loop import LoopOptions, make_execution, train_step_functions
-from trainer.pacing import BAND_SECONDS, FIRST_STEPS, Pacing, check_steps_per_execution
-from trainer.tape import global_norm
+from trainer.step.tape import global_norm
 
 
 # --- the sampled gradient norm ----------------------------------------------------------
@@ -41,7 +42,7 @@ def test_grad_norm_is_the_first_step_of_each_execution_and_only_computed_there(m
     step.build()
     source = TensorSource(x, y, batch_size=8, shuffle=False)
     global_step = tf.Variable(0, dtype=tf.int64)
-    options = LoopOptions(run_eagerly=mode == "eager", jit_compile=mode == "xla")
+    options = CompilePlan(run_eagerly=mode == "eager", update_xla=mode == "xla")
     run = make_execution(train_step_functions(step, global_step), source.next, options,
                          xla_loop=mode == "xla")
     for first in (0, 3):  # two executions of 3 steps: batches 0-2, then 3, 0, 1
@@ -239,7 +240,7 @@ def test_xla_failure_falls_back_under_auto_and_names_the_op_under_true(caplog):
                        task="regression")
 
     trainer = _long_trainer()
-    with caplog.at_level(logging.WARNING, logger="trainer.loop"):
+    with caplog.at_level(logging.WARNING, logger="trainer.compile.executions"):
         logs = trainer.fit(step(), regression_data())
     assert np.isfinite(logs["val/loss"]) and logs["step"] == 7
     assert any("XLA cannot compile" in r.getMessage() and "PyFunc" in r.getMessage()
@@ -295,7 +296,7 @@ def test_global_norm_equals_tensorflows(shapes):
 
 # --- configs ----------------------------------------------------------------------------------
 def test_config_keys_for_the_speed_features(make_cfg, tmp_path):
-    from trainer.run import instantiate_node
+    from trainer.driver.run import instantiate_node
 
     cfg = make_cfg("data=synthetic", "data.in_memory=false", "trainer.steps_per_execution=16",
                    "trainer.jit_compile=true", "callbacks.profile.steps=[1,3]")

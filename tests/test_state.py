@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from tests.helpers import fit_linear, linear_model, regression_data
 from trainer import Step, TapeStep, Trainer, UserError
-from trainer.run import run
+from trainer.driver.run import run
+from trainer.training.state import FORMAT_VERSION
 
 STATEFUL_RUN = [
     "+experiment=dense", "data=synthetic", "data.task=classification", "trainer.epochs=3",
@@ -41,7 +42,8 @@ def test_checkpoint_holds_every_piece_of_training_state(make_cfg, tmp_path, in_m
     def value(name):
         return tf.train.load_variable(path, name + "/.ATTRIBUTES/VARIABLE_VALUE")
 
-    # The trainer's counters.
+    # The layout's version, and the trainer's counters.
+    assert value("format_version") == FORMAT_VERSION == 2
     per_epoch = metrics["step"] // 3  # three full epochs ran (patience 10)
     assert value("global_step") == metrics["step"] and metrics["epoch"] == 3
     assert value("epoch") == 2

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tests.helpers import linear_model
 from trainer import StepInfo, TapeStep
-from trainer.keys import SAMPLED
+from trainer.common.keys import SAMPLED
 
 
 def _batch(n=8, d=3, seed=1):

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from tests.helpers import cli
-from trainer.run import flat_hparams
+from trainer.driver.run import flat_hparams
 from trainer.summary import main as summary_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

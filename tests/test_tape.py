@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from trainer import ResetPolicy, TapeStep, Trainer
+from trainer.common.errors import UserError
 from trainer.data import DataModule
-from trainer.errors import UserError
-from trainer.tape import TapeResetError, gradients
+from trainer.step.tape import TapeResetError, gradients
 
 
 def _two_heads(seed=0):
@@ -58,7 +58,7 @@ def test_unconnected_head_is_left_alone_and_named_once(caplog, run_eagerly, poli
     x = rng.normal(size=(64, 3)).astype("float32")
     data = DataModule(x_train=x, y_train=x[:, :1], x_val=x[:8], y_val=x[:8, :1],
                       task="regression", batch_size=16)
-    with caplog.at_level(logging.WARNING, logger="trainer.step"):
+    with caplog.at_level(logging.WARNING, logger="trainer.step.base"):
         Trainer(epochs=2, steps_per_execution=2, run_eagerly=run_eagerly).fit(step, data)
     for before, v in zip(head_b, model.get_layer("head_b").weights):
         np.testing.assert_array_equal(v.numpy(), before)
@@ -97,7 +97,7 @@ def test_unconnected_gradients_from_the_config_reach_the_step(make_cfg, tmp_path
     """``tape.unconnected_gradients=zero`` must reach the step: with AdamW a zero gradient
     still applies the decoupled weight decay, so the unreached weight decays by exactly
     ``(1 - lr * weight_decay)`` per step; with ``none`` it is left alone and named once."""
-    from trainer.run import run
+    from trainer.driver.run import run
 
     lr, decay, steps = 0.1, 0.5, 3
     cfg = make_cfg(

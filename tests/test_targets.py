@@ -14,8 +14,8 @@ import textwrap
 import pytest
 from omegaconf import OmegaConf
 
-from trainer.errors import UserError
-from trainer.validation import validate
+from trainer.common.errors import UserError
+from trainer.driver.validation import validate
 
 STEP = '''
 from trainer import TapeStep
@@ -113,7 +113,7 @@ def test_checking_the_targets_imports_nothing(project):
     # keras and tensorflow targets included: their modules are found, not imported.
     code = textwrap.dedent("""
         import sys
-        from trainer.validation import _check_targets
+        from trainer.driver.validation import _check_targets
         _check_targets({"model": {"_target_": "mysteps.steps.PlainStep"},
                         "optimizer": {"_target_": "keras.optimizers.Adam", "learning_rate": {
                             "_target_": "keras.optimizers.schedules.CosineDecay"}},
@@ -166,7 +166,7 @@ def test_own_modules_lacking_the_name_or_not_parsing_fail_validation(project, ma
 
 
 def test_a_target_only_the_import_can_check_is_explained_when_built(project, monkeypatch):
-    from trainer.run import instantiate_node, metric_objects
+    from trainer.driver.run import instantiate_node, metric_objects
 
     monkeypatch.syspath_prepend(str(project))
     monkeypatch.setattr(sys, "modules", dict(sys.modules))  # mysteps leaves with the test

@@ -19,9 +19,9 @@ from tests.tb_reader import load, scalars
 from trainer import TapeStep, TensorBoardCallback, Trainer
 from trainer.callbacks import Callback
 from trainer.callbacks.tensorboard import histogram_variables
+from trainer.compile.pacing import MIN_EXECUTIONS, Pacing
+from trainer.driver.run import run
 from trainer.experiments.plot import ImageCallback
-from trainer.pacing import MIN_EXECUTIONS, Pacing
-from trainer.run import run
 
 
 @pytest.fixture(scope="module")
@@ -258,9 +258,10 @@ def _fit_linear(run_dir, *, spe, start_step=0, shade=0, hparams=None) -> Logged:
                              name="regressor")
     step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.05), task="regression")
     logged = Logged()
-    tb = TensorBoardCallback(histogram_every_n_steps=5, histogram_min_interval_seconds=0)
+    tb = TensorBoardCallback(histogram_every_n_steps=5, histogram_min_interval_seconds=0,
+                             hparams=hparams)
     trainer = Trainer(epochs=3, steps_per_execution=spe, callbacks=[Shade(shade), tb, logged],
-                      run_dir=run_dir, hparams=hparams)
+                      run_dir=run_dir)
     trainer.global_step.assign(start_step)  # what restoring a checkpoint of that step does
     trainer.fit(step, regression_data())
     return logged

@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 
 from trainer.callbacks import Callback
-from trainer.run import build, write_outputs
+from trainer.driver.run import build, write_outputs
 
 pytestmark = pytest.mark.slow  # a 46-step run, then a server start: 8-11 s on 2 cores
 

@@ -16,11 +16,11 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import Crash
+from trainer.common.errors import UserError
 from trainer.data import DataModule, digits, tfrecord
 from trainer.data.tfrecord import META, TFRecordData, data_error_line, shard_name
-from trainer.errors import UserError
-from trainer.export_data import export, write_shards
-from trainer.run import build, run
+from trainer.driver.export import export, write_shards
+from trainer.driver.run import build, run
 
 QUIET = ["callbacks.progress.mode=log", "callbacks.tensorboard.histogram_every_n_steps=0"]
 
@@ -277,7 +277,7 @@ def test_export_is_atomic_and_overwrites_only_an_export(export_cfg, tmp_path, mo
         (directory / "train-00000-of-00002.tfrecord").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("trainer.export_data.write_shards", half_written)
+    monkeypatch.setattr("trainer.driver.export.write_shards", half_written)
     with pytest.raises(OSError, match="disk full"):
         export(export_cfg(f"out={out}", "shards=2"))
     assert os.listdir(tmp_path) == []  # neither out nor a temporary directory is left
@@ -434,7 +434,7 @@ def test_predict_on_a_run_trained_from_exported_digits_prepares_raw_inputs(make_
     takes raw pixels (0-16) and prepares them as data=digits does."""
     from omegaconf import OmegaConf
 
-    from trainer.inference import load_run
+    from trainer.driver.load import load_run
     from trainer.predict import main as predict_main
 
     out = tmp_path / "shards"
@@ -477,7 +477,7 @@ def test_the_preparation_survives_reading_into_memory_and_exporting_again(export
 
 def test_an_export_refuses_a_preparation_meta_json_cannot_hold(tmp_path):
     from trainer.data import Scaling
-    from trainer.export_data import _preparation
+    from trainer.driver.export import _preparation
 
     x, y = np.ones((8, 2)), np.arange(8) % 2
     data = DataModule(x_train=x, y_train=y, x_val=x, y_val=y, batch_size=4, name="mine",

@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 from sklearn.utils.class_weight import compute_class_weight
 
 import trainer.data.base
+from trainer.common.errors import UserError
 from trainer.data import DataModule, csv_file, digits, npz, synthetic
 from trainer.data.sources import IteratorSource, TensorSource
-from trainer.errors import UserError
-from trainer.run import build, instantiate_node
+from trainer.driver.run import build, instantiate_node
 
 
 def _module(n=30, n_val=7, *, w=None, w_val=None, class_weight=None, **kw):
@@ -313,7 +313,7 @@ def test_weighted_data_is_not_exported_without_its_weights(make_cfg, tmp_path):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.export_data import export
+    from trainer.driver.export import export
 
     # make_cfg (unused) clears Hydra's global state after the test.
     GlobalHydra.instance().clear()

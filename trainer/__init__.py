@@ -4,7 +4,10 @@ The public API is listed in ``__all__``. Names are imported lazily so that
 ``python -m trainer`` can validate its config before TensorFlow starts.
 """
 
+import sys
 from importlib import import_module
+from importlib.abc import Loader, MetaPathFinder
+from importlib.util import spec_from_loader
 
 __all__ = [
     "Callback",
@@ -34,23 +37,47 @@ _LOCATIONS = {
     "CheckpointCallback": "trainer.callbacks",
     "EarlyStopping": "trainer.callbacks",
     "FreezeSchedule": "trainer.callbacks",
-    "GroupedOptimizer": "trainer.optim",
+    "GroupedOptimizer": "trainer.step.optimizers",
     "KerasCallbacks": "trainer.callbacks",
-    "Objective": "trainer.step",
-    "ResetPolicy": "trainer.tape",
-    "Step": "trainer.step",
-    "StepContext": "trainer.supervised",
-    "StepInfo": "trainer.step",
+    "Objective": "trainer.step.base",
+    "ResetPolicy": "trainer.step.tape",
+    "Step": "trainer.step.base",
+    "StepContext": "trainer.step.tape_step",
+    "StepInfo": "trainer.step.base",
     "ProfileCallback": "trainer.callbacks",
     "ProgressCallback": "trainer.callbacks",
     "TensorBoardCallback": "trainer.callbacks",
     "Data": "trainer.data",
     "DataModule": "trainer.data",
-    "TapeStep": "trainer.supervised",
-    "Trainer": "trainer.trainer",
-    "UserError": "trainer.errors",
-    "run": "trainer.run",
+    "TapeStep": "trainer.step.tape_step",
+    "Trainer": "trainer.training.trainer",
+    "UserError": "trainer.common.errors",
+    "run": "trainer.driver.run",
 }
+
+
+#: Modules importable under an older, shorter name: ``trainer.replicas`` (documented for
+#: custom steps) is ``trainer.distribute.replicas``.
+_ALIASES = {"trainer.replicas": "trainer.distribute.replicas"}
+
+
+class _Alias(MetaPathFinder, Loader):
+    """Imports an alias as the module it names: the very same module object, so
+    ``trainer.replicas.share is trainer.distribute.replicas.share``."""
+
+    def find_spec(self, name, path=None, target=None):
+        return spec_from_loader(name, self) if name in _ALIASES else None
+
+    def create_module(self, spec):
+        return None  # a placeholder; exec_module puts the real module in its place
+
+    def exec_module(self, module):
+        # The import system returns whatever sys.modules holds once this returns.
+        sys.modules[module.__name__] = import_module(_ALIASES[module.__name__])
+
+
+if not any(isinstance(finder, _Alias) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _Alias())
 
 
 def __getattr__(name):

@@ -2,7 +2,7 @@
 
 import os
 
-from trainer.preemption import catch_from_start
+from trainer.training.preemption import catch_from_start
 
 # First: a stop signal during the seconds of start-up (imports, composing, building,
 # restoring) ends the run with its documented status and one line, not a traceback.
@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hydra  # noqa: E402
 
-from trainer.config import register_configs  # noqa: E402
+from trainer.driver.schemas import register_configs  # noqa: E402
 
 register_configs()
 
@@ -19,7 +19,7 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="pkg://trainer.configs", config_name="config")
 def main(cfg):
     """Train with the composed config; returns the sweep objective (``optimized_metric``)."""
-    from trainer.run import run_or_exit
+    from trainer.driver.run import run_or_exit
 
     return run_or_exit(cfg)
 

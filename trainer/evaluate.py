@@ -3,7 +3,7 @@
     python -m trainer.evaluate outputs/dense/runs/2026-11-28_12-00-00
     python -m trainer.evaluate RUN_DIR --checkpoint best data.path=other.npz --out eval.json
 
-The run is rebuilt from its own config (``trainer.inference.load_run``); ``key=value``
+The run is rebuilt from its own config (``trainer.driver.load.load_run``); ``key=value``
 overrides change it (another ``data.path``). Prints the metrics as JSON (the ``val/*``
 values training logged for the same weights and data) and writes them to ``--out``.
 """
@@ -14,33 +14,12 @@ import json
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError
-
-
-def evaluate(run, batches) -> dict:
-    """``run.step.test_step`` over ``batches`` (``(x, y)`` or ``(x, y, weight)``), keys
-    ``val/...``: the example-weighted means of its logs and the step's Keras metrics."""
-    import tensorflow as tf
-
-    from trainer.keys import WEIGHT, float_logs
-
-    run.step.reset_metrics("val")
-    test_step = tf.function(lambda batch: float_logs(run.step.test_step(batch), batch))
-    sums, total = {}, 0.0
-    for batch in batches:
-        logs = test_step(tuple(tf.constant(part) for part in batch))
-        weight = float(logs.pop(WEIGHT))
-        logs.pop("__sampled__", None)
-        total += weight
-        for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * weight
-    metrics = {k: float(v) for k, v in run.step.metric_results("val").items()}
-    return {f"val/{k}": v for k, v in {**{k: v / total for k, v in sums.items()},
-                                         **metrics}.items()}
+from trainer.common.errors import UserError
+from trainer.driver.inference import evaluate
 
 
 def parser():
-    from trainer.inference import run_parser
+    from trainer.driver.load import run_parser
 
     p = run_parser("python -m trainer.evaluate", __doc__)
     p.add_argument("--out", help="also write the metrics to this JSON file")
@@ -50,7 +29,7 @@ def parser():
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        from trainer.inference import load_run
+        from trainer.driver.load import load_run
 
         run = load_run(args.run_dir, checkpoint=args.checkpoint, overrides=args.overrides)
         metrics = evaluate(run, run.data.validation_batches())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 
 
 class Callback:
@@ -13,13 +13,14 @@ class Callback:
     Hooks run on the host between executions, never inside the compiled step, and
     use only the trainer's public API (``trainer.models``, ``trainer.global_step``,
     ``trainer.current_step``, ``trainer.epoch``, ``trainer.validation_batches()``,
-    ``trainer.checkpoint``, ``trainer.is_chief``, ``trainer.clock()``, ...), never the
+    ``trainer.training_state``, ``trainer.is_chief``, ``trainer.clock()``, ...), never the
     step's or the data source's internals.
     ``global_step`` is the trainer's global step at the hook (a Python int).
     ``logs`` are flat dicts of Python floats with slash-namespaced keys.
 
     A callback whose state must survive a restart returns it from ``state(trainer)``;
-    the trainer saves it in ``trainer.checkpoint`` under ``callbacks/<state_key>``.
+    the trainer's training state (``trainer.training_state``) saves it under
+    ``callbacks/<state_key>``.
     When a run resumes, the trainer reads the callbacks' state back first and calls
     ``on_restore`` (before the step is compiled), then restores everything else, all
     before ``on_fit_start``.
@@ -91,7 +92,7 @@ def resolve(trainer, path: str) -> Path:
 
 
 def callback_states(callbacks, trainer) -> dict:
-    """``{state_key: state()}`` of the callbacks that have state, for ``trainer.checkpoint``.
+    """``{state_key: state()}`` of the callbacks that have state, for the training state.
 
     Raises a ``UserError`` when a callback with state has no ``state_key`` or two
     share one (two ``EarlyStopping`` callbacks: set ``state_key`` on one instance).

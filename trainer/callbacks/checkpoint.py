@@ -10,8 +10,8 @@ from pathlib import Path
 import tensorflow as tf
 
 from trainer.callbacks.base import Callback, epoch_of_best, improved, resolve
-from trainer.errors import UserError
-from trainer.periodic import Periodic
+from trainer.common.errors import UserError
+from trainer.training.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +19,16 @@ MODES = ("min", "max")
 
 
 class CheckpointCallback(Callback):
-    """Saves ``trainer.checkpoint`` when due, keeps the recent ones and the best one.
+    """Saves the trainer's training state when due, keeps the recent ones and the best one.
 
-    ``trainer.checkpoint`` is the one ``tf.train.Checkpoint`` of everything that must
-    survive a restart (models, optimizers, seed generators, data position, callback
-    state, global step, epoch, the epoch's running sums); this callback only decides
-    when to write it, through a ``tf.train.CheckpointManager`` numbering checkpoints
-    by global step (``<directory>/ckpt-<step>``). TensorFlow writes each checkpoint
-    to temporary files and renames them when complete, and updates the index last,
-    so a save interrupted by a kill leaves the previous checkpoints intact.
+    ``trainer.training_state`` (``trainer.training.state.TrainingState``) is everything
+    that must survive a restart (models, optimizers, seed generators, data position,
+    callback state, global step, epoch, the epoch's running sums, the format version);
+    this callback only decides when it is written, and asks it to save through a
+    ``tf.train.CheckpointManager`` numbering checkpoints by global step
+    (``<directory>/ckpt-<step>``). TensorFlow writes each checkpoint to temporary files
+    and renames them when complete, and updates the index last, so a save interrupted
+    by a kill leaves the previous checkpoints intact.
 
     When: every ``every_n_steps`` steps and every ``every_n_epochs`` epochs (both
     held back while the last save is more recent than ``min_interval_seconds``),
@@ -103,7 +104,7 @@ class CheckpointCallback(Callback):
         return float(self._best.numpy())
 
     def on_fit_start(self, trainer):
-        ckpt, root = trainer.checkpoint, resolve(trainer, self.directory)
+        state, root = trainer.training_state, resolve(trainer, self.directory)
         if not trainer.is_chief:
             # Every worker of a multi-worker run saves (a save may need all of them to
             # read distributed variables); only the chief keeps its checkpoints. A worker
@@ -113,12 +114,10 @@ class CheckpointCallback(Callback):
             shutil.rmtree(self._scratch, ignore_errors=True)
             root = Path(self._scratch) / "checkpoints"
         self._when.use_clock(trainer.clock)
-        if self.manager is None or self.manager.checkpoint is not ckpt:
-            self.manager = tf.train.CheckpointManager(ckpt, str(root),
-                                                      max_to_keep=self.max_to_keep)
+        if self.manager is None or self.manager.checkpoint is not state.checkpoint:
+            self.manager = state.manager(root, self.max_to_keep)
             if self.monitor:
-                self.best_manager = tf.train.CheckpointManager(ckpt, str(root / "best"),
-                                                               max_to_keep=1)
+                self.best_manager = state.manager(root / "best", 1)
         # Count from where this fit starts: a resumed run does not save at once for the
         # intervals it passed before the restart. The epoch that ends next is the open one
         # (a resumed run may have all its steps done and only its end to run).
@@ -128,7 +127,7 @@ class CheckpointCallback(Callback):
 
     def on_execution_end(self, trainer, global_step, logs):
         if self._when.due(global_step):
-            self._save(global_step)
+            self._save(trainer, global_step)
 
     def on_epoch_end(self, trainer, epoch, logs):
         global_step = trainer.current_step
@@ -139,17 +138,17 @@ class CheckpointCallback(Callback):
             value = float(logs[self.monitor])
             if improved(value, self.best, self.mode):
                 self._best.assign(value)
-                path = self.best_manager.save(checkpoint_number=global_step)
+                path = trainer.training_state.save(self.best_manager, global_step)
                 log.info("best %s=%.4g: saved %s", self.monitor, value, path)
         if self._when.due(global_step, epoch_end=epoch):
-            self._save(global_step)
+            self._save(trainer, global_step)
 
     def on_fit_end(self, trainer, logs):
         # Always, even at the step of the last save: the state may have moved on since
         # (an epoch's end, early stopping's decision). The trainer runs this hook first,
         # before other callbacks change the models (early stopping's best weights).
         if self.manager is not None:
-            self._save(trainer.current_step)
+            self._save(trainer, trainer.current_step)
         best = self.best_manager.latest_checkpoint if self.best_manager else None
         if best and not trainer.preempted:
             # Only the weights: the latest checkpoint (saved above) keeps the last state.
@@ -161,6 +160,5 @@ class CheckpointCallback(Callback):
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch, self.manager, self.best_manager = None, None, None
 
-    def _save(self, global_step: int) -> None:
-        path = self.manager.save(checkpoint_number=global_step)
-        log.debug("saved checkpoint %s", path)
+    def _save(self, trainer, global_step: int) -> None:
+        trainer.training_state.save(self.manager, global_step)

@@ -8,7 +8,7 @@ import math
 import tensorflow as tf
 
 from trainer.callbacks.base import Callback, epoch_of_best, improved
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import tensorflow as tf
+
 from trainer.callbacks.base import Callback, resolve
-from trainer.errors import UserError
+from trainer.common.errors import UserError
+
+#: What a resumed run needs of Keras' stateful callbacks (subclasses too): the attributes
+#: their ``on_train_begin`` resets or their decisions read. Early stopping's best weights,
+#: when it restores them, are saved as variables beside these.
+KERAS_STATE = {
+    "EarlyStopping": ("wait", "stopped_epoch", "best", "best_epoch"),
+    "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+    "ModelCheckpoint": ("best",),
+}
 
 
 def keras_logs(logs: dict) -> dict:
@@ -92,14 +104,19 @@ class KerasCallbacks(Callback):
 
     Relative ``filename``/``filepath`` attributes (``CSVLogger``, ``ModelCheckpoint``)
     are taken relative to the run directory; ``CSVLogger`` appends when the run resumes.
-    The callbacks' own state (patience counters) is not checkpointed: for resumable early
-    stopping use ``trainer.EarlyStopping``. On the workers of a multi-worker run other
-    than the chief, callbacks that write files are left out.
+    The state of Keras' stateful callbacks is part of the trainer's checkpoint (``state()``,
+    ``KERAS_STATE``): ``EarlyStopping``'s wait, best, stopped and best epoch (and its best
+    weights with ``restore_best_weights``), ``ReduceLROnPlateau``'s wait, best and cooldown,
+    ``ModelCheckpoint``'s best; a resumed run continues them where they were, after their
+    ``on_train_begin``. Other callbacks' attributes start afresh. On the workers of a
+    multi-worker run other than the chief, callbacks that write files are left out.
 
     Args:
         callbacks: ``keras.callbacks.Callback`` objects (from YAML: ``_target_`` nodes).
         model: the name of the step's model they see (``"model"``; a GAN's ``"generator"``).
     """
+
+    state_key = "keras"
 
     def __init__(self, *, callbacks=(), model: str = "model"):
         import keras
@@ -109,15 +126,50 @@ class KerasCallbacks(Callback):
             if not isinstance(cb, keras.callbacks.Callback):
                 raise UserError(f"callbacks.keras: {cb!r} is not a keras.callbacks.Callback")
         self.model = model
+        self._states: dict[int, _KerasState] = {}  # by id() of the Keras callback
+        self._saved: dict | None = None  # state(), made once
+        self._restored = False
 
-    def on_fit_start(self, trainer):
+    def _model(self, trainer):
         models = trainer.models
         if self.model not in models:
             raise UserError(f"callbacks.keras.model={self.model!r} is not one of the step's "
                             f"models {sorted(models)}")
+        return models[self.model]
+
+    def state(self, trainer) -> dict:
+        """Each stateful Keras callback's state under ``<Class>_<position>`` (its place in
+        ``callbacks``): its attributes as JSON (``attributes``) and early stopping's best
+        weights (``best_weights``, variables shaped like the model's weights)."""
+        if self._saved is None:
+            import keras
+
+            self._saved = {}
+            for i, cb in enumerate(self.callbacks):
+                attributes = next((attrs for name, attrs in KERAS_STATE.items()
+                                   if isinstance(cb, getattr(keras.callbacks, name))), ())
+                if not attributes:
+                    continue
+                weights = None
+                if getattr(cb, "restore_best_weights", False):
+                    weights = [tf.Variable(v, trainable=False, name="best_weight")
+                               for v in self._model(trainer).weights]
+                state = self._states[id(cb)] = _KerasState(cb, attributes, weights)
+                entry = {"attributes": state}
+                if weights is not None:
+                    entry["best_weights"] = weights
+                self._saved[f"{type(cb).__name__}_{i}"] = entry
+        return self._saved
+
+    def on_restore(self, trainer):
+        # Applied once the callbacks' on_train_begin, which resets them, has run.
+        self._restored = True
+
+    def on_fit_start(self, trainer):
+        model = self._model(trainer)
         optimizers = trainer.optimizers
         optimizer = optimizers.get(self.model) or next(iter(optimizers.values()))
-        view = _ModelView(models[self.model], _OptimizerView(optimizer), trainer)
+        view = _ModelView(model, _OptimizerView(optimizer), trainer)
         if not trainer.is_chief:
             self.callbacks = [cb for cb in self.callbacks if not _writes_files(cb)]
         for cb in self.callbacks:
@@ -131,6 +183,11 @@ class KerasCallbacks(Callback):
             cb.set_params({"epochs": trainer.epochs, "steps": trainer.steps_per_epoch,
                            "verbose": 0})
             cb.on_train_begin({})
+        for state in self._states.values():
+            if self._restored:
+                state.apply()
+            state.restored = None
+        self._restored = False
 
     def on_epoch_start(self, trainer, epoch):
         for cb in self.callbacks:
@@ -146,6 +203,8 @@ class KerasCallbacks(Callback):
         out = keras_logs(logs)
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, dict(out))
+            if id(cb) in self._states:
+                self._states[id(cb)].keep_best_weights()
 
     def on_fit_end(self, trainer, logs):
         out = keras_logs(logs)
@@ -154,6 +213,57 @@ class KerasCallbacks(Callback):
             if getattr(cb, "restore_best_weights", False) and cb.best_weights is not None:
                 # Keras' EarlyStopping gave the model the weights of its best epoch.
                 trainer.weights_epoch = cb.best_epoch + 1
+
+
+class _KerasState(tf.train.experimental.PythonState):
+    """One Keras callback's ``KERAS_STATE`` attributes, as JSON in the checkpoint, and
+    early stopping's best weights as variables.
+
+    Serialized from the live callback when a checkpoint is written. Read back into
+    ``restored`` and applied (``apply``) only after the callback's ``on_train_begin``,
+    which would reset them; until then a save writes what was read back.
+    """
+
+    def __init__(self, callback, attributes: tuple, weights: list | None):
+        self.callback, self.attributes, self.weights = callback, attributes, weights
+        self.restored: dict | None = None
+        self._kept = None  # the best_weights list last copied into the variables
+
+    def serialize(self) -> str:
+        if self.restored is not None:
+            return json.dumps(self.restored)
+        cb = self.callback
+        saved = {a: _plain(getattr(cb, a, None)) for a in self.attributes}
+        saved["best_weights"] = getattr(cb, "best_weights", None) is not None
+        return json.dumps(saved)
+
+    def deserialize(self, string_value) -> None:
+        text = string_value.decode() if isinstance(string_value, bytes) else string_value
+        self.restored = json.loads(text)
+
+    def keep_best_weights(self) -> None:
+        """Copy new best weights (Keras keeps them as numpy arrays) into the variables."""
+        best = getattr(self.callback, "best_weights", None)
+        if self.weights is not None and best is not None and best is not self._kept:
+            for variable, value in zip(self.weights, best):
+                variable.assign(value)
+            self._kept = best
+
+    def apply(self) -> None:
+        """Give the callback the restored attributes (and best weights)."""
+        restored = self.restored or {}
+        for attribute in self.attributes:
+            if attribute in restored:
+                setattr(self.callback, attribute, restored[attribute])
+        if restored.get("best_weights") and self.weights is not None:
+            self.callback.best_weights = self._kept = [v.numpy() for v in self.weights]
+
+
+def _plain(value):
+    """A JSON value of a callback attribute (numpy and tensor scalars as Python numbers)."""
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    return value.item() if hasattr(value, "item") else value
 
 
 def _writes_files(callback) -> bool:

@@ -7,8 +7,8 @@ import logging
 import tensorflow as tf
 
 from trainer.callbacks.base import Callback, resolve
-from trainer.errors import UserError
-from trainer.periodic import Periodic
+from trainer.common.errors import UserError
+from trainer.training.periodic import Periodic
 
 log = logging.getLogger(__name__)
 

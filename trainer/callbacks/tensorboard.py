@@ -17,8 +17,8 @@ from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
 from trainer.callbacks.base import Callback, resolve
-from trainer.errors import UserError
-from trainer.periodic import Periodic
+from trainer.common.errors import UserError
+from trainer.training.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class TensorBoardCallback(Callback):
       than an execution still draws its ramp;
     - every epoch: the validation logs into ``val`` under the same tags, so
       TensorBoard draws train and validation on one chart; with an HParams session
-      (``trainer.hparams``), also the epoch's ``train/`` and ``val/`` logs (as in
+      (``hparams``, which the driver sets), also the epoch's ``train/`` and ``val/`` logs (as in
       ``history.jsonl``: the training values are the epoch's means) into the log dir
       itself as ``epoch/train/loss``, ...: the session's metrics, whose last values the
       HParams dashboard compares (the last execution's means would be a few batches');
@@ -79,13 +79,18 @@ class TensorBoardCallback(Callback):
     order = -10
 
     def __init__(self, *, log_dir: str = "tb", histogram_every_n_steps: int = 100,
-                 histogram_min_interval_seconds: float = 10.0):
+                 histogram_min_interval_seconds: float = 10.0, hparams: dict | None = None,
+                 config_text: str = ""):
         if histogram_every_n_steps < 0 or histogram_min_interval_seconds < 0:
             raise UserError(
                 "callbacks.tensorboard.histogram_every_n_steps and "
                 "histogram_min_interval_seconds must be >= 0 (0 steps turns histograms off); "
                 f"got {histogram_every_n_steps} and {histogram_min_interval_seconds}")
         self.log_dir = log_dir
+        #: The run's flat hyperparameters, for the HParams dashboard, and its resolved config
+        #: as YAML, logged as text: the driver sets both from the config.
+        self.hparams = dict(hparams or {})
+        self.config_text = config_text
         self.histogram_every_n_steps = int(histogram_every_n_steps)
         self.histogram_min_interval_seconds = float(histogram_min_interval_seconds)
         self.writers = {}
@@ -113,10 +118,10 @@ class TensorBoardCallback(Callback):
             self._open(root, models, global_step, reevaluates=reevaluates)
             self._opened_for = (root, models)
         with self._writer("").as_default(step=global_step):
-            if trainer.hparams:
-                hp.hparams(trainer.hparams)
-            if trainer.config_text:
-                tf.summary.text("config", "```\n" + trainer.config_text + "\n```")
+            if self.hparams:
+                hp.hparams(self.hparams)
+            if self.config_text:
+                tf.summary.text("config", "```\n" + self.config_text + "\n```")
             tf.summary.text("variables", trainer.variable_table)
         self._histogram_when.reset(global_step)
         self._flush_when.reset(global_step)
@@ -197,7 +202,7 @@ class TensorBoardCallback(Callback):
 
     def on_epoch_end(self, trainer, epoch, logs):
         self._scalars({k: v for k, v in logs.items() if k.startswith("val/")}, logs["step"])
-        if trainer.hparams:  # the HParams session's metrics, the epoch's values
+        if self.hparams:  # the HParams session's metrics, the epoch's values
             self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", "val/"))},
                           logs["step"], epoch=True)
         if self._flush_when.due(logs["step"]):
@@ -205,7 +210,7 @@ class TensorBoardCallback(Callback):
                 w.flush()
 
     def on_fit_end(self, trainer, logs):
-        if trainer.hparams:
+        if self.hparams:
             # Name the metrics the HParams dashboard compares, instead of letting it offer
             # every scalar tag of the run: the last epoch's train and val values, from the
             # session's own run. It shows the first five as columns: validation first.
@@ -213,7 +218,7 @@ class TensorBoardCallback(Callback):
                        for k in sorted(logs, key=_metric_order)
                        if k.startswith(("train/", "val/"))]
             with self._writer("").as_default(step=trainer.current_step):
-                hp.hparams_config(hparams=[hp.HParam(k) for k in sorted(trainer.hparams)],
+                hp.hparams_config(hparams=[hp.HParam(k) for k in sorted(self.hparams)],
                                   metrics=metrics)
         for w in self.writers.values():
             w.flush()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.common.errors import UserError
 from trainer.data.weights import check_sample_weights, class_weight_table
-from trainer.errors import UserError
 
 TASKS = ("classification", "regression")
 #: ``in_memory="auto"`` holds the data as tensors up to this many bytes (train + validation).

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from trainer.common.errors import UserError
 from trainer.data.base import DataModule, split
 from trainer.data.preparation import Scaling
-from trainer.errors import UserError
 
 
 def digits(

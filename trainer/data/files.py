@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.common.errors import UserError
 from trainer.data.base import DataModule, split
 from trainer.data.weights import check_sample_weights
-from trainer.errors import UserError
 
 
 def _existing(path: str | None, kind: str) -> Path:

@@ -29,8 +29,8 @@ import re
 from functools import partial
 from pathlib import Path
 
+from trainer.common.errors import UserError
 from trainer.data.base import IN_MEMORY_MAX_BYTES, Data
-from trainer.errors import UserError
 
 log = logging.getLogger(__name__)
 

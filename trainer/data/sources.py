@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 
 
 class Source:
@@ -18,7 +18,8 @@ class Source:
     #: Whether ``next()`` can run inside an XLA program (then a whole execution can be one).
     xla_loop = False
     #: Examples in an epoch's short last batch when ``next()`` yields only full batches and
-    #: ``next_any()`` the short one (see ``trainer.loop.make_source_execution``); else 0.
+    #: ``next_any()`` the short one (see ``make_source_execution`` in
+    #: ``trainer.compile.executions``); else 0.
     tail = 0
 
     def next(self):
@@ -118,7 +119,7 @@ class TensorSource(Source):
     dropped nor padded, so every epoch sees every example once, exactly as the
     ``tf.data`` path does. ``next_any()`` draws it (any batch, dynamic shape):
     under XLA, which needs static shapes, in a second small call at the end of
-    the epoch; without XLA for every step. See ``trainer.loop.make_source_execution``.
+    the epoch; without XLA for every step. See ``trainer.compile.executions.make_source_execution``.
 
     With ``tape.reset.action=retry``, a retried step takes the next batch of the
     epoch's order; a retry in the fused loop that runs past the last full batch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.common.errors import UserError
 from trainer.data.base import DataModule, split
-from trainer.errors import UserError
 
 
 def synthetic(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.common.errors import UserError
 from trainer.data.base import Data
 from trainer.data.preparation import Scaling, reshape_rows
 from trainer.data.tfrecord_meta import (  # noqa: F401 (FORMAT, VERSION, shard_name: re-exported)
@@ -36,7 +37,6 @@ from trainer.data.tfrecord_meta import (  # noqa: F401 (FORMAT, VERSION, shard_n
     shard_name,
     split_of,
 )
-from trainer.errors import UserError
 
 #: Shards read at once (the interleave's cycle length). A constant, not AUTOTUNE: the
 #: order of the examples depends on it, and must not depend on the machine.

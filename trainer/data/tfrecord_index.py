@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.common.errors import UserError
 from trainer.data.preparation import Scaling
 from trainer.data.tfrecord_meta import DTYPES, FORMAT, META, SPLITS, VERSION, write_meta
-from trainer.errors import UserError
 
 #: Names taken for the target when a record holds two features and neither is ``y``.
 TARGET_NAMES = ("y", "label", "labels", "target", "targets", "class")

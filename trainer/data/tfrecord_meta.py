@@ -10,10 +10,10 @@ import json
 import os
 from pathlib import Path
 
-from trainer.atomic import atomic_write
+from trainer.common.atomic import atomic_write
+from trainer.common.errors import UserError
 from trainer.data.base import TASKS
 from trainer.data.preparation import Scaling
-from trainer.errors import UserError
 
 META = "meta.json"
 FORMAT = "trainer.tfrecord"

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 
 _CLASS_ID = re.compile(r"[+-]?\d+")
 

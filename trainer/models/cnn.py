@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 
 
 def cnn(

@@ -9,7 +9,7 @@ Supervised penalties (added to a ``TapeStep``'s loss): ``InputGradientPenalty``,
 from trainer.regularizers.base import RandomRegularizer, Regularizer
 from trainer.regularizers.critic import CriticContext, GradientPenalty, R1Penalty, R2Penalty
 from trainer.regularizers.functional import gradient_penalty, r1_penalty, r2_penalty
-from trainer.regularizers.supervised import (
+from trainer.regularizers.supervised_penalties import (
     HessianTrace,
     InputGradientPenalty,
     JacobianNorm,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from trainer.distribute.replicas import global_mean, in_replicas, step_variable
 from trainer.regularizers.functional import fold_seed
-from trainer.replicas import global_mean, in_replicas, step_variable
 
 
 class Regularizer:
@@ -53,7 +53,7 @@ class Regularizer:
     @property
     def scope(self) -> str:
         """The name scope of the penalty's ops: XLA errors name it, so the failing
-        regularizer can be named (``trainer.xla.raise_if_xla_error``)."""
+        regularizer can be named (``trainer.compile.xla.raise_if_xla_error``)."""
         return f"regularizer_{self.name}"
 
     def contribute(self, ctx):

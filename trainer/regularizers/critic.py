@@ -7,7 +7,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from trainer.errors import UserError
+from trainer.common.errors import UserError
 from trainer.regularizers import functional as F
 from trainer.regularizers.base import RandomRegularizer, Regularizer
 

@@ -16,7 +16,13 @@ import zlib
 import keras
 import tensorflow as tf
 
-from trainer.replicas import global_batch_size, in_replicas, local_rows, share, sum_over_replicas
+from trainer.distribute.replicas import (
+    global_batch_size,
+    in_replicas,
+    local_rows,
+    share,
+    sum_over_replicas,
+)
 
 _TWO_POW_M24 = 2.0**-24
 
@@ -114,7 +120,7 @@ def input_gradient_penalty(loss_gradient, x=None) -> tf.Tensor:
 
 def per_example(draw, shape, seed, *args):
     """``draw(shape, seed, *args)`` for a batch: drawn for the global batch and sliced to
-    this replica's rows (``trainer.distribute.local_rows``), so an example gets the draw
+    this replica's rows (``trainer.distribute.strategies.local_rows``), so an example gets the draw
     one device would give it. One device: ``draw(shape, seed, *args)``."""
     rows = tf.reshape(global_batch_size(shape[0]), [1])
     return local_rows(draw(tf.concat([rows, shape[1:]], 0), seed, *args))

@@ -1,0 +1,273 @@
+"""The one place where steps are compiled into multi-step executions."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+
+import tensorflow as tf
+
+from trainer.common.keys import EXAMPLES, SAMPLED, WEIGHT, float_logs
+from trainer.compile.plan import CompilePlan
+from trainer.compile.xla import xla_failure
+from trainer.distribute.replicas import (
+    MICRO,
+    from_weighted_vector,
+    replicated,
+    rows_of,
+    split_rows,
+    weighted_vector,
+)
+from trainer.step.base import StepInfo
+
+log = logging.getLogger(__name__)
+
+_LAST = "last:"
+
+#: ``step_functions(next_batch, jit)`` -> ``{sampled: step_fn}``: the step functions of one
+#: execution, by whether they run the execution's sampled step. A ``step_fn()`` pulls its
+#: batch with ``next_batch()``, runs one step and returns float32 logs with ``WEIGHT`` and
+#: ``SAMPLED`` set; with ``jit`` the step's math is compiled by XLA on its own.
+StepFunctions = Callable[[Callable, bool], dict]
+
+
+def train_step_functions(step, global_step: tf.Variable, strategy=None,
+                         accumulate_steps: int = 1, forward_xla: bool = False
+                         ) -> StepFunctions:
+    """Step functions that run ``step.run_step`` and advance ``global_step`` once per step.
+
+    With a ``tf.distribute`` strategy, ``step.train_step`` runs on every replica with
+    its rows of the global batch (``trainer.distribute.strategies.replicated``), and its logs
+    come back reduced; the global step still advances once, outside the replicas.
+    With ``accumulate_steps=K`` each step is one update from K micro-batches
+    (``accumulated``). ``forward_xla`` (the plan's) asks the step to compile its forward
+    pass and gradients with XLA (``StepInfo.jit_gradients``).
+    """
+
+    def make(next_batch, jit: bool) -> dict:
+        def bound(sampled: bool):
+            def train_step(batch):
+                # The variable itself, read where a step uses it: a read made here for every
+                # step would be a stateful op the graph keeps even when nothing uses it.
+                return step.train_step(batch, StepInfo(global_step=global_step, sampled=sampled,
+                                                       jit_gradients=forward_xla))
+
+            if accumulate_steps > 1:
+                train_step = accumulated(train_step, accumulate_steps,
+                                         list(step.optimizers.values()))
+            if jit:
+                # One jit-compiled function per sampling mode: a tf.function's cache does not
+                # know the flag, so a single one would serve the sampled trace to every step.
+                train_step = tf.function(train_step, jit_compile=True)
+            if strategy is not None:
+                train_step = replicated(strategy, train_step)
+
+            def step_fn():
+                logs = step.run_step(next_batch, train_step)
+                global_step.assign_add(1)
+                return logs
+
+            return step_fn
+
+        return {sampled: bound(sampled) for sampled in (True, False)}
+
+    return make
+
+
+def accumulated(train_step: Callable, count: int, optimizers) -> Callable:
+    """``train_step`` as one update from ``count`` micro-batches of the batch it is given.
+
+    The batch (a replica's rows of it under a strategy) is split into ``count``
+    contiguous micro-batches; the step runs on each in turn (unrolled: ``count`` is
+    small and fixed) with its gradients scaled by the micro-batch's share of the
+    batch and summed by the optimizers (``GroupedOptimizer.accumulate_steps``), which
+    then apply the sum once: the update the whole batch would give, at the memory of
+    one micro-batch. The logs are the example-weighted means over the micro-batches.
+    """
+
+    def run(batch):
+        total = None
+        for index in range(count):
+            micro, rows = split_rows(batch, index, count)
+            with rows_of(*rows, MICRO, index, count):
+                logs = float_logs(train_step(micro), micro)
+            keys = sorted(k for k in logs if k not in (WEIGHT, SAMPLED))
+            skeys = sorted(logs[SAMPLED])
+            vector = weighted_vector(logs)
+            total = vector if total is None else total + vector
+        # After every micro-batch's gradients are summed: reads of the sums wait for the
+        # adds (program order of the same variables), the update for the last of them.
+        for optimizer in optimizers:
+            optimizer.finish_accumulation()
+        return from_weighted_vector(total, keys, skeys)
+
+    return run
+
+
+def eval_step_functions(step, strategy=None) -> StepFunctions:
+    """Step functions that run ``step.test_step`` on one batch (no update, no sampling);
+    with a strategy, on every replica's rows of it."""
+
+    def make(next_batch, jit: bool) -> dict:
+        test_step = tf.function(step.test_step, jit_compile=True) if jit else step.test_step
+        if strategy is not None:
+            test_step = replicated(strategy, test_step)
+
+        def step_fn():
+            batch = next_batch()
+            return float_logs(test_step(batch), batch)
+
+        return {True: step_fn, False: step_fn}
+
+    return make
+
+
+def _accumulate(step_fn, sums, keys):
+    """Run one step; return ``sums`` plus its weighted logs, one vector in ``keys`` order
+    with the weight last (one stack, multiply and add per step, not one pair per log),
+    and the step's ``SAMPLED`` logs."""
+    logs = dict(step_fn())
+    weight = logs.pop(WEIGHT)
+    sample = logs.pop(SAMPLED)
+    if not keys:
+        keys.extend(sorted(logs))
+    values = tf.stack([logs[k] for k in keys] + [tf.ones([], tf.float32)]) * weight
+    return (values if sums is None else sums + values), sample
+
+
+def make_execution(step_functions: StepFunctions, next_batch: Callable, plan: CompilePlan, *,
+                   xla_loop: bool = False, state_logs: Callable[[], dict] | None = None,
+                   on_trace: Callable[[], None] | None = None) -> Callable:
+    """Build ``run(num_steps) -> (means, state)``.
+
+    One call runs ``num_steps`` steps (Orbit style: the loop runs on the graph
+    side) and returns the example-weighted mean of every log over those steps
+    (``EXAMPLES`` holds the total weight), the sampled step's ``SAMPLED`` logs
+    and the values of ``state_logs()`` at the end (learning rates, counters) in
+    ``state``. Everything comes back stacked into one vector, so the host syncs
+    once per execution. ``num_steps`` is passed as a scalar int32 tensor so the
+    function is traced once whatever the count.
+
+    ``xla_loop`` says ``next_batch`` can run inside XLA (an in-memory source):
+    with ``plan.update_xla`` the whole execution is then one XLA program, else each
+    step's math is compiled on its own; with ``plan.xla_fallback``, a step XLA cannot
+    compile runs without it after a warning.
+    """
+    names: list[str] = []
+
+    def execute(step_fns, num_steps):
+        if on_trace is not None:
+            on_trace()
+        keys: list[str] = []
+        sums, sample = _accumulate(step_fns[True], None, keys)
+        # A while loop, not `for _ in tf.range(...)`: AutoGraph gives range loops a
+        # maximum_iterations that XLA takes as a compile-time constant, which would
+        # recompile the fused execution for every new step count.
+        done = tf.constant(1)
+        while done < num_steps:
+            sums, _ = _accumulate(step_fns[False], sums, keys)
+            done += 1
+        examples = sums[-1]
+        logs = {k: tf.math.divide_no_nan(sums[i], examples) for i, k in enumerate(keys)}
+        logs.update({_LAST + k: v for k, v in sample.items()})
+        if state_logs is not None:
+            logs.update({_LAST + k: v for k, v in state_logs().items()})
+        logs[EXAMPLES] = examples
+        names[:] = sorted(logs)
+        # float64: the state holds counters (the global step) that float32 rounds past 2**24.
+        return tf.stack([tf.cast(logs[k], tf.float64) for k in names])
+
+    def compiled(step_jit: bool, whole_jit: bool):
+        step_fns = step_functions(next_batch, step_jit)
+
+        def executing(num_steps):
+            return execute(step_fns, num_steps)
+
+        return executing if plan.run_eagerly else tf.function(executing, jit_compile=whole_jit)
+
+    jit = plan.update_xla and not plan.run_eagerly
+    # [the compiled function, whether it uses XLA]; replaced once if XLA cannot compile.
+    current = [compiled(jit and not xla_loop, jit and xla_loop), jit]
+    counts: dict[int, tf.Tensor] = {}  # step counts as tensors, made once each
+
+    def run(num_steps: int):
+        count = counts.get(num_steps)
+        if count is None:
+            count = counts[num_steps] = tf.constant(num_steps, tf.int32)
+        try:
+            values = current[0](count).numpy().tolist()
+        except tf.errors.OpError as e:
+            detail = xla_failure(e)
+            if not (plan.xla_fallback and current[1] and detail):
+                raise
+            # XLA rejects the graph before running it: nothing has changed yet.
+            log.warning("XLA cannot compile the step (%s); running it without XLA "
+                        "(trainer.jit_compile=false skips the attempt)", detail)
+            current[:] = [compiled(False, False), False]
+            values = current[0](count).numpy().tolist()
+        means, state = {}, {}
+        for name, value in zip(names, values):
+            if name.startswith(_LAST):
+                state[name[len(_LAST):]] = value
+            else:
+                means[name] = value
+        return means, state
+
+    return run
+
+
+def merge_executions(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:
+    """Two consecutive executions' ``(means, state)`` as one: example-weighted means,
+    the later state."""
+    (a, _), (b, state) = first, second
+    ea, eb = a[EXAMPLES], b[EXAMPLES]
+    total = ea + eb
+    means = {k: (a[k] * ea + b[k] * eb) / total if total else 0.0 for k in a if k != EXAMPLES}
+    means[EXAMPLES] = total
+    return means, state
+
+
+def make_source_execution(step_functions: StepFunctions, source, plan: CompilePlan,
+                          **kwargs) -> Callable:
+    """``make_execution`` over a batch source; returns ``run(num_steps, position)``.
+
+    ``position`` is the number of steps already run in the source's current
+    epoch (the trainer derives it from the global step). A source with
+    ``xla_loop`` (``trainer.data.sources.TensorSource``) yields full batches of a
+    static shape from ``next()`` and, if the batch size does not divide the
+    data, the epoch's short last batch from ``next_any()``. Under XLA (static
+    shapes), an execution that reaches the end of such an epoch runs as two
+    calls: its full steps in the fused function, then the last step in a second
+    function traced (once) for the short batch; their logs are merged on the
+    host, so callers see one execution. Without XLA, ``next_any()`` serves every
+    step of one function, as an iterator would: a second trace costs more than
+    it saves on short runs. ``kwargs`` are ``make_execution``'s.
+    """
+    if not source.tail:
+        single = make_execution(step_functions, source.next, plan, xla_loop=source.xla_loop,
+                                **kwargs)
+        return lambda num_steps, position=0: single(num_steps)
+    if not plan.update_xla or plan.run_eagerly:
+        single = make_execution(step_functions, source.next_any, plan, **kwargs)
+        return lambda num_steps, position=0: single(num_steps)
+    fused = make_execution(step_functions, source.next, plan, xla_loop=source.xla_loop,
+                           **kwargs)
+    last = []  # built on first use: runs that never reach an epoch's end never trace it
+
+    def last_step():
+        if not last:
+            short = dataclasses.replace(plan, update_xla=plan.short_batch_xla)
+            last.append(make_execution(step_functions, source.next_any, short, **kwargs))
+        return last[0](1)
+
+    def run(num_steps: int, position: int = 0):
+        per_epoch = source.steps_per_epoch
+        if position + num_steps < per_epoch:
+            return fused(num_steps)
+        full = per_epoch - 1 - position
+        out = last_step() if full == 0 else merge_executions(fused(full), last_step())
+        rest = num_steps - full - 1
+        return merge_executions(out, run(rest, 0)) if rest else out
+
+    return run

@@ -1,0 +1,658 @@
+"""Trainer: executions, evaluation, callbacks, recompilation; the owner of training state."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import tensorflow as tf
+
+from trainer.callbacks.base import Callback
+from trainer.common.errors import UserError
+from trainer.common.keys import EXAMPLES
+from trainer.compile.calibrate import choose_faster, describe, time_compilations
+from trainer.compile.executions import (
+    eval_step_functions,
+    make_source_execution,
+    train_step_functions,
+)
+from trainer.compile.pacing import Pacing, check_steps_per_execution
+from trainer.compile.plan import CompileOptions, CompilePlan, plan_compile
+from trainer.compile.xla import raise_if_xla_error
+from trainer.data.base import Data
+from trainer.distribute.strategies import Distribution, NoDistribution
+from trainer.step.base import Step, StepInfo
+from trainer.step.freezing import variable_table
+from trainer.training.preemption import Preemption
+from trainer.training.resume import candidates, check_resume, readable
+from trainer.training.state import Progress, TrainingState
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    """Runs a step over a data set for a number of epochs.
+
+    Each execution is one call of a compiled function that runs
+    ``steps_per_execution`` steps on the graph side; callbacks run between
+    executions and at epoch boundaries, and see ``(global_step, logs)`` with flat,
+    slash-namespaced keys (``train/loss``, ``val/accuracy``).
+
+    The trainer owns the training state: its global step and epoch, its progress
+    (the epochs' history, the open epoch's running sums) and, from ``fit`` on,
+    ``checkpoint``, one ``tf.train.Checkpoint`` that gathers the step's models,
+    optimizers and state, the models' seed generators, the data order and position
+    and the callbacks' state (see ``trainer.training.state``). With ``resume`` it reads a
+    checkpoint back before training (``prepare``'s and ``fit``'s ``resume``), and continues
+    from its exact step.
+
+    SIGTERM and SIGINT during ``fit`` stop it at the next execution boundary
+    (``preempted`` then names the signal); the callbacks' ``on_fit_end`` runs, so
+    the checkpoint callback saves, and the epoch stays open for a resumed run.
+
+    Args:
+        epochs: passes over the training set.
+        max_steps: optional budget of optimizer steps; stops mid-epoch when reached.
+        steps_per_execution: steps per compiled call (an execution never crosses an
+            epoch boundary or the step budget); ``"auto"`` (default) tunes it so one
+            execution lasts about 0.5 s (see ``trainer.compile.pacing.Pacing``).
+        run_eagerly: run the same step code without tf.function, for debugging.
+        jit_compile: ``True``, ``False`` or ``"auto"`` (default): what the compile plan
+            (``trainer.compile.plan``) decides XLA from; ``plan`` holds its decision,
+            with the reason.
+        accumulate_steps: split each batch into this many micro-batches and apply
+            their summed gradients as one update (gradient accumulation: the update of
+            the whole batch at the memory of a micro-batch). The global step, lazy
+            regularizers and the reset policy count updates; a bad micro-batch
+            discards its whole update.
+        callbacks: ``trainer.callbacks.Callback`` objects.
+        run_dir: where callbacks put their files (TensorBoard, checkpoints).
+        distribution: a ``trainer.distribute.strategies.Distribution`` (default: one device).
+            The step's models and optimizers must have been created in its scope
+            (the driver does); the trainer builds optimizer state there, runs the
+            step on every replica, and under several workers makes every decision
+            that changes what runs (steps per execution, stopping on a signal, the
+            clock of timed callbacks) the same on all of them.
+    """
+
+    def __init__(
+        self,
+        *,
+        epochs: int = 10,
+        max_steps: int | None = None,
+        steps_per_execution: int | str = "auto",
+        run_eagerly: bool = False,
+        jit_compile: bool | str = "auto",
+        accumulate_steps: int = 1,
+        callbacks=(),
+        run_dir: str = ".",
+        distribution: Distribution | None = None,
+    ):
+        if epochs < 1:
+            raise UserError(f"trainer.epochs={epochs} must be at least 1")
+        steps_per_execution = check_steps_per_execution(steps_per_execution)
+        if max_steps is not None and max_steps < 1:
+            raise UserError(f"trainer.max_steps={max_steps} must be at least 1 (or null)")
+        self.epochs = epochs
+        self.max_steps = max_steps
+        self.steps_per_execution = steps_per_execution
+        self.run_eagerly = run_eagerly
+        self.jit_compile = jit_compile
+        CompileOptions(jit_compile=jit_compile, accumulate_steps=accumulate_steps)  # checks
+        #: How the run is compiled (``trainer.compile.plan.CompilePlan``), from ``prepare`` on.
+        self.plan = CompilePlan()
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise UserError(f"callback {cb!r} is not a trainer.callbacks.Callback; "
+                                "subclass it and override the hooks it needs")
+        # Stable: the given order, with callbacks that save the others' state last.
+        self.callbacks = sorted(callbacks, key=lambda cb: cb.order)
+        #: What ``prepare`` resumes from (its ``resume`` argument; ``"auto"`` by default).
+        self.resume = "auto"
+        # Where resume="auto" looks, relative to run_dir: the checkpoint callback's directory.
+        self.checkpoint_dir = next((cb.directory for cb in self.callbacks
+                                    if isinstance(getattr(cb, "directory", None), str)),
+                                   "checkpoints")
+        self.run_dir = str(run_dir)
+        self.accumulate_steps = int(accumulate_steps)
+        self.distribution = distribution if distribution is not None else NoDistribution()
+        self._clock_start, self._clock = time.monotonic(), 0.0
+        self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+        self.epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.epoch = 0
+        self.trace_count = 0
+        self.progress = Progress()
+        self.stop_training = False
+        self.logs: dict = {}
+        #: The checkpoint the last ``fit`` resumed from, or None.
+        self.restored_from: str | None = None
+        #: The epoch (1-based) whose weights a callback gave the models at the end of
+        #: ``fit`` (the best checkpoint's, early stopping's best); None: the last ones.
+        self.weights_epoch: int | None = None
+        self._preemption, self._cut_short = Preemption(), False
+        self._stopped_when_restored = False
+        self.step: Step | None = None
+        self.data: Data | None = None
+        self.checkpoint: tf.train.Checkpoint | None = None
+        self.variable_table = ""
+        self._variables_key = None
+        self._fit_flags = None
+        self._pace = None
+
+    # --- the public state callbacks read ---------------------------------------------------
+    @property
+    def models(self) -> dict:
+        """The step's models by name."""
+        return self.step.models
+
+    @property
+    def optimizers(self) -> dict:
+        """The step's optimizers by name (``GroupedOptimizer``s: ``learning_rate`` can be set)."""
+        return self.step.optimizers
+
+    @property
+    def stop_training(self) -> bool:
+        """Set by a callback (early stopping) to end ``fit`` after the current execution.
+
+        It is part of the training state at once: a checkpoint written after it was set
+        resumes as a stopped run.
+        """
+        return self.progress.stopped
+
+    @stop_training.setter
+    def stop_training(self, value: bool) -> None:
+        self.progress.stopped = bool(value)
+
+    @property
+    def history(self) -> list[dict]:
+        """The logs of every finished epoch (restored with the checkpoint on resume)."""
+        return self.progress.history
+
+    @property
+    def final_logs(self) -> dict:
+        """The logs that describe the weights the models hold after ``fit``.
+
+        ``logs`` (the last epoch's) unless a callback gave the models an earlier epoch's
+        weights (``weights_epoch``: the best checkpoint, ``restore_best_weights``); then
+        that epoch's logs, with the last epoch's under ``last/`` (``last/val/loss``), so
+        what is reported (``metrics.json``, a sweep's objective) is what is shipped.
+        """
+        logs, epoch = self.logs, self.weights_epoch
+        if epoch is None or epoch == logs.get("epoch"):
+            return dict(logs)
+        shipped = next(h for h in self.history if h.get("epoch") == epoch)
+        timers = {k: v for k, v in logs.items() if k.startswith("time/")}
+        last = {f"last/{k}": v for k, v in logs.items() if not k.startswith("time/")}
+        return {**shipped, **last, **timers}
+
+    @property
+    def preempted(self) -> str | None:
+        """The signal that cut the last ``fit`` short (``"SIGTERM"``, ``"SIGINT"``), or None.
+
+        A signal that arrives once all the work is done (during the last evaluation or
+        ``on_fit_end``) cuts nothing short: the run is complete, not preempted. The
+        workers of a multi-worker run stop together when any of them gets one.
+        """
+        if not self._cut_short:
+            return None
+        # A worker of a multi-worker run stops with the others when one got the signal.
+        return self._preemption.name or "a signal to another worker"
+
+    @property
+    def is_chief(self) -> bool:
+        """Whether this process keeps the run's files (always, but on workers other
+        than the chief of a multi-worker run)."""
+        return self.distribution.is_chief
+
+    @property
+    def worker_index(self) -> int:
+        """This process's index among the workers of a multi-worker run (0: the chief)."""
+        return self.distribution.worker_index
+
+    def clock(self) -> float:
+        """Seconds since the trainer was made, for timed callbacks (checkpoints every n
+        seconds): under several workers, the chief's, as of the last execution, so all
+        workers' callbacks decide alike."""
+        if self.distribution.num_workers > 1:
+            return self._clock
+        return time.monotonic() - self._clock_start
+
+    def _agree(self, steps: int = 0) -> tuple[int, bool]:
+        """``(steps, stop)`` as every worker will run them: the chief's steps for the next
+        execution, and whether a signal reached any worker. One process: its own."""
+        if self.distribution.num_workers == 1:
+            return steps, self._preemption.requested
+        (steps, self._clock), (stop,) = self.distribution.agree(
+            [steps, time.monotonic() - self._clock_start], [self._preemption.requested])
+        return int(steps), stop
+
+    @property
+    def current_step(self) -> int:
+        """The global step as a Python int (reads the variable)."""
+        return int(self.global_step.numpy())
+
+    def validation_batches(self) -> list:
+        """The validation set once, as ``(x, y)`` numpy batches in a fixed order."""
+        return self.data.validation_batches()
+
+    def gradients_by_path(self) -> dict:
+        """Gradients on a fixed training batch, keyed by variable path (for histograms).
+
+        Inspecting leaves the run alone: a fixed probe batch keeps the data order,
+        and the state the forward pass moves (dropout's seed generators, batch-norm
+        statistics, the step's state) is put back afterwards, so a run with
+        histograms every step ends bit-identical to one without.
+        """
+        moved = [v for m in self.step.models.values() for v in m.non_trainable_variables]
+        # Not the metrics: the probe never updates them, and their per-replica copies
+        # (summed when read) could not be read and put back by the chief alone.
+        moved += tf.nest.flatten({k: v for k, v in self.step.state().items() if k != "metrics"})
+        saved = [v.numpy() for v in moved]
+        grads = {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
+        for v, value in zip(moved, saved):
+            v.assign(value)
+        return grads
+
+    # --- building the compiled functions ------------------------------------------------
+    def _count_trace(self):
+        self.trace_count += 1
+
+    def _state_logs(self) -> dict:
+        opts = self.step.optimizers
+        if len(opts) == 1:
+            logs = {"learning_rate": next(iter(opts.values())).learning_rate}
+        else:
+            logs = {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
+        if self.step.loss_scale is not None:
+            logs.update(self.step.loss_scale.state_logs())
+        # The execution returns the global step with its logs: the host learns it without
+        # a variable read of its own. The Keras metrics are read here too: their values over
+        # the epoch so far, not averaged over the execution.
+        return {**logs, **self.step.state_logs(), **self.step.metric_results("train"),
+                "global_step": self.global_step}
+
+    def _compile(self, evaluation: bool = False) -> None:
+        """(Re)build the step's optimizer state and the compiled training functions.
+
+        Called at the start of fit (with ``evaluation``, which also builds the eval
+        function) and whenever the set of trainable variables changes, so the tape
+        always watches the current variables (the stale variable list that makes
+        Keras users recompile by hand).
+        """
+        self._check_scope()
+        for opt in self.step.optimizers.values():
+            opt.accumulate_steps = self.accumulate_steps
+        try:
+            with self.distribution.scope():
+                self.step.build()
+        except RuntimeError as e:
+            if "Mixing different tf.distribute.Strategy" not in str(e):
+                raise
+            raise UserError(f"the step's optimizers were created outside the "
+                            f"{self.distribution.kind} strategy's scope; create the step's "
+                            "models and optimizers inside `with distribution.scope():` (the "
+                            "driver does)") from None
+        self._check_scope()
+        self._variables_key = self._trainable_key()
+        self.variable_table = variable_table(self.step.models.values())
+        # Once per step and set of trainable variables: jit_compile=auto compiles the same
+        # step two or three times, a recompile after an unfreeze has a new table to show.
+        shown = (id(self.step), self._variables_key)
+        if shown != getattr(self, "_table_shown", None):
+            self._table_shown = shown
+            log.info("variables:\n%s", self.variable_table)
+        plan = self.plan
+        strategy = self.distribution.strategy if self.distribution.distributed else None
+        self._train_fn = make_source_execution(
+            train_step_functions(self.step, self.global_step, strategy, plan.accumulate_steps,
+                                 forward_xla=plan.forward_xla),
+            self._train_source, plan,
+            state_logs=self._state_logs, on_trace=self._count_trace)
+        if evaluation:
+            self._eval_fn = make_source_execution(
+                eval_step_functions(self.step, strategy), self._val_source, plan,
+                state_logs=lambda: self.step.metric_results("val"), on_trace=self._count_trace)
+
+        def grads(batch):
+            info = StepInfo(global_step=self.global_step)
+            return self.step.gradients_by_path(batch, info)
+
+        self._grads_fn = grads if plan.run_eagerly else tf.function(grads)
+
+    def _check_scope(self) -> None:
+        """Under a strategy: every variable of the step was created in its scope."""
+        named = {v.path: v for m in self.step.models.values() for v in m.variables}
+        for name, opt in self.step.optimizers.items():
+            named.update({f"optimizer {name}: {getattr(v, 'path', v.name)}": v
+                          for v in opt.variables})
+        named.update({f"step state {i}: {getattr(v, 'name', v)}": v
+                      for i, v in enumerate(tf.nest.flatten(self.step.state()))})
+        self.distribution.check_variables(named)
+
+    def _trainable_key(self):
+        return tuple(id(v) for v in self.step.trainable_variables)
+
+    def recompile_if_needed(self) -> bool:
+        """Recompile when variables were frozen or unfrozen since the last compile."""
+        if self._trainable_key() == self._variables_key:
+            return False
+        log.info("trainable variables changed: recompiling the step")
+        self._compile()
+        return True
+
+    def _prepare(self, step, data) -> None:
+        _check_contract(step, data)
+        if self.run_eagerly and self.distribution.distributed:
+            # Eagerly, replicas run in threads that issue their collectives in whatever
+            # order they reach them, and mismatched collectives abort the run.
+            raise UserError(f"trainer.run_eagerly=true is for debugging on one device; under "
+                            f"distribute={self.distribution.kind} steps run compiled (set "
+                            "distribute=none to step through them eagerly)")
+        self.step, self.data = step, data
+        self._train_source, self._val_source = data.train_source(), data.val_source()
+        self._probe_batch = data.probe_batch()
+        self.steps_per_epoch = data.steps_per_epoch("train")
+        self._val_steps = data.steps_per_epoch("val")
+        # The whole run, not what is left of it: a resumed run must choose as the
+        # interrupted one did, or its numbers would differ.
+        self._planned = self.epochs * self.steps_per_epoch
+        if self.max_steps is not None:
+            self._planned = min(self._planned, self.max_steps)
+        self.plan = self._plan()
+        if self.distribution.distributed:
+            log.info("distribution: %s", self.distribution.describe())
+        try:
+            outputs = data.num_outputs
+        except NotImplementedError:  # a Data of one's own may leave it out
+            outputs = None
+        if outputs:
+            with self.distribution.scope():
+                step.build_metrics(outputs)
+        #: Everything a restart needs (``TrainingState``): the checkpoint callback saves it,
+        #: resuming restores it; ``checkpoint`` is the ``tf.train.Checkpoint`` it writes.
+        self.training_state = TrainingState.of(self, step=step, source=self._train_source,
+                                               callbacks=self.callbacks)
+        self.checkpoint = self.training_state.checkpoint
+        self.progress.steps_per_epoch = self.steps_per_epoch
+        paths = candidates(self.resume, Path(self.run_dir), self.checkpoint_dir)
+        path = readable(paths) if paths else None
+        if path:
+            # The callbacks' state first: what it implies (the freeze schedule's unfreezes)
+            # decides which variables the optimizer is built for, before the full restore.
+            self.training_state.restore_callbacks(path)
+            self._callback("on_restore")
+        self._compile(evaluation=True)
+        if path:
+            self.training_state.restore(path)
+            self.restored_from = path
+            self._after_restore()
+            # A resumed run compiles as the run it resumes did (XLA's numbers differ).
+            kept = self._plan(stored=self.progress.plan)
+            recompile = kept.decisions() != self.plan.decisions()
+            self.plan = kept  # its reason says it was kept
+            if recompile:
+                self._compile(evaluation=True)
+        if self.plan.measure:
+            self._choose_xla_by_timing()
+        self.progress.plan = json.loads(self.plan.to_json())  # saved with the checkpoint
+        log.info(self.plan.describe())
+
+    def _plan(self, measured: bool | None = None, stored: dict | None = None) -> CompilePlan:
+        """The compile plan for the step and data of this fit (``trainer.compile.plan``)."""
+        return plan_compile(self.step, fused_source=self._train_source.xla_loop,
+                            planned_steps=self._planned,
+                            distributed=self.distribution.distributed, options=self.options,
+                            measured=measured, stored=stored)
+
+    @property
+    def options(self) -> CompileOptions:
+        """The compile options as set now (``run_eagerly`` and ``jit_compile`` may change
+        between fits, as in Keras: the next ``fit`` plans again)."""
+        return CompileOptions(jit_compile=self.jit_compile, run_eagerly=self.run_eagerly,
+                              steps_per_execution=self.steps_per_execution,
+                              accumulate_steps=self.accumulate_steps)
+
+    @property
+    def xla(self) -> bool:
+        """Whether the training update runs under XLA (the plan's ``update_xla``)."""
+        return self.plan.update_xla
+
+    def _choose_xla_by_timing(self) -> None:
+        """``jit_compile=auto`` on a long in-memory run: time the execution with and without
+        XLA, and plan with the faster. The plan is part of the training state: a resumed
+        run keeps it (its numbers must continue those of the run it resumes)."""
+        plain = self._train_fn
+        self.plan = dataclasses.replace(self.plan, update_xla=True, fused=True)
+        self._compile()  # the XLA compilation of the same step, as self._train_fn
+        # Executions inside one epoch (the epoch's end runs a second function).
+        steps = max(1, min(self.steps_per_epoch - 1, 100))
+        seconds = time_compilations({True: self._train_fn, False: plain},
+                                    self.checkpoint, steps=steps)
+        faster = choose_faster(seconds)
+        log.info(describe(seconds, steps, faster))
+        self.plan = self._plan(measured=faster)
+        self._compile(evaluation=True)
+
+    # --- the loop ---------------------------------------------------------------------
+    def prepare(self, step: Step, data: Data, *, resume: str | None = None) -> None:
+        """Everything ``fit`` does before its first step, without training: check the step
+        and the data, plan the compilation, build the compiled functions and read a
+        checkpoint back (a foreign one raises ``UserError`` here, with nothing assigned).
+
+        ``resume``: ``"auto"`` (the default: continue from the newest checkpoint of the
+        checkpoint callback's directory in ``run_dir``, if there is one), ``"never"``, or
+        a path: a run directory, a checkpoint directory or a checkpoint prefix.
+
+        ``fit`` calls it itself; the driver calls it first, so that a run whose start is
+        refused writes nothing into its run dir. Done once for the same step, data and
+        compile settings.
+        """
+        if resume is not None:
+            self.resume = check_resume(resume)
+        flags = self.options
+        if step is not self.step or data is not self.data or flags != self._fit_flags:
+            self._prepare(step, data)
+            self._fit_flags = flags
+
+    def fit(self, step: Step, data: Data, *, resume: str | None = None) -> dict:
+        """Train ``step`` on ``data``; return the final logs (last epoch's train and val).
+
+        With ``resume`` the training state is first read back from a checkpoint, and
+        training continues from its global step, in the middle of an epoch if it was
+        saved there. Calling ``fit`` again with the same step and data (after raising
+        ``epochs``) continues with the functions already compiled, as Keras does.
+        """
+        self.prepare(step, data, resume=resume)
+        if self._pace is None or self._pace.setting != self.steps_per_execution:
+            self._pace = Pacing(self.steps_per_execution)
+        # The whole run's steps: auto pacing splits it into at least MIN_EXECUTIONS executions.
+        self._pace.planned_steps = min(self.epochs * self.steps_per_epoch,
+                                       self.max_steps or math.inf)
+        # A run that a callback stopped (early stopping) stays stopped when resumed.
+        self.stop_training, self._stopped_when_restored = self._stopped_when_restored, False
+        self._preemption, self._cut_short = Preemption(), False
+        self.weights_epoch = None
+        start = time.perf_counter()
+        with self._preemption.watch():
+            self._callback("on_fit_start")
+            train_seconds = self._train()
+            # Optimizer state for the variables trainable now (an unfreeze at an epoch start
+            # that a preemption cut short), so the final checkpoint matches a resumed run.
+            self.recompile_if_needed()
+            progress = self.progress
+            progress.train_seconds += train_seconds
+            progress.fit_seconds += time.perf_counter() - start
+            # The whole run's, across restarts.
+            self.logs = {**self.logs, "time/train_seconds": progress.train_seconds,
+                         "time/fit_seconds": progress.fit_seconds}
+            self._callback("on_fit_end", self.logs)
+        return self.logs
+
+    def _train(self) -> float:
+        """The epochs and executions of ``fit``; returns the seconds spent in executions."""
+        train_seconds = 0.0
+        progress, per_epoch = self.progress, self.steps_per_epoch
+        # The global step is the one count of progress: the epoch and the position in it
+        # are derived from it (an execution never crosses an epoch boundary).
+        global_step = self.current_step
+        epoch = progress.open_epoch if progress.open_epoch is not None else (
+            global_step // per_epoch)
+        while epoch < self.epochs and not self.stop_training:
+            if self._agree()[1]:
+                self._cut_short = True  # before opening an epoch: its start is not half done
+                break
+            if progress.open_epoch != epoch:
+                if self._budget_left(global_step) <= 0:
+                    break
+                progress.open_epoch, progress.sums, progress.examples = epoch, {}, 0.0
+                self._train_source.start_epoch(epoch)
+                self.step.reset_metrics("train")
+            self.epoch = epoch
+            self.epoch_variable.assign(epoch)
+            self._callback("on_epoch_start", epoch)
+            ran = False
+            signalled = False
+            while (position := global_step - epoch * per_epoch) < per_epoch:
+                if self._budget_left(global_step) <= 0 or self.stop_training:
+                    break
+                n = self._pace.steps_for(min(per_epoch - position, self._budget_left(global_step)))
+                n, signalled = self._agree(n)
+                if signalled:
+                    break
+                self.recompile_if_needed()
+                traces = self.trace_count
+                t0 = time.perf_counter()
+                out, state = self._run_training(n, position)
+                ran = True
+                elapsed = time.perf_counter() - t0
+                self._pace.observe(n, elapsed, traced=self.trace_count != traces)
+                train_seconds += elapsed
+                global_step = int(state.pop("global_step"))
+                weight = out.pop(EXAMPLES)
+                progress.examples += weight
+                for k, v in out.items():
+                    progress.sums[k] = progress.sums.get(k, 0.0) + v * weight
+                progress.state = state
+                self._check_step_state(state)
+                logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
+                logs["time/steps_per_second"] = n / elapsed
+                self._callback("on_execution_end", global_step, logs)
+            finished = global_step - epoch * per_epoch >= per_epoch
+            if signalled and not finished:
+                self._cut_short = True
+                break  # the epoch stays open: a resumed run finishes it
+            last = progress.history[-1] if progress.history else {}
+            if not ran and not finished and last.get("step") == global_step:
+                break  # a step budget's cut, evaluated already: nothing new to report
+            examples = progress.examples
+            logs = {f"train/{k}": v / examples if examples else 0.0
+                    for k, v in progress.sums.items()}
+            logs.update({f"train/{k}": v for k, v in progress.state.items()})
+            logs.update(self.evaluate())
+            logs.update(epoch=epoch + 1, step=global_step)
+            _check_finite(logs, epoch)
+            self.logs = logs
+            if progress.history and progress.history[-1]["epoch"] == epoch + 1:
+                progress.history[-1] = logs  # the rest of an epoch a step budget had cut
+            else:
+                progress.history.append(logs)
+            # An epoch cut by the step budget stays open: a later fit (a larger budget, a
+            # resumed run) continues its data and its sums, and replaces its history entry.
+            progress.open_epoch = None if finished else epoch
+            self._callback("on_epoch_end", epoch, logs)
+            if not finished:
+                break
+            epoch += 1
+        return train_seconds
+
+    def _check_step_state(self, state: dict) -> None:
+        """The step's host-side check; a failing run saves its last good state first
+        (the callbacks' ``on_fit_end``: the checkpoint callback saves)."""
+        try:
+            self.step.check_state(state)
+        except UserError:
+            self._callback("on_fit_end", self.logs)
+            raise
+
+    def _after_restore(self) -> None:
+        """Host state that follows from a restored checkpoint."""
+        self._train_source.check_restored()
+        saved = self.progress.steps_per_epoch
+        if saved and saved != self.steps_per_epoch:
+            raise UserError(
+                f"checkpoint {self.restored_from} was written with {saved} steps per epoch, this "
+                f"run has {self.steps_per_epoch} (another data.batch_size or data set): resume "
+                "with the config it was trained with, or start fresh with trainer.resume=never")
+        history = self.progress.history
+        self.logs = dict(history[-1]) if history else {}
+        self._stopped_when_restored = self.progress.stopped
+        open_epoch = self.progress.open_epoch
+        log.info("resumed from %s: global step %d, epoch %d%s", self.restored_from,
+                 self.current_step, (open_epoch if open_epoch is not None else len(history)) + 1,
+                 " (in progress)" if open_epoch is not None else "")
+
+    def _run_training(self, num_steps: int, position: int):
+        try:
+            return self._train_fn(num_steps, position)
+        except tf.errors.OpError as e:
+            if self.plan.update_xla or self.plan.forward_xla:
+                raise_if_xla_error(e, "the training step", self.step.regularizers)
+            raise
+
+    def evaluate(self) -> dict:
+        """Loss and metrics over the whole validation set, keys prefixed ``val/``."""
+        # Rewind: an in-memory source's position would otherwise carry over from the last
+        # evaluation, and next() (full batches) and next_any() (the short one) wrap it
+        # differently, so some examples would count twice and others not at all.
+        self._val_source.start_epoch(0)
+        self.step.reset_metrics("val")
+        out, metrics = self._eval_fn(self._val_steps)
+        out.pop(EXAMPLES)
+        return {f"val/{k}": v for k, v in {**out, **metrics}.items()}
+
+    def _budget_left(self, global_step: int) -> float:
+        if self.max_steps is None:
+            return math.inf
+        return self.max_steps - global_step
+
+    def _callback(self, hook, *args):
+        # on_fit_end runs in reverse order, as teardown does: the checkpoint callback first
+        # saves the last state, then others may change the models (restore best weights).
+        callbacks = reversed(self.callbacks) if hook == "on_fit_end" else self.callbacks
+        for cb in callbacks:
+            getattr(cb, hook)(self, *args)
+
+
+def _check_contract(step, data) -> None:
+    """The one type check of what ``fit`` is given, with errors that say what is missing."""
+    if not isinstance(step, Step):
+        raise UserError(f"the step {type(step).__name__} is not a trainer.Step; subclass "
+                        "trainer.Step (or trainer.TapeStep) and define train_step(batch, info)")
+    if type(step).train_step is Step.train_step:
+        raise UserError(f"the step {type(step).__name__} does not define "
+                        "train_step(batch, info)")
+    if not isinstance(data, Data):
+        raise UserError(f"the data {type(data).__name__} is not a trainer.data.Data; use "
+                        "trainer.DataModule or subclass trainer.data.Data")
+    for name, model in step.models.items():
+        if not model.variables:
+            raise UserError(f"the step's model {name!r} has no variables yet (a subclassed model "
+                            "makes them on its first call): call model.build(input_shape), or "
+                            "the model on a batch, before fit")
+    if data.weighted and not step.takes_sample_weight:
+        raise UserError(f"the step {type(step).__name__} takes no per-example weights, but the "
+                        "data is weighted (data.class_weight, data.w_key or data.weight); "
+                        "remove the weights, or use a step that weighs its loss (TapeStep)")
+
+
+def _check_finite(logs: dict, epoch: int) -> None:
+    bad = [k for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        raise FloatingPointError(
+            f"epoch {epoch + 1}: {', '.join(bad)} became NaN or infinite; lower "
+            "optimizer.learning_rate or check the data"
+        )
