@@ -25,6 +25,7 @@ def _run(make_cfg, tmp_path, name, *overrides):
     return r, logs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", ["false", "true"])
 def test_four_micro_batches_of_16_equal_one_batch_of_64(make_cfg, tmp_path, jit):
     # Plain SGD, no dropout: the update is the batch's mean gradient either way. 50 steps
@@ -41,6 +42,7 @@ def test_four_micro_batches_of_16_equal_one_batch_of_64(make_cfg, tmp_path, jit)
         assert four_logs[key] == pytest.approx(one_logs[key], abs=1e-6), key
 
 
+@pytest.mark.slow
 def test_accumulation_under_a_mirrored_strategy_equals_one_device(make_cfg, tmp_path):
     one, _ = _run(make_cfg, tmp_path, "k1", *SGD, "trainer.max_steps=30")
     two, _ = _run(make_cfg, tmp_path, "k4x2", *SGD, "trainer.max_steps=30",
@@ -71,6 +73,7 @@ def test_a_bad_micro_batch_discards_its_whole_update(make_cfg, tmp_path):
     assert all(np.isfinite(w).all() for w in _weights(four.models))
 
 
+@pytest.mark.slow
 def test_lazy_regularizers_count_updates_not_micro_batches(make_cfg, tmp_path):
     # every=3: due on updates 0, 3, 6, ... for all four micro-batches of those updates.
     common = [*SGD, "trainer.max_steps=12", "regularizer=input_gradient",

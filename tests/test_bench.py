@@ -54,6 +54,7 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     assert "## E: endurance" in text and "## F: scale" in text
 
 
+@pytest.mark.slow
 def test_group_f_runs_every_kind_of_variant_on_toy_sizes(tmp_path):
     """Each kind of group F variant sets up and runs (precision policies with the hand-written
     loops, TFRecord shards, the tf.data iterator, accumulation, jit_compile=auto's

@@ -30,6 +30,7 @@ def _weights(r):
     return [v.numpy() for m in r.models.values() for v in m.weights]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("faster", [True, False])
 def test_auto_runs_the_faster_compilation_and_the_measurement_changes_nothing(
         make_cfg, tmp_path, monkeypatch, caplog, faster):
@@ -56,6 +57,7 @@ def test_auto_runs_the_faster_compilation_and_the_measurement_changes_nothing(
     assert auto.trainer.current_step == 20
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_choice_without_measuring_again(make_cfg, tmp_path,
                                                                 monkeypatch, caplog):
     monkeypatch.setattr(trainer.compile.plan, "AUTO_XLA_MIN_STEPS", 20)  # both runs measure

@@ -77,6 +77,7 @@ def test_every_option_of_the_other_groups_builds(make_cfg, tmp_path, group):
             assert callable(instantiate_node(node))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_runs_a_few_steps(make_cfg, tmp_path, experiment):
     cfg = make_cfg(f"+experiment={experiment}", "trainer.epochs=1", "trainer.max_steps=3",

@@ -79,6 +79,7 @@ def test_the_short_last_batch_splits_unevenly_and_still_matches(make_cfg, tmp_pa
     ["regularizer=hessian_trace"],
     ["regularizer=param_grad_norm", "regularizer.param_grad_norm.every=2"],
 ], ids=["input_gradient_lazy", "jacobian_norm", "hessian_trace", "param_grad_norm_lazy"])
+@pytest.mark.slow
 def test_a_regularizer_mirrored_equals_one_device(make_cfg, tmp_path, regularizer):
     # Per-example penalties: each replica's penalty is its rows' mean, and the share-weighted
     # sum is the global mean; random projections and probes of the inputs are drawn for the
@@ -91,6 +92,7 @@ def test_a_regularizer_mirrored_equals_one_device(make_cfg, tmp_path, regularize
     assert one_logs[f"train/reg/{name}"] != 0
 
 
+@pytest.mark.slow
 def test_a_skip_decided_on_one_replica_is_taken_by_all(make_cfg, tmp_path):
     # A tight spike rule resets some steps: the decision is made on the global batch's loss,
     # so both replicas skip (or retry) together and the run stays the one-device run.
@@ -103,6 +105,7 @@ def test_a_skip_decided_on_one_replica_is_taken_by_all(make_cfg, tmp_path):
     assert int(two.step.optimizer.iterations.numpy()) == int(one.step.optimizer.iterations.numpy())
 
 
+@pytest.mark.slow
 def test_the_gan_step_mirrored_equals_one_device(make_cfg, tmp_path):
     # Two models, two optimizers, 5 critic updates and a WGAN gradient penalty per step:
     # the generator's noise and the penalty's interpolation weights are drawn for the
@@ -113,6 +116,7 @@ def test_the_gan_step_mirrored_equals_one_device(make_cfg, tmp_path):
              log_keys=("train/loss", "train/generator_loss", "train/grad_norm", "val/loss"))
 
 
+@pytest.mark.slow
 def test_jit_compile_under_a_strategy_compiles_forward_and_gradients(make_cfg, tmp_path,
                                                                       caplog):
     # A compiled update cannot reach the other replica's variables: XLA compiles the

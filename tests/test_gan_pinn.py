@@ -50,6 +50,7 @@ def test_gan_step_runs_n_critic_critic_updates_per_generator_update():
     assert set(step.models) == {"generator", "critic"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["compiled", "xla"])
 def test_gan_step_compiled_matches_eager(mode):
     batch = _real_batch()
@@ -105,6 +106,7 @@ class SpyR1(R1Penalty):
         return self.iterations.numpy()[:n].tolist(), self.critic_updates.numpy()[:n].tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_eagerly", [False, True])
 def test_lazy_r1_is_computed_on_every_kth_critic_update_exactly(run_eagerly):
     """With n_critic=3 and every=2, R1 is due on the critic updates whose counter
@@ -189,6 +191,7 @@ def _images(run_dir, tag):
     return [e.step for e in tb_reader.load(run_dir / "tb" / "train").Tensors(tag)]
 
 
+@pytest.mark.slow
 def test_gan_experiment_runs_a_few_steps(make_cfg, tmp_path):
     cfg = make_cfg("+experiment=gan", *SHORT, "callbacks.samples.every_n_steps=2")
     metrics = run(cfg, run_dir=tmp_path)
@@ -200,6 +203,7 @@ def test_gan_experiment_runs_a_few_steps(make_cfg, tmp_path):
     assert _images(tmp_path, "gan/samples") == [0, 2, 3]
 
 
+@pytest.mark.slow
 def test_gan_experiment_takes_other_critic_regularizers(make_cfg, tmp_path):
     cfg = make_cfg("+experiment=gan", *BARE, "regularizer=[r1,r2]", "regularizer.r1.every=2",
                    "callbacks=none")

@@ -51,6 +51,7 @@ def test_events_and_logs_are_the_ones_keras_callbacks_expect():
     assert [c[1] for c in rec.calls if c[0] == "batch_end"] == [3, 6, 3, 6]
 
 
+@pytest.mark.slow
 def test_reduce_lr_on_plateau_lowers_the_steps_learning_rate(make_cfg, tmp_path):
     # min_delta=10: no epoch counts as an improvement, so after patience=1 epochs the rate
     # halves, again and again; the optimizer really trains at the lowered rate.

@@ -86,6 +86,7 @@ def check_against_keras(logs, metrics, model, x, y, prefix, sample_weight=None):
                                    err_msg=f"{prefix}{metric.name}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_epoch_metrics_equal_keras_evaluate(make_cfg, tmp_path, mode):
     r = build(make_cfg(*FROZEN, *MODES[mode]), tmp_path)
@@ -155,6 +156,7 @@ def test_a_skipped_step_leaves_the_metrics_alone(make_cfg, tmp_path):
                         r.step.model, r.data.x_train[keep], r.data.y_train[keep], "train/")
 
 
+@pytest.mark.slow
 def test_a_run_resumed_mid_epoch_ends_with_the_same_metrics(make_cfg, tmp_path):
     # The metrics' state is part of the checkpoint: a run stopped after 8 of 15 steps and
     # resumed reports the uninterrupted run's epoch values.
@@ -193,6 +195,7 @@ def test_a_metric_named_like_the_default_replaces_it(make_cfg, tmp_path):
     check_against_keras(logs, [metric], r.step.model, r.data.x_val, r.data.y_val, "val/")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["compiled", "mirrored"])
 def test_weighted_metrics_and_loss_equal_keras_evaluate(make_cfg, tmp_path, mode):
     # Class weights (class 3 left out, class 0 five times): the training loss and metrics are

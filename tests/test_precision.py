@@ -25,6 +25,7 @@ def _dense(make_cfg, tmp_path, precision):
     return r, r.trainer.fit(r.step, r.data)
 
 
+@pytest.mark.slow
 def test_each_precision_trains_the_dense_experiment_as_float32_does(make_cfg, tmp_path):
     _, base = _dense(make_cfg, tmp_path, "float32")
     for precision in ("mixed_bfloat16", "mixed_float16"):
@@ -133,6 +134,7 @@ def _float16_run(make_cfg, run_dir, *callbacks):
     return r
 
 
+@pytest.mark.slow
 def test_a_resumed_mixed_float16_run_ends_bit_identical_with_the_same_loss_scale(make_cfg,
                                                                                  tmp_path):
     """The loss scale, its good-step count and its overflow count are training state: a

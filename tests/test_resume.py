@@ -62,6 +62,7 @@ def _straight_and_resumed(make_cfg, tmp_path, overrides, crash_at):
     ["data.in_memory=true"], ["data.in_memory=false"],
     ["data.in_memory=true", "trainer.jit_compile=true"], ["trainer.run_eagerly=true"],
 ], ids=["memory", "tf.data", "memory-xla", "eager"])
+@pytest.mark.slow
 def test_a_crashed_run_resumed_from_its_checkpoint_ends_bit_identical(make_cfg, tmp_path, mode):
     # 12 steps an epoch; the crash comes at step 23 (epoch 2), the last checkpoint is at 20.
     straight, resumed = _straight_and_resumed(make_cfg, tmp_path, mode, crash_at=23)
@@ -73,6 +74,7 @@ def test_a_crashed_run_resumed_from_its_checkpoint_ends_bit_identical(make_cfg, 
     assert straight.trainer.history[-1]["train/tape/resets"] > 0  # the policy did fire
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_its_unfreeze_ends_bit_identical(make_cfg, tmp_path):
     # The unfreeze comes at epoch 3 (step 24); the checkpoint at 30 has it applied: the
     # freeze schedule must re-apply it before the optimizer is built (Callback.on_restore).
@@ -82,6 +84,7 @@ def test_a_run_resumed_after_its_unfreeze_ends_bit_identical(make_cfg, tmp_path)
     assert resumed.trainer.history == straight.trainer.history
 
 
+@pytest.mark.slow
 def test_with_auto_steps_per_execution_the_weights_are_still_bit_identical(make_cfg,
                                                                             tmp_path):
     # Executions are sized by time, so the resumed run cuts them elsewhere: the logged
@@ -91,6 +94,7 @@ def test_with_auto_steps_per_execution_the_weights_are_still_bit_identical(make_
     _assert_identical(_weights(resumed.models), _weights(straight.models))
 
 
+@pytest.mark.slow
 def test_resume_at_an_epoch_end_runs_the_epochs_evaluation_once(make_cfg, tmp_path):
     # The checkpoint at step 24 is written after the last execution of epoch 2 and before
     # its evaluation (execution boundaries come first): the resumed run must evaluate it.
@@ -100,6 +104,7 @@ def test_resume_at_an_epoch_end_runs_the_epochs_evaluation_once(make_cfg, tmp_pa
     _assert_identical(_weights(resumed.models), _weights(straight.models))
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumed_trains_no_further_and_reports_its_metrics(make_cfg, tmp_path):
     cfg = make_cfg(*STATEFUL)
     first = run(cfg, run_dir=tmp_path)
@@ -123,6 +128,7 @@ def test_an_early_stopped_run_stays_stopped_when_resumed(make_cfg, tmp_path):
     assert len(again.trainer.history) == first["epoch"]
 
 
+@pytest.mark.slow
 def test_a_run_ended_by_its_step_budget_is_not_evaluated_again(make_cfg, tmp_path):
     # The budget cuts epoch 2 (12 steps an epoch): it stays open for a larger budget, but
     # running the same command again reports it once, without evaluating it again.
@@ -143,6 +149,7 @@ def test_a_run_ended_by_its_step_budget_is_not_evaluated_again(make_cfg, tmp_pat
     assert [h["step"] for h in more.trainer.history] == [12, 24, 30]
 
 
+@pytest.mark.slow
 def test_resume_never_starts_fresh_and_a_missing_path_is_an_error(make_cfg, tmp_path):
     cfg = make_cfg(*STATEFUL, "trainer.max_steps=7")
     run(cfg, run_dir=tmp_path)
@@ -154,6 +161,7 @@ def test_resume_never_starts_fresh_and_a_missing_path_is_an_error(make_cfg, tmp_
         r.trainer.fit(r.step, r.data)
 
 
+@pytest.mark.slow
 def test_resume_from_another_run_dir_continues_there(make_cfg, tmp_path):
     cfg = make_cfg(*STATEFUL, "trainer.max_steps=17")
     run(cfg, run_dir=tmp_path / "first")
@@ -165,6 +173,7 @@ def test_resume_from_another_run_dir_continues_there(make_cfg, tmp_path):
 
 
 # --- broken and mismatched checkpoints ---------------------------------------------------
+@pytest.mark.slow
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(make_cfg, tmp_path, caplog):
     cfg = make_cfg(*STATEFUL, "trainer.max_steps=12")
     run(cfg, run_dir=tmp_path)

@@ -298,10 +298,15 @@ def test_global_norm_equals_tensorflows(shapes):
 def test_config_keys_for_the_speed_features(make_cfg, tmp_path):
     from trainer.driver.run import instantiate_node
 
+    def trainer_of(cfg):  # as the driver builds it: without its own keys (resume, ...)
+        driver_keys = ("resume", "deterministic", "checkpoint_dir")
+        node = {k: v for k, v in cfg.trainer.items() if k not in driver_keys}
+        return instantiate_node(node)(run_dir=str(tmp_path))
+
     cfg = make_cfg("data=synthetic", "data.in_memory=false", "trainer.steps_per_execution=16",
                    "trainer.jit_compile=true", "callbacks.profile.steps=[1,3]")
     assert instantiate_node(cfg.data).holds_in_memory() is False
-    trainer = instantiate_node(cfg.trainer)(run_dir=str(tmp_path))
+    trainer = trainer_of(cfg)
     assert trainer.steps_per_execution == 16 and trainer.jit_compile is True
     assert instantiate_node(cfg.callbacks.profile).steps == [1, 3]
     defaults = make_cfg()
@@ -309,4 +314,4 @@ def test_config_keys_for_the_speed_features(make_cfg, tmp_path):
     assert defaults.trainer.jit_compile == "auto" and defaults.data.in_memory == "auto"
     assert list(defaults.callbacks.profile.steps) == []
     with pytest.raises(UserError, match="steps_per_execution=0"):
-        instantiate_node(make_cfg("trainer.steps_per_execution=0").trainer)(run_dir=str(tmp_path))
+        trainer_of(make_cfg("trainer.steps_per_execution=0"))

@@ -32,6 +32,7 @@ def _names(path) -> set[str]:
     return {n.replace("/.ATTRIBUTES/VARIABLE_VALUE", "") for n, _ in tf.train.list_variables(path)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_checkpoint_holds_every_piece_of_training_state(make_cfg, tmp_path, in_memory):
     cfg = make_cfg(*STATEFUL_RUN, f"data.in_memory={str(in_memory).lower()}")

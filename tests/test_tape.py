@@ -47,6 +47,7 @@ def test_unconnected_zero_with_keras_variables(compiled):
     assert np.abs(g["head_a/kernel"].numpy()).sum() > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_eagerly", [False, True])
 @pytest.mark.parametrize("policy", ["none", "zero"])
 def test_unconnected_head_is_left_alone_and_named_once(caplog, run_eagerly, policy):

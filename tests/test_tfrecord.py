@@ -129,6 +129,7 @@ def test_regression_shards_and_in_memory_true(tmp_path):
     assert sorted(held.x_train[:, 0].tolist()) == list(range(100))
 
 
+@pytest.mark.slow
 def test_export_then_training_from_shards_matches_in_memory(make_cfg, export_cfg,
                                                                tmp_path):
     out = tmp_path / "shards"
@@ -147,6 +148,7 @@ def test_export_then_training_from_shards_matches_in_memory(make_cfg, export_cfg
     assert streamed["val/accuracy"] > 0.95
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_shards_ends_bit_identical(make_cfg, tmp_path):
     directory = _write(tmp_path / "d", n=200, d=6)
     cfg = make_cfg("data=tfrecord", f"data.path={directory}/*.tfrecord", "data.batch_size=16",

@@ -167,7 +167,8 @@ def plan_compile(step, *, fused_source: bool, planned_steps: int, distributed: b
             "xla": f"jit_compile=auto: {planned_steps} planned steps are too few for XLA's "
                    f"compilation to pay back (it is measured from {AUTO_XLA_MIN_STEPS})"})
     if measured is None:
-        return CompilePlan(**plan, measure=True, reasons={
+        # The fallback holds while measuring too: XLA may fail to compile the step.
+        return CompilePlan(**plan, measure=True, xla_fallback=True, reasons={
             "xla": "jit_compile=auto: to be measured"})
     return CompilePlan(**plan, update_xla=measured, fused=measured, xla_fallback=True,
                        reasons={"xla": "jit_compile=auto: measured "

@@ -138,6 +138,7 @@ class Trainer:
         self.step: Step | None = None
         self.data: Data | None = None
         self.checkpoint: tf.train.Checkpoint | None = None
+        self.training_state: TrainingState | None = None  # from prepare on
         self.variable_table = ""
         self._variables_key = None
         self._fit_flags = None
