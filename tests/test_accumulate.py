@@ -52,6 +52,7 @@ def test_accumulation_under_a_mirrored_strategy_equals_one_device(make_cfg, tmp_
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_bad_micro_batch_discards_its_whole_update(make_cfg, tmp_path):
     # One NaN example: without accumulation its batch of 64 is skipped; with 4 micro-batches
     # the whole update is skipped too (not just the micro-batch of 16 holding it), so the

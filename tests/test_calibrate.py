@@ -75,6 +75,7 @@ def test_a_resumed_run_keeps_the_choice_without_measuring_again(make_cfg, tmp_pa
     assert resumed.trainer.restored_from and resumed.trainer.xla is chosen and not calls
 
 
+@pytest.mark.slow
 def test_short_runs_and_fixed_settings_do_not_measure(make_cfg, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(trainer_module, "time_compilations", lambda *a, **k: calls.append(1))

@@ -169,6 +169,7 @@ def test_hessian_trace_of_inputs_approaches_the_closed_form_of_a_linear_model():
     assert logs["reg/hessian_trace"] == pytest.approx(2 * (w**2).sum(), rel=0.05)
 
 
+@pytest.mark.slow
 def test_hessian_trace_of_parameters_approaches_the_closed_form_of_a_linear_model():
     model = _linear()
     x, y = _batch()

@@ -198,6 +198,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_the_variables(make_cfg,
     _assert_identical(_weights(other.models), before)  # nothing was restored
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_optimizer_is_refused(make_cfg, tmp_path):
     run(make_cfg(*STATEFUL, "trainer.max_steps=5"), run_dir=tmp_path)
     other = build(make_cfg(*STATEFUL, "optimizer=sgd"), tmp_path)
@@ -205,6 +206,7 @@ def test_a_checkpoint_of_another_optimizer_is_refused(make_cfg, tmp_path):
         other.trainer.fit(other.step, other.data)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_batch_size_is_refused(make_cfg, tmp_path):
     run(make_cfg(*STATEFUL, "trainer.max_steps=5"), run_dir=tmp_path)
     other = build(make_cfg(*STATEFUL, "data.batch_size=16"), tmp_path)
@@ -212,6 +214,7 @@ def test_a_checkpoint_of_another_batch_size_is_refused(make_cfg, tmp_path):
         other.trainer.fit(other.step, other.data)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_data_order_is_refused(make_cfg, tmp_path):
     run(make_cfg(*STATEFUL, "trainer.max_steps=5"), run_dir=tmp_path)
     other = build(make_cfg(*STATEFUL, "data.seed=3"), tmp_path)

@@ -35,6 +35,7 @@ def test_cosine_warms_up_to_the_optimizers_rate_and_decays_over_the_run(make_cfg
     assert 2.9e-3 < peak <= 3e-3 and rates.seen[-1][1] < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("eager", [False, True])
 def test_tensorboard_draws_the_scheduled_rate_at_every_step(make_cfg, tmp_path, eager):
     # A 10-step warm-up inside executions of 16 steps: TensorBoard still gets the ramp, one

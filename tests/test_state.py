@@ -99,6 +99,7 @@ def test_checkpoint_of_a_two_model_step_keeps_models_and_optimizers_apart():
             assert any(n.startswith(f"{kind}/{name}/") for n in names), (kind, name)
 
 
+@pytest.mark.slow
 def test_the_checkpoint_tracks_live_objects(tmp_path):
     # Built once at fit start, it saves the values of the moment, not a copy.
     trainer, model, _ = fit_linear(epochs=1)
