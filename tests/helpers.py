@@ -85,3 +85,24 @@ class SaveWeights(Callback):
         arrays = [v.numpy() for m in trainer.models.values() for v in m.weights]
         os.makedirs(self.directory, exist_ok=True)
         np.savez(os.path.join(self.directory, f"worker{task.get('index', 0)}.npz"), *arrays)
+
+
+def keras_callbacks_run(*, checkpoint_every: int) -> list[str]:
+    """Overrides of a small run with Keras' EarlyStopping and ReduceLROnPlateau in
+    callbacks.keras, made to act at fixed epochs (min_delta=10: only the first epoch
+    improves): the learning rate halves at every epoch end from the second on, and the run
+    stops after epoch 5 (step 60, 12 steps an epoch) with the first epoch's weights. A run
+    resumed without their state would lower the rate, stop and pick its weights at other
+    epochs. A checkpoint every ``checkpoint_every`` steps."""
+    return [
+        "data=synthetic", "data.task=classification", "model.hidden_units=[16,8]",
+        "trainer.epochs=8", "trainer.steps_per_execution=1", "optimizer.learning_rate=1e-2",
+        f"callbacks.checkpoint.every_n_steps={checkpoint_every}",
+        "callbacks.checkpoint.every_seconds=0", "callbacks.checkpoint.min_interval_seconds=0",
+        "callbacks.progress.mode=log", "callbacks.tensorboard.histogram_every_n_steps=0",
+        "+callbacks.keras._target_=trainer.KerasCallbacks",
+        "+callbacks.keras.callbacks=[{_target_: keras.callbacks.EarlyStopping, monitor: "
+        "val_loss, patience: 4, min_delta: 10, restore_best_weights: true}, {_target_: "
+        "keras.callbacks.ReduceLROnPlateau, monitor: val_loss, factor: 0.5, patience: 1, "
+        "min_delta: 10}]",
+    ]

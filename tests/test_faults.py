@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import keras_callbacks_run
 from tests.tb_reader import load, scalars
 
 pytestmark = pytest.mark.slow
@@ -221,24 +222,9 @@ def test_one_writer_per_run_dir_and_a_stale_lock_does_not_block(tmp_path, straig
     _assert_same_run(straight, _outputs(run_dir))
 
 
-#: Keras' EarlyStopping (restoring its best weights) and ReduceLROnPlateau through
-#: callbacks.keras, made to act at fixed epochs (min_delta=10: only the first epoch
-#: improves): the learning rate halves at every epoch end from the second on, and the run
-#: stops after epoch 5 (step 60) with the first epoch's weights. A run resumed without
-#: their state would lower the rate, stop and pick its weights at other epochs.
-KERAS_RUN = [
-    "data=synthetic", "data.task=classification", "model.hidden_units=[16,8]",
-    "trainer.epochs=8", "trainer.steps_per_execution=1", "optimizer.learning_rate=1e-2",
-    "callbacks.checkpoint.every_n_steps=7", "callbacks.checkpoint.every_seconds=0",
-    "callbacks.checkpoint.min_interval_seconds=0", "callbacks.progress.mode=log",
-    "callbacks.tensorboard.histogram_every_n_steps=0",
-    "+callbacks.keras._target_=trainer.KerasCallbacks",
-    "+callbacks.keras.callbacks=[{_target_: keras.callbacks.EarlyStopping, monitor: val_loss, "
-    "patience: 4, min_delta: 10, restore_best_weights: true}, {_target_: "
-    "keras.callbacks.ReduceLROnPlateau, monitor: val_loss, factor: 0.5, patience: 1, "
-    "min_delta: 10}]",
-    "+callbacks.pause._target_=tests.helpers.Pause", "+callbacks.pause.seconds=0.02",
-]
+#: A run with Keras callbacks acting at fixed epochs (tests.helpers.keras_callbacks_run).
+KERAS_RUN = [*keras_callbacks_run(checkpoint_every=7),
+             "+callbacks.pause._target_=tests.helpers.Pause", "+callbacks.pause.seconds=0.02"]
 
 
 def test_sigkill_then_resume_keeps_keras_callbacks_state(tmp_path):

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import fit_linear, regression_data
+from tests.helpers import fit_linear, keras_callbacks_run, regression_data
 from trainer import KerasCallbacks, UserError
 from trainer.driver.run import build
 
@@ -130,23 +130,8 @@ def test_from_yaml_and_bad_entries(make_cfg, tmp_path):
         KerasCallbacks(callbacks=[object()])
 
 
-# --- their state across a restart ------------------------------------------------------------
-#: Keras' EarlyStopping (restoring its best weights) and ReduceLROnPlateau, both made to act
-#: at fixed epochs (min_delta=10: only the first epoch improves): the learning rate halves at
-#: every epoch end from the second on, and the run stops at epoch 5 (0-based 4) with the
-#: first epoch's weights. 12 steps an epoch; a checkpoint every 5 steps.
-KERAS_RUN = [
-    "data=synthetic", "data.task=classification", "model.hidden_units=[16,8]",
-    "trainer.epochs=8", "trainer.steps_per_execution=1", "optimizer.learning_rate=1e-2",
-    "callbacks.checkpoint.every_n_steps=5", "callbacks.checkpoint.every_seconds=0",
-    "callbacks.checkpoint.min_interval_seconds=0", "callbacks.progress.mode=log",
-    "callbacks.tensorboard.histogram_every_n_steps=0",
-    "+callbacks.keras._target_=trainer.KerasCallbacks",
-    "+callbacks.keras.callbacks=[{_target_: keras.callbacks.EarlyStopping, monitor: val_loss, "
-    "patience: 4, min_delta: 10, restore_best_weights: true}, {_target_: "
-    "keras.callbacks.ReduceLROnPlateau, monitor: val_loss, factor: 0.5, patience: 1, "
-    "min_delta: 10}]",
-]
+#: A run with Keras callbacks acting at fixed epochs (tests.helpers.keras_callbacks_run).
+KERAS_RUN = keras_callbacks_run(checkpoint_every=5)
 
 
 def _keras_callbacks(r):
