@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 from trainer.common.errors import UserError
-
-log = logging.getLogger(__name__)
 
 _UNSUPPORTED = re.compile(r"unsupported operations when trying to compile graph \S+ on \S+: (\w+)")
 _NO_KERNEL = re.compile(r"(\w+) \(No registered '")

@@ -75,10 +75,6 @@ def flat_hparams(container: dict, prefix: str = "") -> dict:
     return out
 
 
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(text))
-
-
 def _optimizer(node, schedule=None, total_steps: int = 0):
     """The configured Keras optimizer, split into parameter groups if ``groups`` is set;
     with ``schedule`` (the schedule group's factory) its learning rate is the peak of it."""
@@ -373,7 +369,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         # as it was: its config and log are written only once the run is accepted.
         r.trainer.prepare(r.step, r.data)
         raise_if_signalled(run_dir)
-        accept(run_dir, cfg if r.trainer.is_chief else None, _write_text)
+        accept(run_dir, cfg if r.trainer.is_chief else None)
         r.trainer.fit(r.step, r.data)
         metrics = write_outputs(r) if r.trainer.is_chief else r.trainer.final_logs
     if r.trainer.preempted:

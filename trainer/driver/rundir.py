@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from trainer.common.atomic import atomic_write
+
 #: Where the run's composed config goes, as Hydra would put it.
 CONFIG_DIR = ".hydra"
 
@@ -51,9 +53,9 @@ def accept_logs() -> None:
             handler.open_file()
 
 
-def save_config(run_dir: Path, cfg, write) -> None:
+def save_config(run_dir: Path, cfg) -> None:
     """Write ``.hydra/config.yaml`` (``cfg`` as composed, unresolved), ``hydra.yaml`` and
-    ``overrides.yaml`` as Hydra would, each through ``write(path, text)`` (atomic); nothing
+    ``overrides.yaml`` as Hydra would, each written atomically; nothing
     for ``cfg`` None (a worker other than the chief) or outside a Hydra job (a run built
     from a config in code)."""
     from hydra.core.hydra_config import HydraConfig
@@ -66,10 +68,11 @@ def save_config(run_dir: Path, cfg, write) -> None:
     directory.mkdir(exist_ok=True)
     for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg),
                        ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
-        write(directory / name, OmegaConf.to_yaml(node))
+        text = OmegaConf.to_yaml(node)
+        atomic_write(directory / name, lambda path, text=text: Path(path).write_text(text))
 
 
-def accept(run_dir: Path, cfg, write) -> None:
+def accept(run_dir: Path, cfg) -> None:
     """The run is this process's: write its config and open its job log."""
-    save_config(run_dir, cfg, write)
+    save_config(run_dir, cfg)
     accept_logs()
