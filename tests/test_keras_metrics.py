@@ -129,7 +129,7 @@ def test_logged_values_during_the_epoch_are_the_epoch_so_far(make_cfg, tmp_path,
     r.trainer.callbacks.append(Logs())
     r.trainer.fit(r.step, r.data)
     assert [s for s, _ in seen] == [4, 8, 12, 15]
-    order = r.trainer._train_source.order.numpy()[:400]  # epoch 0's first 400 examples
+    order = r.trainer.data_plan.train.order.numpy()[:400]  # epoch 0's first 400 examples
     metrics = r.step.metric_sets["train"].metrics
     auc = [m for m in metrics if m.name == "auc"]
     check_against_keras(seen[0][1], auc, r.step.model, r.data.x_train[order],

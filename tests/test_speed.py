@@ -106,7 +106,7 @@ def test_in_memory_and_streaming_give_the_same_training(mode):
     for in_memory in (True, False):
         data = regression_data(n=100, batch_size=16, in_memory=in_memory)  # short last batch
         trainer, model, logs = fit_linear(data=data, **kw)
-        kind = type(trainer._train_source)
+        kind = type(trainer.data_plan.train)
         assert kind is (TensorSource if in_memory else IteratorSource)
         runs[in_memory] = ([v.numpy() for v in model.weights], logs)
     (w_mem, logs_mem), (w_it, logs_it) = runs[True], runs[False]

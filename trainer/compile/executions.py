@@ -271,3 +271,41 @@ def make_source_execution(step_functions: StepFunctions, source, plan: CompilePl
         return merge_executions(out, run(rest, 0)) if rest else out
 
     return run
+
+
+@dataclasses.dataclass(frozen=True)
+class Executions:
+    """The compiled functions of one fit, built by ``build_executions``.
+
+    ``train(num_steps, position)`` and ``evaluate(num_steps)`` return ``(means, state)``
+    (see ``make_execution``); ``gradients(batch)`` the step's gradients by variable path.
+    """
+
+    train: Callable
+    evaluate: Callable | None
+    gradients: Callable
+
+
+def build_executions(step, data, plan: CompilePlan, *, global_step: tf.Variable,
+                     strategy=None, state_logs: Callable, on_trace: Callable | None = None,
+                     evaluation: Callable | None = None) -> Executions:
+    """Compile ``step`` over ``data`` (a ``trainer.data.dataplan.DataPlan``) as ``plan`` says.
+
+    ``state_logs()`` gives the training execution's end-of-execution logs (learning
+    rates, the step's state, the Keras metrics, the global step); ``evaluation``, when
+    given, the evaluation's (the validation metrics), and asks for the evaluation
+    function too (a recompile after an unfreeze rebuilds the training one only).
+    """
+    train = make_source_execution(
+        train_step_functions(step, global_step, strategy, plan.accumulate_steps,
+                             forward_xla=plan.forward_xla),
+        data.train, plan, state_logs=state_logs, on_trace=on_trace)
+    evaluate = None if evaluation is None else make_source_execution(
+        eval_step_functions(step, strategy), data.val, plan, state_logs=evaluation,
+        on_trace=on_trace)
+
+    def gradients(batch):
+        return step.gradients_by_path(batch, StepInfo(global_step=global_step))
+
+    return Executions(train=train, evaluate=evaluate,
+                      gradients=gradients if plan.run_eagerly else tf.function(gradients))

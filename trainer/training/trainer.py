@@ -15,17 +15,14 @@ from trainer.callbacks.base import Callback
 from trainer.common.errors import UserError
 from trainer.common.keys import EXAMPLES
 from trainer.compile.calibrate import choose_faster, describe, time_compilations
-from trainer.compile.executions import (
-    eval_step_functions,
-    make_source_execution,
-    train_step_functions,
-)
+from trainer.compile.executions import Executions, build_executions
 from trainer.compile.pacing import Pacing, check_steps_per_execution
 from trainer.compile.plan import CompileOptions, CompilePlan, plan_compile
 from trainer.compile.xla import raise_if_xla_error
 from trainer.data.base import Data
+from trainer.data.dataplan import DataPlan
 from trainer.distribute.strategies import Distribution, NoDistribution
-from trainer.step.base import Step, StepInfo
+from trainer.step.base import Step
 from trainer.step.freezing import variable_table
 from trainer.training.preemption import Preemption
 from trainer.training.resume import candidates, check_resume, readable
@@ -136,7 +133,10 @@ class Trainer:
         self._preemption, self._cut_short = Preemption(), False
         self._stopped_when_restored = False
         self.step: Step | None = None
-        self.data: Data | None = None
+        #: What this fit runs of its data set (``trainer.data.dataplan.DataPlan``), from
+        #: ``prepare`` on: read once, passed down.
+        self.data_plan: DataPlan | None = None
+        self._executions: Executions | None = None
         self.checkpoint: tf.train.Checkpoint | None = None
         self.training_state: TrainingState | None = None  # from prepare on
         self.variable_table = ""
@@ -236,6 +236,16 @@ class Trainer:
         """The global step as a Python int (reads the variable)."""
         return int(self.global_step.numpy())
 
+    @property
+    def data(self) -> Data | None:
+        """The data set of the last ``prepare`` (None before)."""
+        return self.data_plan.data if self.data_plan is not None else None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Training steps in one pass over the data (the data plan's)."""
+        return self.data_plan.steps_per_epoch
+
     def validation_batches(self) -> list:
         """The validation set once, as ``(x, y)`` numpy batches in a fixed order."""
         return self.data.validation_batches()
@@ -253,7 +263,7 @@ class Trainer:
         # (summed when read) could not be read and put back by the chief alone.
         moved += tf.nest.flatten({k: v for k, v in self.step.state().items() if k != "metrics"})
         saved = [v.numpy() for v in moved]
-        grads = {k: v.numpy() for k, v in self._grads_fn(self._probe_batch).items()}
+        grads = {k: v.numpy() for k, v in self._executions.gradients(self.data_plan.probe).items()}
         for v, value in zip(moved, saved):
             v.assign(value)
         return grads
@@ -306,23 +316,14 @@ class Trainer:
         if shown != getattr(self, "_table_shown", None):
             self._table_shown = shown
             log.info("variables:\n%s", self.variable_table)
-        plan = self.plan
-        strategy = self.distribution.strategy if self.distribution.distributed else None
-        self._train_fn = make_source_execution(
-            train_step_functions(self.step, self.global_step, strategy, plan.accumulate_steps,
-                                 forward_xla=plan.forward_xla),
-            self._train_source, plan,
-            state_logs=self._state_logs, on_trace=self._count_trace)
-        if evaluation:
-            self._eval_fn = make_source_execution(
-                eval_step_functions(self.step, strategy), self._val_source, plan,
-                state_logs=lambda: self.step.metric_results("val"), on_trace=self._count_trace)
-
-        def grads(batch):
-            info = StepInfo(global_step=self.global_step)
-            return self.step.gradients_by_path(batch, info)
-
-        self._grads_fn = grads if plan.run_eagerly else tf.function(grads)
+        built = build_executions(
+            self.step, self.data_plan, self.plan, global_step=self.global_step,
+            strategy=self.distribution.strategy if self.distribution.distributed else None,
+            state_logs=self._state_logs, on_trace=self._count_trace,
+            evaluation=(lambda: self.step.metric_results("val")) if evaluation else None)
+        if not evaluation:  # the evaluation function stays: it reads no trainable list
+            built = dataclasses.replace(built, evaluate=self._executions.evaluate)
+        self._executions = built
 
     def _check_scope(self) -> None:
         """Under a strategy: every variable of the step was created in its scope."""
@@ -346,36 +347,28 @@ class Trainer:
         return True
 
     def _prepare(self, step, data) -> None:
-        _check_contract(step, data)
+        _check_step(step)
+        data_plan = DataPlan.read(data)
+        if data_plan.weighted and not step.takes_sample_weight:
+            raise UserError(f"the step {type(step).__name__} takes no per-example weights, but "
+                            "the data is weighted (data.class_weight, data.w_key or data.weight); "
+                            "remove the weights, or use a step that weighs its loss (TapeStep)")
         if self.run_eagerly and self.distribution.distributed:
             # Eagerly, replicas run in threads that issue their collectives in whatever
             # order they reach them, and mismatched collectives abort the run.
             raise UserError(f"trainer.run_eagerly=true is for debugging on one device; under "
                             f"distribute={self.distribution.kind} steps run compiled (set "
                             "distribute=none to step through them eagerly)")
-        self.step, self.data = step, data
-        self._train_source, self._val_source = data.train_source(), data.val_source()
-        self._probe_batch = data.probe_batch()
-        self.steps_per_epoch = data.steps_per_epoch("train")
-        self._val_steps = data.steps_per_epoch("val")
-        # The whole run, not what is left of it: a resumed run must choose as the
-        # interrupted one did, or its numbers would differ.
-        self._planned = self.epochs * self.steps_per_epoch
-        if self.max_steps is not None:
-            self._planned = min(self._planned, self.max_steps)
+        self.step, self.data_plan = step, data_plan
         self.plan = self._plan()
         if self.distribution.distributed:
             log.info("distribution: %s", self.distribution.describe())
-        try:
-            outputs = data.num_outputs
-        except NotImplementedError:  # a Data of one's own may leave it out
-            outputs = None
-        if outputs:
+        if data_plan.num_outputs:
             with self.distribution.scope():
-                step.build_metrics(outputs)
+                step.build_metrics(data_plan.num_outputs)
         #: Everything a restart needs (``TrainingState``): the checkpoint callback saves it,
         #: resuming restores it; ``checkpoint`` is the ``tf.train.Checkpoint`` it writes.
-        self.training_state = TrainingState.of(self, step=step, source=self._train_source,
+        self.training_state = TrainingState.of(self, step=step, source=data_plan.train,
                                                callbacks=self.callbacks)
         self.checkpoint = self.training_state.checkpoint
         self.progress.steps_per_epoch = self.steps_per_epoch
@@ -404,8 +397,11 @@ class Trainer:
 
     def _plan(self, measured: bool | None = None, stored: dict | None = None) -> CompilePlan:
         """The compile plan for the step and data of this fit (``trainer.compile.plan``)."""
-        return plan_compile(self.step, fused_source=self._train_source.xla_loop,
-                            planned_steps=self._planned,
+        # The whole run, not what is left of it: a resumed run must choose as the
+        # interrupted one did, or its numbers would differ.
+        planned = self.epochs * self.steps_per_epoch
+        return plan_compile(self.step, fused_source=self.data_plan.fused,
+                            planned_steps=min(planned, self.max_steps or planned),
                             distributed=self.distribution.distributed, options=self.options,
                             measured=measured, stored=stored)
 
@@ -426,12 +422,12 @@ class Trainer:
         """``jit_compile=auto`` on a long in-memory run: time the execution with and without
         XLA, and plan with the faster. The plan is part of the training state: a resumed
         run keeps it (its numbers must continue those of the run it resumes)."""
-        plain = self._train_fn
+        plain = self._executions.train
         self.plan = dataclasses.replace(self.plan, update_xla=True, fused=True)
-        self._compile()  # the XLA compilation of the same step, as self._train_fn
+        self._compile()  # the XLA compilation of the same step
         # Executions inside one epoch (the epoch's end runs a second function).
         steps = max(1, min(self.steps_per_epoch - 1, 100))
-        seconds = time_compilations({True: self._train_fn, False: plain},
+        seconds = time_compilations({True: self._executions.train, False: plain},
                                     self.checkpoint, steps=steps)
         faster = choose_faster(seconds)
         log.info(describe(seconds, steps, faster))
@@ -510,7 +506,7 @@ class Trainer:
                 if self._budget_left(global_step) <= 0:
                     break
                 progress.open_epoch, progress.sums, progress.examples = epoch, {}, 0.0
-                self._train_source.start_epoch(epoch)
+                self.data_plan.train.start_epoch(epoch)
                 self.step.reset_metrics("train")
             self.epoch = epoch
             self.epoch_variable.assign(epoch)
@@ -581,7 +577,7 @@ class Trainer:
 
     def _after_restore(self) -> None:
         """Host state that follows from a restored checkpoint."""
-        self._train_source.check_restored()
+        self.data_plan.train.check_restored()
         saved = self.progress.steps_per_epoch
         if saved and saved != self.steps_per_epoch:
             raise UserError(
@@ -598,7 +594,7 @@ class Trainer:
 
     def _run_training(self, num_steps: int, position: int):
         try:
-            return self._train_fn(num_steps, position)
+            return self._executions.train(num_steps, position)
         except tf.errors.OpError as e:
             if self.plan.update_xla or self.plan.forward_xla:
                 raise_if_xla_error(e, "the training step", self.step.regularizers)
@@ -609,9 +605,9 @@ class Trainer:
         # Rewind: an in-memory source's position would otherwise carry over from the last
         # evaluation, and next() (full batches) and next_any() (the short one) wrap it
         # differently, so some examples would count twice and others not at all.
-        self._val_source.start_epoch(0)
+        self.data_plan.val.start_epoch(0)
         self.step.reset_metrics("val")
-        out, metrics = self._eval_fn(self._val_steps)
+        out, metrics = self._executions.evaluate(self.data_plan.val_steps)
         out.pop(EXAMPLES)
         return {f"val/{k}": v for k, v in {**out, **metrics}.items()}
 
@@ -628,26 +624,20 @@ class Trainer:
             getattr(cb, hook)(self, *args)
 
 
-def _check_contract(step, data) -> None:
-    """The one type check of what ``fit`` is given, with errors that say what is missing."""
+def _check_step(step) -> None:
+    """The one type check of the step ``fit`` is given, with errors that say what is
+    missing (``DataPlan.read`` checks the data)."""
     if not isinstance(step, Step):
         raise UserError(f"the step {type(step).__name__} is not a trainer.Step; subclass "
                         "trainer.Step (or trainer.TapeStep) and define train_step(batch, info)")
     if type(step).train_step is Step.train_step:
         raise UserError(f"the step {type(step).__name__} does not define "
                         "train_step(batch, info)")
-    if not isinstance(data, Data):
-        raise UserError(f"the data {type(data).__name__} is not a trainer.data.Data; use "
-                        "trainer.DataModule or subclass trainer.data.Data")
     for name, model in step.models.items():
         if not model.variables:
             raise UserError(f"the step's model {name!r} has no variables yet (a subclassed model "
                             "makes them on its first call): call model.build(input_shape), or "
                             "the model on a batch, before fit")
-    if data.weighted and not step.takes_sample_weight:
-        raise UserError(f"the step {type(step).__name__} takes no per-example weights, but the "
-                        "data is weighted (data.class_weight, data.w_key or data.weight); "
-                        "remove the weights, or use a step that weighs its loss (TapeStep)")
 
 
 def _check_finite(logs: dict, epoch: int) -> None:
