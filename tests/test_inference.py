@@ -132,3 +132,19 @@ def test_evaluate_weighs_as_training_did_and_reports_the_keras_metrics(tmp_path,
     printed = json.loads(capsys.readouterr().out)
     for key in ("val/loss", "val/accuracy", "val/auc"):
         assert printed[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize(("units", "message"), [
+    ("[256,128,10]", "holds no weights for some of this model's variables"),
+    ("[64,128]", "incompatible tensor with shape (64, 256)"),
+])
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(finished, capsys, units,
+                                                            message):
+    """An override that adds a layer (of the output's width, so every shape still fits)
+    leaves variables the checkpoint has no value for; one that narrows a layer changes a
+    shape: one line each, not an evaluation of random weights or a traceback."""
+    run_dir, _ = finished
+    argv = [str(run_dir), f"model.hidden_units={units}", "--checkpoint", "latest"]
+    assert evaluate_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "pass a checkpoint of this run" in err[0]

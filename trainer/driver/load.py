@@ -89,7 +89,18 @@ def _load_weights(root: Path, step, checkpoint: str | None) -> str:
 
     if checkpoint:
         path = _checkpoint_path(root, checkpoint)
-        tf.train.Checkpoint(models=step.models).read(path).expect_partial()
+        fix = "pass a checkpoint of this run, without overrides that change the model"
+        try:
+            status = tf.train.Checkpoint(models=step.models).read(path).expect_partial()
+            # Reading is lenient: a variable the checkpoint lacks would keep its random
+            # initial value, and the run would be evaluated on it without a word.
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            missing = str(e).strip().splitlines()[0][:160]
+            raise UserError(f"{path}: holds no weights for some of this model's variables "
+                            f"({missing}); {fix}") from None
+        except ValueError as e:  # a variable of another shape
+            raise UserError(f"{path}: {str(e).strip().splitlines()[0]}; {fix}") from None
         return path
     for name, model in step.models.items():
         archive = root / ("model.keras" if name == "model" else f"{name}.keras")
