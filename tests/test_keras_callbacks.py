@@ -89,6 +89,32 @@ def test_keras_early_stopping_stops_the_trainer():
     assert stop.stopped_epoch == 1
 
 
+def test_keras_early_stopping_leaves_the_last_weights_to_a_preempted_run():
+    """A preempted run is not over: a resumed run must go on from the last weights, so Keras'
+    restore_best_weights waits for the end of training (as the trainer's own callbacks do)."""
+    import os
+    import signal
+
+    from trainer.callbacks.base import Callback
+
+    class Preempt(Callback):
+        def on_epoch_end(self, trainer, epoch, logs):
+            if epoch == 2:
+                self.weights = [w.numpy() for w in trainer.step.models["model"].weights]
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    # min_delta=10: epoch 0 stays the best; the patience outlasts the run.
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=50, min_delta=10.0,
+                                         restore_best_weights=True)
+    preempt = Preempt()
+    trainer, model, _ = fit_linear(epochs=6, callbacks=[KerasCallbacks(callbacks=[stop]),
+                                                        preempt])
+    assert trainer.preempted == "SIGTERM" and stop.best_epoch == 0
+    for kept, w in zip(preempt.weights, model.weights):
+        np.testing.assert_array_equal(w.numpy(), kept)
+    assert trainer.weights_epoch is None
+
+
 def test_terminate_on_nan_stops_after_the_first_nan_execution():
     from tests.helpers import linear_model
     from trainer import TapeStep, Trainer

@@ -207,6 +207,10 @@ class KerasCallbacks(Callback):
                 self._states[id(cb)].keep_best_weights()
 
     def on_fit_end(self, trainer, logs):
+        if trainer.preempted:
+            # Training is not over: a resumed run goes on from the last weights, and its
+            # end calls on_train_end (EarlyStopping's restore_best_weights) instead.
+            return
         out = keras_logs(logs)
         for cb in self.callbacks:
             cb.on_train_end(dict(out))
