@@ -490,14 +490,13 @@ class Trainer:
         return self.logs
 
     def _train(self) -> float:
-        """The epochs and executions of ``fit``; returns the seconds spent in executions."""
-        train_seconds = 0.0
-        progress, per_epoch = self.progress, self.steps_per_epoch
+        """The epochs of ``fit``; returns the seconds spent in executions."""
+        seconds, progress = 0.0, self.progress
         # The global step is the one count of progress: the epoch and the position in it
         # are derived from it (an execution never crosses an epoch boundary).
         global_step = self.current_step
         epoch = progress.open_epoch if progress.open_epoch is not None else (
-            global_step // per_epoch)
+            global_step // self.steps_per_epoch)
         while epoch < self.epochs and not self.stop_training:
             if self._agree()[1]:
                 self._cut_short = True  # before opening an epoch: its start is not half done
@@ -511,60 +510,75 @@ class Trainer:
             self.epoch = epoch
             self.epoch_variable.assign(epoch)
             self._callback("on_epoch_start", epoch)
-            ran = False
-            signalled = False
-            while (position := global_step - epoch * per_epoch) < per_epoch:
-                if self._budget_left(global_step) <= 0 or self.stop_training:
-                    break
-                n = self._pace.steps_for(min(per_epoch - position, self._budget_left(global_step)))
-                n, signalled = self._agree(n)
-                if signalled:
-                    break
-                self.recompile_if_needed()
-                traces = self.trace_count
-                t0 = time.perf_counter()
-                out, state = self._run_training(n, position)
-                ran = True
-                elapsed = time.perf_counter() - t0
-                self._pace.observe(n, elapsed, traced=self.trace_count != traces)
-                train_seconds += elapsed
-                global_step = int(state.pop("global_step"))
-                weight = out.pop(EXAMPLES)
-                progress.examples += weight
-                for k, v in out.items():
-                    progress.sums[k] = progress.sums.get(k, 0.0) + v * weight
-                progress.state = state
-                self._check_step_state(state)
-                logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
-                logs["time/steps_per_second"] = n / elapsed
-                self._callback("on_execution_end", global_step, logs)
-            finished = global_step - epoch * per_epoch >= per_epoch
+            global_step, ran, signalled, spent = self._run_epoch(epoch, global_step)
+            seconds += spent
+            finished = global_step - epoch * self.steps_per_epoch >= self.steps_per_epoch
             if signalled and not finished:
                 self._cut_short = True
                 break  # the epoch stays open: a resumed run finishes it
             last = progress.history[-1] if progress.history else {}
             if not ran and not finished and last.get("step") == global_step:
                 break  # a step budget's cut, evaluated already: nothing new to report
-            examples = progress.examples
-            logs = {f"train/{k}": v / examples if examples else 0.0
-                    for k, v in progress.sums.items()}
-            logs.update({f"train/{k}": v for k, v in progress.state.items()})
-            logs.update(self.evaluate())
-            logs.update(epoch=epoch + 1, step=global_step)
-            _check_finite(logs, epoch)
-            self.logs = logs
-            if progress.history and progress.history[-1]["epoch"] == epoch + 1:
-                progress.history[-1] = logs  # the rest of an epoch a step budget had cut
-            else:
-                progress.history.append(logs)
-            # An epoch cut by the step budget stays open: a later fit (a larger budget, a
-            # resumed run) continues its data and its sums, and replaces its history entry.
-            progress.open_epoch = None if finished else epoch
-            self._callback("on_epoch_end", epoch, logs)
+            self._end_epoch(epoch, global_step, finished)
             if not finished:
                 break
             epoch += 1
-        return train_seconds
+        return seconds
+
+    def _run_epoch(self, epoch: int, global_step: int) -> tuple[int, bool, bool, float]:
+        """The executions of ``epoch`` from ``global_step`` on, until the epoch ends, the
+        step budget runs out, a callback stops training or a signal arrives; returns the
+        global step, whether any execution ran, whether a signal stopped it, and the
+        seconds the executions took."""
+        progress, per_epoch = self.progress, self.steps_per_epoch
+        ran, signalled, seconds = False, False, 0.0
+        while (position := global_step - epoch * per_epoch) < per_epoch:
+            if self._budget_left(global_step) <= 0 or self.stop_training:
+                break
+            n = self._pace.steps_for(min(per_epoch - position, self._budget_left(global_step)))
+            n, signalled = self._agree(n)
+            if signalled:
+                break
+            self.recompile_if_needed()
+            traces = self.trace_count
+            t0 = time.perf_counter()
+            out, state = self._run_training(n, position)
+            ran = True
+            elapsed = time.perf_counter() - t0
+            self._pace.observe(n, elapsed, traced=self.trace_count != traces)
+            seconds += elapsed
+            global_step = int(state.pop("global_step"))
+            weight = out.pop(EXAMPLES)
+            progress.examples += weight
+            for k, v in out.items():
+                progress.sums[k] = progress.sums.get(k, 0.0) + v * weight
+            progress.state = state
+            self._check_step_state(state)
+            logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
+            logs["time/steps_per_second"] = n / elapsed
+            self._callback("on_execution_end", global_step, logs)
+        return global_step, ran, signalled, seconds
+
+    def _end_epoch(self, epoch: int, global_step: int, finished: bool) -> None:
+        """The epoch's logs (the example-weighted means of its executions, the step's state
+        at its end, the evaluation), in the history and to the callbacks."""
+        progress = self.progress
+        examples = progress.examples
+        logs = {f"train/{k}": v / examples if examples else 0.0
+                for k, v in progress.sums.items()}
+        logs.update({f"train/{k}": v for k, v in progress.state.items()})
+        logs.update(self.evaluate())
+        logs.update(epoch=epoch + 1, step=global_step)
+        _check_finite(logs, epoch)
+        self.logs = logs
+        if progress.history and progress.history[-1]["epoch"] == epoch + 1:
+            progress.history[-1] = logs  # the rest of an epoch a step budget had cut
+        else:
+            progress.history.append(logs)
+        # An epoch cut by the step budget stays open: a later fit (a larger budget, a
+        # resumed run) continues its data and its sums, and replaces its history entry.
+        progress.open_epoch = None if finished else epoch
+        self._callback("on_epoch_end", epoch, logs)
 
     def _check_step_state(self, state: dict) -> None:
         """The step's host-side check; a failing run saves its last good state first
