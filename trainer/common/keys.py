@@ -14,8 +14,13 @@ SAMPLED = "__sampled__"
 
 
 def batch_size(batch) -> tf.Tensor:
-    """Examples in a batch: the leading dimension of its first tensor, as float32."""
-    return tf.cast(tf.shape(tf.nest.flatten(batch)[0])[0], tf.float32)
+    """Examples in a batch: the leading dimension of its first tensor, as float32 (a
+    constant when the shape says it: the compiled loop then needs no multiply by it)."""
+    first = tf.nest.flatten(batch)[0]
+    rows = first.shape[0] if first.shape.rank else None
+    if rows is not None:
+        return tf.constant(float(rows))
+    return tf.cast(tf.shape(first)[0], tf.float32)
 
 
 def float_logs(logs: dict, batch) -> dict:

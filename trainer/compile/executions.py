@@ -123,17 +123,57 @@ def eval_step_functions(step, strategy=None) -> StepFunctions:
     return make
 
 
-def _accumulate(step_fn, sums, keys):
+def _accumulate(step_fn, sums, keys, unit=None):
     """Run one step; return ``sums`` plus its weighted logs, one vector in ``keys`` order
     with the weight last (one stack, multiply and add per step, not one pair per log),
-    and the step's ``SAMPLED`` logs."""
+    the step's ``SAMPLED`` logs, and the unit of the sums.
+
+    The sums are in units of ``unit``: the first step's weight (``unit=None``) when it is
+    known while tracing (a full batch's size), else 1.0. A step of that weight adds its
+    logs as they are, without the multiply; the sums times ``unit`` are the weighted sums.
+    """
     logs = dict(step_fn())
     weight = logs.pop(WEIGHT)
     sample = logs.pop(SAMPLED)
     if not keys:
         keys.extend(sorted(logs))
-    values = tf.stack([logs[k] for k in keys] + [tf.ones([], tf.float32)]) * weight
-    return (values if sums is None else sums + values), sample
+    static = tf.get_static_value(weight)
+    if unit is None:
+        unit = 1.0 if static is None else float(static)
+    values = tf.stack([logs[k] for k in keys] + [tf.ones([], tf.float32)])
+    if static is None or float(static) != unit:
+        values = values * (weight if unit == 1.0 else weight / unit)
+    return (values if sums is None else sums + values), sample, unit
+
+
+def _rest_of_execution(step_fn, sums, keys, unit, num_steps):
+    """Steps 2 to ``num_steps`` of an execution, added to ``sums`` (``_accumulate``)."""
+    # A while loop, not `for _ in tf.range(...)`: AutoGraph gives range loops a
+    # maximum_iterations that XLA takes as a compile-time constant, which would
+    # recompile the fused execution for every new step count.
+    done = tf.constant(1)
+    while done < num_steps:
+        sums, _, _ = _accumulate(step_fn, sums, keys, unit)
+        done += 1
+    return sums
+
+
+def _execute(step_fns: dict, num_steps, loop: bool, *, names: list, state_logs) -> tf.Tensor:
+    """The body of one execution: its steps, then the means, the sampled step's logs and
+    ``state_logs()`` as one float64 vector whose entries ``names`` lists."""
+    keys: list[str] = []
+    sums, sample, unit = _accumulate(step_fns[True], None, keys)
+    if loop:
+        sums = _rest_of_execution(step_fns[False], sums, keys, unit, num_steps)
+    rest = {_LAST + k: v for k, v in sample.items()}
+    if state_logs is not None:
+        rest.update({_LAST + k: v for k, v in state_logs().items()})
+    rest[EXAMPLES] = sums[-1] if unit == 1.0 else sums[-1] * unit
+    names[:] = keys + sorted(rest)
+    # One division for all the means (the unit cancels out of them), then one vector.
+    # float64: the state holds counters (the global step) that float32 rounds past 2**24.
+    means = tf.cast(tf.math.divide_no_nan(sums[:-1], sums[-1]), tf.float64)
+    return tf.concat([means, tf.stack([tf.cast(rest[k], tf.float64) for k in sorted(rest)])], 0)
 
 
 def make_execution(step_functions: StepFunctions, next_batch: Callable, plan: CompilePlan, *,
@@ -147,65 +187,60 @@ def make_execution(step_functions: StepFunctions, next_batch: Callable, plan: Co
     and the values of ``state_logs()`` at the end (learning rates, counters) in
     ``state``. Everything comes back stacked into one vector, so the host syncs
     once per execution. ``num_steps`` is passed as a scalar int32 tensor so the
-    function is traced once whatever the count.
+    function is traced once whatever the count (a run whose first execution is one
+    step, such as ``steps_per_execution=1``, gets a function without the loop first).
 
     ``xla_loop`` says ``next_batch`` can run inside XLA (an in-memory source):
     with ``plan.update_xla`` the whole execution is then one XLA program, else each
     step's math is compiled on its own; with ``plan.xla_fallback``, a step XLA cannot
     compile runs without it after a warning.
     """
-    names: list[str] = []
+    names: list[str] = []  # of the values in the vector, set when traced
 
-    def execute(step_fns, num_steps):
-        if on_trace is not None:
-            on_trace()
-        keys: list[str] = []
-        sums, sample = _accumulate(step_fns[True], None, keys)
-        # A while loop, not `for _ in tf.range(...)`: AutoGraph gives range loops a
-        # maximum_iterations that XLA takes as a compile-time constant, which would
-        # recompile the fused execution for every new step count.
-        done = tf.constant(1)
-        while done < num_steps:
-            sums, _ = _accumulate(step_fns[False], sums, keys)
-            done += 1
-        examples = sums[-1]
-        logs = {k: tf.math.divide_no_nan(sums[i], examples) for i, k in enumerate(keys)}
-        logs.update({_LAST + k: v for k, v in sample.items()})
-        if state_logs is not None:
-            logs.update({_LAST + k: v for k, v in state_logs().items()})
-        logs[EXAMPLES] = examples
-        names[:] = sorted(logs)
-        # float64: the state holds counters (the global step) that float32 rounds past 2**24.
-        return tf.stack([tf.cast(logs[k], tf.float64) for k in names])
-
-    def compiled(step_jit: bool, whole_jit: bool):
+    def compiled(step_jit: bool, whole_jit: bool, loop: bool):
         step_fns = step_functions(next_batch, step_jit)
 
         def executing(num_steps):
-            return execute(step_fns, num_steps)
+            if on_trace is not None:
+                on_trace()
+            return _execute(step_fns, num_steps, loop, names=names, state_logs=state_logs)
 
         return executing if plan.run_eagerly else tf.function(executing, jit_compile=whole_jit)
 
     jit = plan.update_xla and not plan.run_eagerly
-    # [the compiled function, whether it uses XLA]; replaced once if XLA cannot compile.
-    current = [compiled(jit and not xla_loop, jit and xla_loop), jit]
+    # Whether the execution uses XLA (cleared once if XLA cannot compile), and its compiled
+    # functions by whether they loop, each made on first use.
+    made = {"jit": jit, "functions": {}}
     counts: dict[int, tf.Tensor] = {}  # step counts as tensors, made once each
+
+    def function(num_steps: int):
+        # One step without the loop: a loop that runs no iteration still costs a node for
+        # every variable and tensor entering it (dozens for a small model), a tenth of a
+        # small model's step without XLA. Used while the looping function has not been
+        # needed (steps_per_execution=1, the short last batch's call); once it has, it
+        # serves every count, so a run traces at most one more function.
+        loop = num_steps > 1 or True in made["functions"]
+        fn = made["functions"].get(loop)
+        if fn is None:
+            on = made["jit"]
+            fn = made["functions"][loop] = compiled(on and not xla_loop, on and xla_loop, loop)
+        return fn
 
     def run(num_steps: int):
         count = counts.get(num_steps)
         if count is None:
             count = counts[num_steps] = tf.constant(num_steps, tf.int32)
         try:
-            values = current[0](count).numpy().tolist()
+            values = function(num_steps)(count).numpy().tolist()
         except tf.errors.OpError as e:
             detail = xla_failure(e)
-            if not (plan.xla_fallback and current[1] and detail):
+            if not (plan.xla_fallback and made["jit"] and detail):
                 raise
             # XLA rejects the graph before running it: nothing has changed yet.
             log.warning("XLA cannot compile the step (%s); running it without XLA "
                         "(trainer.jit_compile=false skips the attempt)", detail)
-            current[:] = [compiled(False, False), False]
-            values = current[0](count).numpy().tolist()
+            made.update(jit=False, functions={})
+            values = function(num_steps)(count).numpy().tolist()
         means, state = {}, {}
         for name, value in zip(names, values):
             if name.startswith(_LAST):

@@ -180,7 +180,9 @@ class TensorSource(Source):
         """The next full batch (static shape ``[batch_size, ...]``)."""
         # Modulo the epoch (after next_any() drew the short last batch, the position is
         # one past it), then the full batches (a retry past the last full batch wraps).
-        position = self.position % self.steps_per_epoch % max(self.full_batches, 1)
+        # Without a short last batch the epoch's steps are its full batches: one modulus.
+        position = (self.position % self.steps_per_epoch if self.tail else self.position)
+        position = position % max(self.full_batches, 1)
         # assign_add, not assign(position + 1): every later stateful op of the step (the
         # weight reads) waits for this write, and an increment needs no read and modulus
         # first; that chain is a tenth of a tiny model's step without XLA. The position
