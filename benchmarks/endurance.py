@@ -80,15 +80,15 @@ def _multitask():
     import keras
     import numpy as np
 
-    from trainer.data import DataModule
+    from trainer.data import Batching, DataModule
     from trainer.experiments.multitask import MultitaskStep, two_head_mlp
 
     batch, features, classes = 64, 64, 10
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch * EPOCH_STEPS, features)).astype(np.float32)
     y = (x[:, :classes].argmax(axis=1)).astype(np.int32)  # learnable, so PCGrad has work
-    data = DataModule(x_train=x, y_train=y, x_val=x[:256], y_val=y[:256],
-                      task="classification", batch_size=batch)
+    data = DataModule(train=(x, y), val=(x[:256], y[:256]), task="classification",
+                      batching=Batching(batch_size=batch))
     model = two_head_mlp(input_shape=(features,), num_outputs=classes, hidden_units=[64, 32])
     return MultitaskStep(model=model, optimizer=keras.optimizers.Adam(1e-3)), data, []
 

@@ -141,7 +141,7 @@ class ScaleTrainer(TrainerVariant):
 
         import trainer.training.trainer as trainer_module
         from trainer import TapeStep, Trainer
-        from trainer.data import DataModule
+        from trainer.data import Batching, DataModule
         from trainer.distribute import NoDistribution
         from trainer.step.optimizers import LossScale
 
@@ -149,8 +149,8 @@ class ScaleTrainer(TrainerVariant):
         x, y = w.arrays()
         in_memory = {"memory": True, "iterator": False}.get(self.source, "auto")
         n = self.val_examples
-        self.data = DataModule(x_train=x, y_train=y, x_val=x[:n], y_val=y[:n], task=w.task,
-                               batch_size=w.batch_size, in_memory=in_memory)
+        self.data = DataModule(train=(x, y), val=(x[:n], y[:n]), task=w.task,
+                               batching=Batching(batch_size=w.batch_size, in_memory=in_memory))
         distribution = self.distribution or NoDistribution()
         with precision(self.policy):
             with distribution.scope():

@@ -36,7 +36,7 @@ class ShardVariant(TrainerVariant):
         import keras
 
         from trainer import TapeStep, Trainer
-        from trainer.data import tfrecord
+        from trainer.data import Batching, tfrecord
         from trainer.driver.export import write_shards
 
         w = self.workload
@@ -46,7 +46,8 @@ class ShardVariant(TrainerVariant):
         write_shards(self.directory, x_train=x, y_train=y, x_val=x[: w.batch_size],
                      y_val=y[: w.batch_size], task=w.task, num_outputs=w.n_out,
                      shards=self.shards, name=w.name)
-        self.data = tfrecord(path=str(self.directory / "*.tfrecord"), batch_size=w.batch_size,
+        self.data = tfrecord(path=str(self.directory / "*.tfrecord"),
+                             batching=Batching(batch_size=w.batch_size),
                              shuffle_buffer=self.shuffle_buffer)
         self.step = TapeStep(model=w.model(), optimizer=keras.optimizers.Adam(1e-3),
                              task=w.task)

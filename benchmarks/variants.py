@@ -274,15 +274,15 @@ class TrainerVariant(Variant):
 
     def setup(self):
         from trainer import TapeStep, Trainer
-        from trainer.data import DataModule
+        from trainer.data import Batching, DataModule
         from trainer.regularizers import InputGradientPenalty
 
         w = self.workload
         x, y = w.arrays()
         in_memory = {"memory": True, "iterator": False}.get(self.source, "auto")
         self.data = DataModule(
-            x_train=x, y_train=y, x_val=x[: w.batch_size], y_val=y[: w.batch_size],
-            task=w.task, batch_size=w.batch_size, in_memory=in_memory,
+            train=(x, y), val=(x[: w.batch_size], y[: w.batch_size]), task=w.task,
+            batching=Batching(batch_size=w.batch_size, in_memory=in_memory),
         )
         regs = [InputGradientPenalty(weight=w.gp_weight, every=w.gp_every)] if w.gp_every else []
         self.step = TapeStep(model=w.model(), optimizer=keras.optimizers.Adam(1e-3),

@@ -25,11 +25,11 @@ def _dense_backbone(input_shape, units, activation, dropout):
 def _pretrained_backbone(input_shape, units, activation, dropout, *, classes, epochs,
                          learning_rate, batch_size, seed):
     """Train a fresh backbone with a throwaway head on the digits ``classes``."""
-    from trainer.data import digits
+    from trainer.data import Batching, digits
     from trainer.step.tape_step import TapeStep
     from trainer.training.trainer import Trainer
 
-    source = digits(classes=list(classes), batch_size=batch_size, seed=seed)
+    source = digits(classes=list(classes), batching=Batching(batch_size=batch_size, seed=seed))
     if source.input_shape != tuple(input_shape):
         raise UserError(f"model.pretrain_classes: the digits source task has inputs "
                         f"{source.input_shape}, the run's data {tuple(input_shape)}; set "

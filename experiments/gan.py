@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from trainer.common.errors import UserError
 from trainer.data.base import DataModule
+from trainer.data.options import Batching
 from trainer.distribute.replicas import global_batch_size, local_rows
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
 from trainer.regularizers import CriticContext
@@ -45,13 +46,11 @@ def ring_of_gaussians(
     n_samples: int = 25600,
     n_val: int = 2560,
     data_seed: int = 0,
-    batch_size: int = 256,
-    seed: int = 0,
-    shuffle: bool = True,
+    batching: Batching = Batching(batch_size=256),
 ) -> MixtureData:
     """``n_modes`` equal Gaussians of standard deviation ``std`` evenly spaced on a circle.
 
-    ``data_seed`` fixes the samples; ``seed`` only drives the shuffle.
+    ``data_seed`` fixes the samples; ``batching.seed`` only drives the shuffle.
     """
     if n_modes < 1 or std <= 0 or radius <= 0:
         raise UserError("data.n_modes must be >= 1, data.std and data.radius positive")
@@ -64,9 +63,9 @@ def ring_of_gaussians(
 
     x, x_val = sample(n_samples), sample(n_val)
     return MixtureData(
-        modes=modes, std=std, x_train=x, y_train=np.zeros((n_samples, 1)), x_val=x_val,
-        y_val=np.zeros((n_val, 1)), task="regression", batch_size=batch_size, seed=seed,
-        shuffle=shuffle, name=f"ring of {n_modes} Gaussians",
+        modes=modes, std=std, train=(x, np.zeros((n_samples, 1))),
+        val=(x_val, np.zeros((n_val, 1))), task="regression", batching=batching,
+        name=f"ring of {n_modes} Gaussians",
     )
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from trainer.common.errors import UserError
 from trainer.data.base import DataModule
+from trainer.data.options import Batching
 from trainer.experiments.plot import COLORS, Canvas, ImageCallback
 from trainer.step.tape_step import TapeStep
 
@@ -74,8 +75,8 @@ def poisson_data(
     x = rng.uniform(lo, hi, size=(n_collocation, 1)).astype(np.float32)
     x_val = np.linspace(lo, hi, n_val, dtype=np.float32)[:, None]
     return DataModule(
-        x_train=x, y_train=problem.exact(x), x_val=x_val, y_val=problem.exact(x_val),
-        task="regression", batch_size=batch_size, seed=seed, shuffle=shuffle,
+        train=(x, problem.exact(x)), val=(x_val, problem.exact(x_val)), task="regression",
+        batching=Batching(batch_size=batch_size, seed=seed, shuffle=shuffle),
         name=f"collocation points of {problem!r}",
     )
 

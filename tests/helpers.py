@@ -12,15 +12,17 @@ import keras
 import numpy as np
 
 from trainer import Callback, TapeStep, Trainer
-from trainer.data import DataModule
+from trainer.data import Batching, DataModule
 
 
-def regression_data(n=100, d=3, batch_size=16, seed=0, **kw) -> DataModule:
+def regression_data(n=100, d=3, batch_size=16, seed=0, shuffle=True, in_memory="auto",
+                    **kw) -> DataModule:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d)).astype("float32")
     y = x @ rng.normal(size=(d, 1)) + 0.5
-    return DataModule(x_train=x, y_train=y, x_val=x[:20], y_val=y[:20], task="regression",
-                      batch_size=batch_size, seed=seed, **kw)
+    return DataModule(train=(x, y), val=(x[:20], y[:20]), task="regression",
+                      batching=Batching(batch_size=batch_size, seed=seed, shuffle=shuffle,
+                                        in_memory=in_memory), **kw)
 
 
 def linear_model(d=3, seed=0):

@@ -18,7 +18,7 @@ from omegaconf.errors import ValidationError
 from tests.conftest import FAST
 from trainer.common.errors import UserError
 from trainer.driver.export import write_shards
-from trainer.driver.run import build, instantiate_node, run, validate
+from trainer.driver.run import build, instantiate_node, option_keys, run, validate
 from trainer.driver.schemas import SCHEMAS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -201,12 +201,27 @@ def _same(a, b) -> bool:
     return a == b
 
 
+def _parameters(target) -> dict:
+    """The keys a target takes, as parameters: its own, and the fields of the option
+    objects the driver gathers a data config's flat keys into (their defaults those of
+    the parameter's default object, else the option class's)."""
+    params = dict(inspect.signature(target).parameters)
+    for key, (name, option) in option_keys(target).items():
+        default = params[name].default
+        field = next(f for f in dataclasses.fields(option) if f.name == key)
+        value = (getattr(default, key) if default is not inspect.Parameter.empty
+                 else field.default if field.default is not dataclasses.MISSING
+                 else inspect.Parameter.empty)
+        params[key] = inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=value)
+    return params
+
+
 @pytest.mark.parametrize("schema", sorted(_schemas_with_targets().items()), ids=lambda s: s[0])
 def test_schema_defaults_equal_the_targets_signature_defaults(schema):
     """A default lives in the schema; the target's own default must not say otherwise."""
     _, schema = schema
     target = schema._target_
-    params = inspect.signature(get_object(target)).parameters
+    params = _parameters(get_object(target))
     wrong = []
     for f in dataclasses.fields(schema):
         default, param = _field_default(f), params.get(f.name)
@@ -223,7 +238,7 @@ def test_schema_defaults_equal_the_targets_signature_defaults(schema):
 @pytest.mark.parametrize("schema", sorted(_schemas_with_targets().items()), ids=lambda s: s[0])
 def test_every_schema_key_is_a_parameter_of_its_target(schema):
     _, schema = schema
-    params = inspect.signature(get_object(schema._target_)).parameters
+    params = _parameters(get_object(schema._target_))
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return
     extra = {f.name for f in dataclasses.fields(schema)} - set(params) - DRIVER_KEYS

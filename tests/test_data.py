@@ -4,11 +4,21 @@ import numpy as np
 import pytest
 
 from trainer.common.errors import UserError
-from trainer.data import DataModule, csv_file, digits, npz, synthetic
+from trainer.data import (
+    Batching,
+    Columns,
+    DataModule,
+    Generation,
+    Split,
+    csv_file,
+    digits,
+    npz,
+    synthetic,
+)
 
 
 def test_digits_split_is_fixed_and_independent_of_the_seed():
-    a, b = digits(seed=0), digits(seed=5)
+    a, b = digits(batching=Batching(seed=0)), digits(batching=Batching(seed=5))
     assert a.x_train.shape == (1437, 64) and a.x_val.shape == (360, 64)
     np.testing.assert_array_equal(a.x_val, b.x_val)
     assert a.num_classes == 10 and a.x_train.min() >= 0.0 and a.x_train.max() <= 1.0
@@ -16,7 +26,8 @@ def test_digits_split_is_fixed_and_independent_of_the_seed():
 
 def test_shuffle_differs_per_epoch_and_repeats_with_the_seed():
     def first_epochs(seed):
-        data = synthetic(task="classification", n_samples=64, batch_size=48, seed=seed)
+        data = synthetic(task="classification", generation=Generation(n_samples=64),
+                         batching=Batching(batch_size=48, seed=seed))
         ds = data.train_dataset().unbatch().map(lambda x, y: x[0])
         values = np.array([float(v) for v in ds.take(2 * len(data.x_train))])
         return values.reshape(2, -1)
@@ -29,8 +40,10 @@ def test_shuffle_differs_per_epoch_and_repeats_with_the_seed():
 
 
 def test_synthetic_regression_and_classification():
-    r = synthetic(task="regression", n_samples=40, batch_size=8)
-    c = synthetic(task="classification", n_samples=40, n_classes=4, batch_size=8)
+    r = synthetic(task="regression", generation=Generation(n_samples=40),
+                  batching=Batching(batch_size=8))
+    c = synthetic(task="classification", generation=Generation(n_samples=40, n_classes=4),
+                  batching=Batching(batch_size=8))
     assert r.task == "regression" and r.num_outputs == 1 and r.y_train.dtype == np.float32
     assert c.num_outputs == 4 and c.y_train.dtype == np.int32
 
@@ -40,8 +53,9 @@ def test_npz_with_and_without_a_validation_set(tmp_path):
     y = np.arange(20) % 2
     np.savez(tmp_path / "a.npz", x=x, y=y)
     np.savez(tmp_path / "b.npz", x=x, y=y, x_val=x[:3], y_val=y[:3])
-    assert len(npz(path=str(tmp_path / "a.npz"), val_fraction=0.25, batch_size=4).x_val) == 5
-    assert len(npz(path=str(tmp_path / "b.npz"), batch_size=4).x_val) == 3
+    assert len(npz(path=str(tmp_path / "a.npz"), split=Split(val_fraction=0.25),
+                   batching=Batching(batch_size=4)).x_val) == 5
+    assert len(npz(path=str(tmp_path / "b.npz"), batching=Batching(batch_size=4)).x_val) == 3
 
 
 def _csv(tmp_path, text):
@@ -52,7 +66,8 @@ def _csv(tmp_path, text):
 
 def test_csv_reads_features_and_target(tmp_path):
     rows = "\n".join(f"{i},{i * 2},{i % 3}" for i in range(30))
-    data = csv_file(path=_csv(tmp_path, "a,b,label\n" + rows + "\n"), target="label", batch_size=8)
+    data = csv_file(path=_csv(tmp_path, "a,b,label\n" + rows + "\n"), columns=Columns("label"),
+                    batching=Batching(batch_size=8))
     assert data.input_shape == (2,) and data.num_classes == 3
     assert len(data.x_train) + len(data.x_val) == 30
 
@@ -75,8 +90,9 @@ def test_csv_reads_features_and_target(tmp_path):
 def test_csv_errors_name_the_culprit(tmp_path, text, kwargs, message):
     path = str(tmp_path / "missing.csv") if text is None else _csv(tmp_path, text)
     kwargs = {"target": "y", **kwargs}
+    batching = Batching(batch_size=kwargs.pop("batch_size", 32))
     with pytest.raises(UserError, match=message) as e:
-        csv_file(path=path, **kwargs)
+        csv_file(path=path, columns=Columns(**kwargs), batching=batching)
     assert "\n" not in str(e.value)
     assert path in str(e.value)
 
@@ -96,7 +112,8 @@ def test_npz_half_a_validation_set_is_named(tmp_path):
 def test_nonfinite_features_are_accepted_on_request():
     x = np.ones((10, 2), "float32")
     x[3, 1] = np.inf
-    kw = dict(x_train=x, y_train=np.zeros(10), x_val=x[:2] * 0, y_val=np.zeros(2), batch_size=2)
+    kw = dict(train=(x, np.zeros(10)), val=(x[:2] * 0, np.zeros(2)),
+              batching=Batching(batch_size=2))
     with pytest.raises(UserError, match="row 3"):
         DataModule(**kw)
     assert DataModule(**kw, allow_nonfinite=True).x_train[3, 1] == np.inf
@@ -104,5 +121,4 @@ def test_nonfinite_features_are_accepted_on_request():
 
 def test_empty_set_is_rejected():
     with pytest.raises(UserError, match="train set is empty"):
-        DataModule(x_train=np.zeros((0, 2)), y_train=np.zeros(0), x_val=np.zeros((1, 2)),
-                   y_val=np.zeros(1))
+        DataModule(train=(np.zeros((0, 2)), np.zeros(0)), val=(np.zeros((1, 2)), np.zeros(1)))

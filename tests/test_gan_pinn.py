@@ -12,6 +12,7 @@ from tests import tb_reader
 from tests.helpers import cli
 from trainer import Trainer
 from trainer.common.errors import UserError
+from trainer.data import Batching
 from trainer.driver.run import run
 from trainer.experiments.gan import WganStep, gan_models, ring_of_gaussians
 from trainer.experiments.pinn import PinnStep, Poisson1D, poisson_data
@@ -34,7 +35,7 @@ def _gan(regularizers=None, n_critic=3, seed=0):
 
 
 def _real_batch(n=64):
-    data = ring_of_gaussians(n_samples=256, n_val=64, batch_size=n)
+    data = ring_of_gaussians(n_samples=256, n_val=64, batching=Batching(batch_size=n))
     return next(iter(data.train_dataset()))
 
 
@@ -115,7 +116,7 @@ def test_lazy_r1_is_computed_on_every_kth_critic_update_exactly(run_eagerly):
     n_critic, every, steps = 3, 2, 4
     spy = SpyR1(weight=1.0, every=every)
     step = _gan(regularizers=[spy], n_critic=n_critic)
-    data = ring_of_gaussians(n_samples=256, n_val=64, batch_size=32)
+    data = ring_of_gaussians(n_samples=256, n_val=64, batching=Batching(batch_size=32))
     Trainer(epochs=1, max_steps=steps, steps_per_execution=2,
             run_eagerly=run_eagerly).fit(step, data)
     due = [u for u in range(steps * n_critic) if u % every == 0]  # [0, 2, 4, 6, 8, 10]

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from tests.helpers import cli
 from trainer.common.errors import UserError
-from trainer.data import DataModule, ImageFolderData, digits, images
+from trainer.data import Batching, DataModule, ImageFolderData, Split, digits, images
 from trainer.driver.run import build, run
 from trainer.models import cnn
 
@@ -91,7 +91,7 @@ def test_a_cnn_learns_a_folder_of_pngs(make_cfg, tmp_path, folder):
 
 
 def test_the_split_and_pixels_are_keras_own(folder):
-    data = images(path=str(folder), color_mode="grayscale", batch_size=8)
+    data = images(path=str(folder), color_mode="grayscale", batching=Batching(batch_size=8))
     assert data.class_names == sorted(PATTERNS) and data.num_outputs == 3
     assert data.input_shape == (8, 8, 1) and isinstance(data.module, DataModule)
     _, val = keras.utils.image_dataset_from_directory(
@@ -105,8 +105,9 @@ def test_the_split_and_pixels_are_keras_own(folder):
 
 
 def test_streaming_gives_the_in_memory_batches(folder):
-    kw = {"path": str(folder), "color_mode": "grayscale", "batch_size": 7, "seed": 3}
-    memory, stream = images(**kw), images(**kw, in_memory=False)
+    kw = {"path": str(folder), "color_mode": "grayscale"}
+    memory = images(**kw, batching=Batching(batch_size=7, seed=3))
+    stream = images(**kw, batching=Batching(batch_size=7, seed=3, in_memory=False))
     assert stream.input_shape == memory.input_shape == (8, 8, 1)
     assert stream.module is None and memory.module is not None
     assert stream.steps_per_epoch() == memory.steps_per_epoch() == 7  # 48 = 6 x 7 + 6
@@ -122,7 +123,8 @@ def test_streaming_gives_the_in_memory_batches(folder):
 
 
 def test_a_streamed_iterator_resumes_exactly(tmp_path, folder):
-    data = images(path=str(folder), color_mode="grayscale", batch_size=8, in_memory=False)
+    data = images(path=str(folder), color_mode="grayscale",
+                  batching=Batching(batch_size=8, in_memory=False))
     source = data.train_source()
     for _ in range(4):
         source.next()
@@ -161,7 +163,8 @@ def test_images_train_on_two_replicas(tmp_path, folder, in_memory):
 def test_train_and_val_folders_are_the_split(tmp_path):
     write_folder(tmp_path / "d" / "train", per_class=5, seed=1)
     write_folder(tmp_path / "d" / "val", per_class=2, seed=2)
-    data = images(path=str(tmp_path / "d"), color_mode="grayscale", batch_size=4)
+    data = images(path=str(tmp_path / "d"), color_mode="grayscale",
+                  batching=Batching(batch_size=4))
     assert data.steps_per_epoch("train") == 4 and data.steps_per_epoch("val") == 2
     assert len(data.module.x_train) == 15 and len(data.module.x_val) == 6
     assert list(data.module.y_val) == [0, 0, 1, 1, 2, 2]  # in file order: the sorted class folders
@@ -175,8 +178,10 @@ def test_image_size_resizes_and_color_mode_sets_channels(tmp_path):
             image = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
             write_png(root / kind / f"{k}.png", image)
     (root / "b" / "5.jpg").write_bytes(tf.io.encode_jpeg(image).numpy())
-    assert images(path=str(root), batch_size=2).input_shape == (12, 10, 3)  # the first image's
-    data = images(path=str(root), image_size=[6, 4], color_mode="grayscale", batch_size=2)
+    assert images(path=str(root),  # the first image's size
+                  batching=Batching(batch_size=2)).input_shape == (12, 10, 3)
+    data = images(path=str(root), image_size=[6, 4], color_mode="grayscale",
+                  batching=Batching(batch_size=2))
     assert data.input_shape == (6, 4, 1)
     assert len(data.module.x_train) + len(data.module.x_val) == 11
 
@@ -184,7 +189,10 @@ def test_image_size_resizes_and_color_mode_sets_channels(tmp_path):
 # --- errors: one line naming the culprit and the fix ----------------------------------------
 def _error(**kw) -> str:
     with pytest.raises(UserError) as e:
-        images(**{"batch_size": 4, **kw}).input_shape  # noqa: B018 (the first use reads)
+        batching = Batching(batch_size=kw.pop("batch_size", 4),
+                            in_memory=kw.pop("in_memory", "auto"))
+        split = Split(val_fraction=kw.pop("val_fraction", 0.2))
+        images(**kw, batching=batching, split=split).input_shape  # noqa: B018 (the first use reads)
     message = str(e.value)
     assert "\n" not in message
     return message

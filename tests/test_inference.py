@@ -62,19 +62,19 @@ def test_predict_writes_classes_and_probabilities(finished, tmp_path, suffix):
         prediction, probabilities = table[:, 0].astype(int), table[:, 1:]
     assert probabilities.shape == (360, 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
-    from trainer.data import digits
+    from trainer.data import Batching, digits
 
-    y_val = digits(batch_size=64).y_val
+    y_val = digits(batching=Batching(batch_size=64)).y_val
     assert (prediction == y_val).mean() == pytest.approx(metrics["val/accuracy"], abs=1e-6)
 
 
 def test_predict_on_new_inputs_and_their_errors(finished, tmp_path, capsys):
     run_dir, _ = finished
-    from trainer.data import digits
+    from trainer.data import Batching, digits
 
     # Raw pixels (0-16, as load_digits gives them): predict scales them as training did.
     prepared = np.loadtxt(_predict(run_dir, tmp_path, "val.csv"), delimiter=",", skiprows=1)
-    np.savez(tmp_path / "new.npz", x=digits(batch_size=64).x_val[:5] * 16.0)
+    np.savez(tmp_path / "new.npz", x=digits(batching=Batching(batch_size=64)).x_val[:5] * 16.0)
     new = np.loadtxt(_predict(run_dir, tmp_path, "new.csv", "--input",
                               str(tmp_path / "new.npz")), delimiter=",", skiprows=1)
     np.testing.assert_allclose(new, prepared[:5], atol=1e-5)

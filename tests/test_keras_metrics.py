@@ -285,7 +285,7 @@ def test_a_lazily_built_metric_of_a_subclassed_model_is_in_the_checkpoint(tmp_pa
     import tensorflow as tf
 
     from trainer import TapeStep, Trainer
-    from trainer.data import synthetic
+    from trainer.data import Batching, Generation, synthetic
 
     class Linear(keras.Model):
         def __init__(self):
@@ -295,7 +295,8 @@ def test_a_lazily_built_metric_of_a_subclassed_model_is_in_the_checkpoint(tmp_pa
         def call(self, x):
             return self.dense(x)
 
-    data = synthetic(task="classification", n_samples=64, batch_size=16)
+    data = synthetic(task="classification", generation=Generation(n_samples=64),
+                     batching=Batching(batch_size=16))
     model = Linear()
     step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.1),
                     metrics=[keras.metrics.F1Score(average="macro", name="f1")])

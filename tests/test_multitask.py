@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import Trainer
-from trainer.data import digits
+from trainer.data import Batching, digits
 from trainer.experiments.multitask import MultitaskStep, pcgrad, two_head_mlp
 
 
@@ -63,7 +63,7 @@ def _step(seed=0, optimizer=None):
 
 
 def _batch(n=32):
-    data = digits(batch_size=n)
+    data = digits(batching=Batching(batch_size=n))
     return tf.constant(data.x_train[:n]), tf.constant(data.y_train[:n])
 
 
@@ -115,7 +115,7 @@ def test_train_step_applies_the_sum_of_projected_trunk_gradients():
 
 def _fit(run_eagerly):
     step = _step(seed=3)
-    data = digits(batch_size=64, seed=3)
+    data = digits(batching=Batching(batch_size=64, seed=3))
     trainer = Trainer(epochs=1, max_steps=6, steps_per_execution=3, run_eagerly=run_eagerly)
     logs = trainer.fit(step, data)
     return logs, [v.numpy() for v in step.model.variables]
@@ -134,7 +134,7 @@ def test_eager_and_compiled_runs_agree():
 def test_validation_metrics_cover_the_split_once():
     """val/accuracy/* is each head's accuracy over the 360 validation images, every time."""
     step = _step(seed=1)
-    data = digits(batch_size=64)  # 360 = 5 x 64 + 40: a short last batch
+    data = digits(batching=Batching(batch_size=64))  # 360 = 5 x 64 + 40: a short last batch
     trainer = Trainer(epochs=2, steps_per_execution=5)
     logs = trainer.fit(step, data)
     out = step.model(data.x_val)

@@ -320,10 +320,10 @@ def test_a_run_stopped_by_too_many_resets_saves_its_last_good_state(tmp_path):
     x = rng.normal(size=(64, 3)).astype("float32")
     x[32:] = np.nan  # the second half of every epoch is bad
     y = rng.normal(size=(64, 1)).astype("float32")
-    from trainer.data import DataModule
+    from trainer.data import Batching, DataModule
 
-    data = DataModule(x_train=x, y_train=y, x_val=x[:16], y_val=y[:16], task="regression",
-                      batch_size=8, shuffle=False, allow_nonfinite=True)
+    data = DataModule(train=(x, y), val=(x[:16], y[:16]), task="regression",
+                      batching=Batching(batch_size=8, shuffle=False), allow_nonfinite=True)
     cb = CheckpointCallback(directory="ckpt", every_seconds=0, min_interval_seconds=0)
     model = linear_model()
     step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.1), task="regression",

@@ -14,7 +14,7 @@ from trainer.common.errors import UserError
 from trainer.compile.executions import make_execution, train_step_functions
 from trainer.compile.pacing import BAND_SECONDS, FIRST_STEPS, Pacing, check_steps_per_execution
 from trainer.compile.plan import CompilePlan
-from trainer.data import DataModule
+from trainer.data import Batching, DataModule
 from trainer.data import base as data_base
 from trainer.data.sources import IteratorSource, TensorSource, epoch_permutation
 from trainer.step.tape import global_norm
@@ -130,8 +130,8 @@ def test_in_memory_auto_follows_the_size_bound_and_overrides(monkeypatch):
 
     monkeypatch.setattr(data_base, "IN_MEMORY_MAX_BYTES", 1 << 30)
     x = np.zeros((8, 2), "float32")
-    custom = Streamed(x_train=x, y_train=x[:, :1], x_val=x, y_val=x[:, :1], task="regression",
-                      batch_size=4)
+    custom = Streamed(train=(x, x[:, :1]), val=(x, x[:, :1]), task="regression",
+                      batching=Batching(batch_size=4))
     assert isinstance(custom.train_source(), IteratorSource)
     with pytest.raises(UserError, match=r"data\.in_memory='yes' must be auto, true or false"):
         regression_data(in_memory="yes")
@@ -296,7 +296,7 @@ def test_global_norm_equals_tensorflows(shapes):
 
 # --- configs ----------------------------------------------------------------------------------
 def test_config_keys_for_the_speed_features(make_cfg, tmp_path):
-    from trainer.driver.run import instantiate_node
+    from trainer.driver.run import instantiate_data, instantiate_node
 
     def trainer_of(cfg):  # as the driver builds it: without its own keys (resume, ...)
         driver_keys = ("resume", "deterministic", "checkpoint_dir")
@@ -305,7 +305,7 @@ def test_config_keys_for_the_speed_features(make_cfg, tmp_path):
 
     cfg = make_cfg("data=synthetic", "data.in_memory=false", "trainer.steps_per_execution=16",
                    "trainer.jit_compile=true", "callbacks.profile.steps=[1,3]")
-    assert instantiate_node(cfg.data).holds_in_memory() is False
+    assert instantiate_data(cfg.data).holds_in_memory() is False
     trainer = trainer_of(cfg)
     assert trainer.steps_per_execution == 16 and trainer.jit_compile is True
     assert instantiate_node(cfg.callbacks.profile).steps == [1, 3]

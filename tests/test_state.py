@@ -84,9 +84,10 @@ def _history(run_dir):
 
 def test_checkpoint_of_a_two_model_step_keeps_models_and_optimizers_apart():
     # A GAN's models and optimizers share names (generator, critic): both must be saved.
+    from trainer.data import Batching
     from trainer.experiments.gan import WganStep, gan_models, ring_of_gaussians
 
-    data = ring_of_gaussians(n_samples=64, n_val=32, batch_size=32)
+    data = ring_of_gaussians(n_samples=64, n_val=32, batching=Batching(batch_size=32))
     models = gan_models(input_shape=(2,), num_outputs=1, generator_units=[8],
                         critic_units=[8])
     optimizers = {"generator": keras.optimizers.Adam(1e-3),

@@ -9,7 +9,7 @@ import tensorflow as tf
 
 from trainer import ResetPolicy, TapeStep, Trainer
 from trainer.common.errors import UserError
-from trainer.data import DataModule
+from trainer.data import Batching, DataModule
 from trainer.step.tape import TapeResetError, gradients
 
 
@@ -57,8 +57,8 @@ def test_unconnected_head_is_left_alone_and_named_once(caplog, run_eagerly, poli
                      unconnected_gradients=policy)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 3)).astype("float32")
-    data = DataModule(x_train=x, y_train=x[:, :1], x_val=x[:8], y_val=x[:8, :1],
-                      task="regression", batch_size=16)
+    data = DataModule(train=(x, x[:, :1]), val=(x[:8], x[:8, :1]), task="regression",
+                      batching=Batching(batch_size=16))
     with caplog.at_level(logging.WARNING, logger="trainer.step.base"):
         Trainer(epochs=2, steps_per_execution=2, run_eagerly=run_eagerly).fit(step, data)
     for before, v in zip(head_b, model.get_layer("head_b").weights):
@@ -235,9 +235,8 @@ def _planted(clean=False, n_batches=10, batch=8):
         for b in (BAD_NAN, BAD_HUGE):
             keep[b * batch:(b + 1) * batch] = False
         x, y = x[keep], y[keep]
-    return DataModule(x_train=x, y_train=y, x_val=x[:8] * 0, y_val=y[:8] * 0,
-                      task="regression", batch_size=batch, shuffle=False,
-                      allow_nonfinite=True)
+    return DataModule(train=(x, y), val=(x[:8] * 0, y[:8] * 0), task="regression",
+                      batching=Batching(batch_size=batch, shuffle=False), allow_nonfinite=True)
 
 
 def _reset_fit(data, *, reset=None, epochs=1, max_steps=None, run_eagerly=False, spe=4):
@@ -294,8 +293,8 @@ def test_reset_steps_are_left_out_of_the_epoch_means(when, run_eagerly):
         y[bad * batch + 1] = 1e4
     else:
         x[bad * batch + 1, 0] = np.nan
-    data = DataModule(x_train=x, y_train=y, x_val=x[:8] * 0, y_val=y[:8] * 0,
-                      task="regression", batch_size=batch, shuffle=False, allow_nonfinite=True)
+    data = DataModule(train=(x, y), val=(x[:8] * 0, y[:8] * 0), task="regression",
+                      batching=Batching(batch_size=batch, shuffle=False), allow_nonfinite=True)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, name="lin")])
     policy = ResetPolicy(when=[when], threshold=1e3 if when == "threshold" else None)

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tests.helpers import Crash
 from trainer.common.errors import UserError
-from trainer.data import DataModule, digits, tfrecord
+from trainer.data import Batching, DataModule, digits, tfrecord
 from trainer.data.tfrecord import META, TFRecordData, data_error_line, shard_name
 from trainer.driver.export import export, write_shards
 from trainer.driver.run import build, run
@@ -91,7 +91,8 @@ def export_cfg(make_cfg):
 # --- streaming -----------------------------------------------------------------------------
 def test_every_epoch_visits_every_example_once_in_a_seeded_order(tmp_path):
     directory = _write(tmp_path / "d")
-    data = tfrecord(path=str(directory / "*.tfrecord"), batch_size=16, seed=3, shuffle_buffer=20)
+    data = tfrecord(path=str(directory / "*.tfrecord"), batching=Batching(batch_size=16, seed=3),
+                    shuffle_buffer=20)
     assert data.steps_per_epoch() == 7 and data.steps_per_epoch("val") == 2  # 100 = 6*16 + 4
     first = next(iter(data.train_dataset()))
     assert first[0].dtype == tf.float32 and first[1].dtype == tf.int32
@@ -101,9 +102,11 @@ def test_every_epoch_visits_every_example_once_in_a_seeded_order(tmp_path):
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
     # The order is the seed's alone: not the global seed's, not the process's.
     tf.random.set_seed(123)
-    again = tfrecord(path=str(directory), batch_size=16, seed=3, shuffle_buffer=20)
+    again = tfrecord(path=str(directory), batching=Batching(batch_size=16, seed=3),
+                     shuffle_buffer=20)
     assert _epochs(again, 3) == epochs
-    assert _epochs(tfrecord(path=str(directory), batch_size=16, seed=4), 1)[0] != epochs[0]
+    assert _epochs(tfrecord(path=str(directory), batching=Batching(batch_size=16, seed=4)),
+                   1)[0] != epochs[0]
     # Validation: the export's order, every time.
     val = _ids(data.validation_batches())
     val_batches = iter(data.val_dataset())
@@ -113,18 +116,19 @@ def test_every_epoch_visits_every_example_once_in_a_seeded_order(tmp_path):
 
 
 def test_without_shuffle_the_order_is_the_export_order_every_epoch(tmp_path):
-    data = tfrecord(path=str(_write(tmp_path / "d", shards=1)), batch_size=32, shuffle=False)
+    data = tfrecord(path=str(_write(tmp_path / "d", shards=1)),
+                    batching=Batching(batch_size=32, shuffle=False))
     a, b = _epochs(data, 2)
     assert a == b and sorted(a) == list(range(100))
 
 
 def test_regression_shards_and_in_memory_true(tmp_path):
     directory = _write(tmp_path / "d", task="regression")
-    data = tfrecord(path=str(directory), batch_size=8)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=8))
     assert data.task == "regression" and data.num_outputs == 1 and data.input_shape == (3,)
     x, y = next(iter(data.val_dataset()))
     np.testing.assert_allclose(y.numpy(), x.numpy()[:, 1:2] * 2.0, rtol=1e-6)
-    held = tfrecord(path=str(directory), batch_size=8, in_memory=True)
+    held = tfrecord(path=str(directory), batching=Batching(batch_size=8, in_memory=True))
     assert isinstance(held, DataModule) and held.holds_in_memory()
     assert sorted(held.x_train[:, 0].tolist()) == list(range(100))
 
@@ -218,7 +222,8 @@ def _nan_first(d):
     (lambda d: _edit_meta(d, lambda m: m["splits"]["val"].update(nonfinite_examples=2)), {},
      r"2 val examples hold NaN or infinity \(meta\.json\); .*data\.allow_nonfinite=true"),
     (None, {"task": "regression"}, r"data\.task=regression but .*classification targets"),
-    (None, {"batch_size": 101}, r"batch_size=101 is larger than the 100 training examples"),
+    (None, {"batching": Batching(batch_size=101)},
+     r"batch_size=101 is larger than the 100 training examples"),
     (None, {"shuffle_buffer": 0}, r"shuffle_buffer=0 must be at least 1"),
 ], ids=["no-match", "no-path", "no-meta", "corrupt-meta", "bad-shape-meta", "bad-task-meta",
         "size", "missing-shard", "unlisted", "no-val", "first-record-shape", "first-record-nan",
@@ -237,7 +242,8 @@ def test_bad_shards_fail_with_one_line_naming_the_culprit(tmp_path, damage, kwar
 def test_allow_nonfinite_accepts_nan_features(tmp_path):
     directory = _write(tmp_path / "d")
     _nan_first(directory)
-    data = tfrecord(path=str(directory), batch_size=100, allow_nonfinite=True, shuffle=False)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=100, shuffle=False),
+                    allow_nonfinite=True)
     x, _ = next(iter(data.train_dataset()))
     assert np.isnan(x.numpy()).any()
 
@@ -252,7 +258,7 @@ def test_a_bad_record_inside_a_shard_stops_training_naming_the_data(tmp_path, re
     name = "train-00003-of-00004.tfrecord"
     records = _records(directory / name)
     _rewrite(directory, name, [records[0], _example(record, 1), *records[2:]])
-    data = tfrecord(path=str(directory), batch_size=10)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=10))
     with pytest.raises(tf.errors.InvalidArgumentError, match=message) as e:
         _epochs(data, 1)
     assert str(directory) in str(e.value)
@@ -266,7 +272,7 @@ def test_a_shard_with_fewer_records_than_its_metadata_stops_the_pass(tmp_path):
     directory = _write(tmp_path / "d")
     name = "val-00002-of-00004.tfrecord"
     _rewrite(directory, name, _records(directory / name)[1:])
-    data = tfrecord(path=str(directory), batch_size=10)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=10))
     with pytest.raises(tf.errors.FailedPreconditionError, match="expected to contain 30"):
         data.validation_batches()
 
@@ -314,7 +320,7 @@ def test_export_command_in_a_subprocess(tmp_path):
     assert meta["task"] == "classification" and meta["feature_shape"] == [8]
     assert [s["examples"] for s in meta["splits"]["train"]["shards"]] == [96] * 4  # 384 rows
     assert sorted(os.listdir(tmp_path)) == ["shards"]  # no run directory, no log file
-    data = tfrecord(path=str(out / "*.tfrecord"), batch_size=32)
+    data = tfrecord(path=str(out / "*.tfrecord"), batching=Batching(batch_size=32))
     assert data.steps_per_epoch() == 12 and data.steps_per_epoch("val") == 4
     # A second export into it is refused; with overwrite=true it replaces the shards.
     p = _export_cli("data=synthetic", f"out={out}", cwd=tmp_path)
@@ -336,7 +342,7 @@ _TRAIN_ONE_EPOCH = textwrap.dedent("""
     import json, resource, sys
     import keras
     from trainer import Callback, TapeStep, Trainer
-    from trainer.data import tfrecord
+    from trainer.data import Batching, tfrecord
     from trainer.models import mlp
 
     def peak_mb():
@@ -347,7 +353,7 @@ _TRAIN_ONE_EPOCH = textwrap.dedent("""
             self.first = getattr(self, "first", None) or peak_mb()
 
     before = peak_mb()
-    data = tfrecord(path=sys.argv[1], batch_size=256, shuffle_buffer=1024)
+    data = tfrecord(path=sys.argv[1], batching=Batching(batch_size=256), shuffle_buffer=1024)
     model = mlp(input_shape=data.input_shape, num_outputs=data.num_outputs, hidden_units=[16])
     step = TapeStep(model=model, optimizer=keras.optimizers.Adam(1e-3), task=data.task)
     peak = Peak()
@@ -386,10 +392,10 @@ def test_training_from_shards_larger_than_the_budget_keeps_memory_bounded(tmp_pa
 
 
 def test_digits_round_trip_keeps_the_arrays(tmp_path):
-    d = digits(batch_size=64)
+    d = digits(batching=Batching(batch_size=64))
     write_shards(tmp_path, x_train=d.x_train, y_train=d.y_train, x_val=d.x_val, y_val=d.y_val,
                  task=d.task, num_outputs=d.num_outputs, shards=3, name=d.name)
-    data = tfrecord(path=str(tmp_path / "*.tfrecord"), batch_size=64)
+    data = tfrecord(path=str(tmp_path / "*.tfrecord"), batching=Batching(batch_size=64))
     x_val, y_val = data.arrays("val")
     np.testing.assert_array_equal(x_val, d.x_val)
     np.testing.assert_array_equal(y_val, d.y_val)
@@ -448,7 +454,7 @@ def test_predict_on_a_run_trained_from_exported_digits_prepares_raw_inputs(make_
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")  # what Hydra saves
     run(cfg, run_dir=run_dir)
-    prepared = digits(batch_size=64).x_val  # what data=digits trains and predicts on
+    prepared = digits(batching=Batching(batch_size=64)).x_val  # what data=digits trains on
     np.savez(tmp_path / "raw.npz", x=prepared * 16.0)
     assert predict_main([str(run_dir), "--input", str(tmp_path / "raw.npz"),
                          "--out", str(tmp_path / "p.npz")]) == 0
@@ -457,17 +463,18 @@ def test_predict_on_a_run_trained_from_exported_digits_prepares_raw_inputs(make_
     model = load_run(str(run_dir)).step.models["model"]
     expected = tf.nn.softmax(model.predict(prepared, verbose=0)).numpy()
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-    assert (probabilities.argmax(1) == digits(batch_size=64).y_val).mean() > 0.8
+    assert (probabilities.argmax(1) == digits(batching=Batching(batch_size=64)).y_val).mean() > 0.8
 
 
 def test_the_preparation_survives_reading_into_memory_and_exporting_again(export_cfg,
                                                                           tmp_path):
     first = tmp_path / "first"
     export(export_cfg(f"out={first}", "shards=2"))
-    raw = digits(batch_size=64).x_val[:3] * 16.0
+    raw = digits(batching=Batching(batch_size=64)).x_val[:3] * 16.0
     for in_memory in (False, True):
-        data = tfrecord(path=str(first), batch_size=64, in_memory=in_memory)
-        np.testing.assert_array_equal(data.prepare(raw), digits(batch_size=64).x_val[:3])
+        data = tfrecord(path=str(first), batching=Batching(batch_size=64, in_memory=in_memory))
+        np.testing.assert_array_equal(data.prepare(raw),
+                                      digits(batching=Batching(batch_size=64)).x_val[:3])
     again = export(export_cfg(f"out={tmp_path / 'again'}", "data=tfrecord",
                               f"data.path={first}", "data.in_memory=true"))
     assert again["preparation"] == {"subtract": 0.0, "divide_by": 16.0}
@@ -482,19 +489,19 @@ def test_an_export_refuses_a_preparation_meta_json_cannot_hold(tmp_path):
     from trainer.driver.export import _preparation
 
     x, y = np.ones((8, 2)), np.arange(8) % 2
-    data = DataModule(x_train=x, y_train=y, x_val=x, y_val=y, batch_size=4, name="mine",
+    data = DataModule(train=(x, y), val=(x, y), batching=Batching(batch_size=4), name="mine",
                       preprocess=lambda v: v / 255.0)
     with pytest.raises(UserError, match=r"^data mine: its preprocess '.*<lambda>' is a function "
                        r"that meta\.json cannot record; pass preprocess=trainer\.data\.Scaling"):
         _preparation(data)
-    data = DataModule(x_train=x, y_train=y, x_val=x, y_val=y, batch_size=4,
+    data = DataModule(train=(x, y), val=(x, y), batching=Batching(batch_size=4),
                       preprocess=Scaling(divide_by=255.0, subtract=1.0))
     assert _preparation(data) == {"subtract": 1.0, "divide_by": 255.0}
     np.testing.assert_allclose(data.prepare([[256.0, 1.0]]), [[1.0, 0.0]])
 
 
 def test_digits_as_images_prepare_flat_raw_rows():
-    d = digits(batch_size=64, images=True)
+    d = digits(batching=Batching(batch_size=64), images=True)
     raw = d.x_val.reshape(len(d.x_val), 64) * 16.0  # a CSV's rows of raw pixels
     np.testing.assert_array_equal(d.prepare(raw), d.x_val)
     assert d.preprocess.to_json() == {"subtract": 0.0, "divide_by": 16.0}

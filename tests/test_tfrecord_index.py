@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.data import tfrecord
+from trainer.data import Batching, tfrecord
 from trainer.data.tfrecord_meta import META
 from trainer.export_data import index_main
 
@@ -92,7 +92,7 @@ def test_index_writes_the_meta_json_the_reader_takes(tmp_path, capsys):
     assert (meta["splits"]["train"]["examples"], meta["splits"]["val"]["examples"]) == (50, 10)
     assert not [f for f in os.listdir(directory) if f.startswith(".")]  # no temporary left
     # The reader takes it: int64 pixels arrive as float32, the classes as they were written.
-    data = tfrecord(path=str(directory), batch_size=8, shuffle=False)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=8, shuffle=False))
     x_val, y_val = data.arrays("val")
     assert x_val.dtype == np.float32 and data.num_outputs == 5
     np.testing.assert_array_equal(x_val, rows["val-00000-of-00001.tfrecord"][0])
@@ -111,7 +111,7 @@ def test_regression_and_nonfinite_features_are_counted(tmp_path, capsys):
     assert (meta["task"], meta["num_outputs"], meta["feature_dtype"]) == (
         "regression", 2, "float32")
     assert meta["splits"]["train"]["nonfinite_examples"] == 1
-    data = tfrecord(path=str(directory), batch_size=2, allow_nonfinite=True)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=2), allow_nonfinite=True)
     assert data.task == "regression" and data.input_shape == (4,)
 
 
@@ -136,7 +136,7 @@ def test_indexing_again_keeps_what_the_records_cannot_show(tmp_path, capsys):
         "name": "pixels", "feature_shape": [2, 3], "num_outputs": 7,
         "preparation": {"subtract": 1.0, "divide_by": 255.0}, "x_key": "a", "y_key": "b"}
     assert again["splits"]["val"]["examples"] == 3
-    data = tfrecord(path=str(directory), batch_size=4)
+    data = tfrecord(path=str(directory), batching=Batching(batch_size=4))
     assert data.input_shape == (2, 3)
     np.testing.assert_allclose(data.prepare(np.full((1, 6), 256.0)), np.ones((1, 2, 3)))
 

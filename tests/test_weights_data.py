@@ -10,21 +10,31 @@ from sklearn.utils.class_weight import compute_class_weight
 
 import trainer.data.base
 from trainer.common.errors import UserError
-from trainer.data import DataModule, csv_file, digits, npz, synthetic
+from trainer.data import (
+    Batching,
+    Columns,
+    DataModule,
+    Keys,
+    Split,
+    csv_file,
+    digits,
+    npz,
+    synthetic,
+)
 from trainer.data.sources import IteratorSource, TensorSource
-from trainer.driver.run import build, instantiate_node
+from trainer.driver.run import build, instantiate_data
 
 
-def _module(n=30, n_val=7, *, w=None, w_val=None, class_weight=None, **kw):
+def _module(n=30, n_val=7, *, w=None, w_val=None, class_weight=None, in_memory="auto"):
     """Feature 0 of row i is i (so a batch's rows can be identified); labels 0, 1, 2 in
     unequal numbers; ``w``/``w_val`` as functions of the row id."""
     ids = np.arange(n + n_val, dtype=np.float32)
     x = np.stack([ids, -ids], axis=1)
     y = np.minimum(ids.astype(int) % 5, 2)  # classes 0, 1 once in 5 each; 2 three times in 5
     return DataModule(
-        x_train=x[:n], y_train=y[:n], x_val=x[n:], y_val=y[n:],
-        w_train=None if w is None else w(ids[:n]), w_val=None if w_val is None else w_val(ids[n:]),
-        class_weight=class_weight, **{"batch_size": 4, "seed": 3, **kw})
+        train=(x[:n], y[:n], None if w is None else w(ids[:n])),
+        val=(x[n:], y[n:], None if w_val is None else w_val(ids[n:])),
+        class_weight=class_weight, batching=Batching(batch_size=4, seed=3, in_memory=in_memory))
 
 
 def _check_rows(batch, data, expected_w):
@@ -51,8 +61,8 @@ def test_balanced_weights_are_sklearns_on_the_training_split():
 def test_balanced_weights_count_the_classes_the_training_split_holds():
     # Class 2 is only in the validation set: sklearn's n_classes is 2, the classes present.
     x = np.zeros((12, 1))
-    data = DataModule(x_train=x[:9], y_train=[0] * 7 + [1] * 2, x_val=x[9:], y_val=[2, 1, 0],
-                      batch_size=2, class_weight="balanced")
+    data = DataModule(train=(x[:9], [0] * 7 + [1] * 2), val=(x[9:], [2, 1, 0]),
+                      batching=Batching(batch_size=2), class_weight="balanced")
     assert data.num_classes == 3
     sk = compute_class_weight("balanced", classes=np.array([0, 1]), y=data.y_train)
     np.testing.assert_allclose(data.w_train, sk[data.y_train], rtol=1e-6)
@@ -173,12 +183,14 @@ def _arrays(n=40):
 def test_npz_weights_are_split_with_their_rows(tmp_path):
     x, y, w = _arrays()
     np.savez(tmp_path / "a.npz", x=x, y=y, sw=w)
-    data = npz(path=str(tmp_path / "a.npz"), w_key="sw", val_fraction=0.25, batch_size=4)
+    data = npz(path=str(tmp_path / "a.npz"), keys=Keys(w_key="sw"), split=Split(val_fraction=0.25),
+               batching=Batching(batch_size=4))
     assert len(data.x_val) == 10 and data.weighted
     np.testing.assert_array_equal(data.w_train, data.x_train[:, 0] + 1)
     np.testing.assert_array_equal(data.w_val, data.x_val[:, 0] + 1)
     # The same rows as without weights.
-    plain = npz(path=str(tmp_path / "a.npz"), val_fraction=0.25, batch_size=4)
+    plain = npz(path=str(tmp_path / "a.npz"), split=Split(val_fraction=0.25),
+                batching=Batching(batch_size=4))
     np.testing.assert_array_equal(plain.x_val, data.x_val)
 
 
@@ -186,11 +198,11 @@ def test_npz_validation_weights_from_w_key_val_or_ones(tmp_path):
     x, y, w = _arrays()
     np.savez(tmp_path / "a.npz", x=x[:30], y=y[:30], sw=w[:30], x_val=x[30:], y_val=y[30:],
              sw_val=w[30:] * 10)
-    data = npz(path=str(tmp_path / "a.npz"), w_key="sw", batch_size=4)
+    data = npz(path=str(tmp_path / "a.npz"), keys=Keys(w_key="sw"), batching=Batching(batch_size=4))
     np.testing.assert_array_equal(data.w_train, w[:30])
     np.testing.assert_array_equal(data.w_val, w[30:] * 10)
     np.savez(tmp_path / "b.npz", x=x[:30], y=y[:30], sw=w[:30], x_val=x[30:], y_val=y[30:])
-    data = npz(path=str(tmp_path / "b.npz"), w_key="sw", batch_size=4)
+    data = npz(path=str(tmp_path / "b.npz"), keys=Keys(w_key="sw"), batching=Batching(batch_size=4))
     np.testing.assert_array_equal(data.w_val, np.ones(10))
 
 
@@ -203,13 +215,14 @@ def _csv(tmp_path, text, name="t.csv"):
 def test_csv_weight_column_is_a_weight_not_a_feature(tmp_path):
     rows = "\n".join(f"{i},{i * 2},{i + 1},{i % 3}" for i in range(30))
     path = _csv(tmp_path, "a,b,wt,label\n" + rows + "\n")
-    data = csv_file(path=path, target="label", weight="wt", batch_size=4, class_weight={1: 2})
+    data = csv_file(path=path, columns=Columns("label", weight="wt"),
+                    batching=Batching(batch_size=4), class_weight={1: 2})
     assert data.input_shape == (2,)  # a and b only
     np.testing.assert_array_equal(data.x_train[:, 1], 2 * data.x_train[:, 0])
     expected = (data.x_train[:, 0] + 1) * np.where(data.y_train == 1, 2.0, 1.0)
     np.testing.assert_array_equal(data.w_train, expected)
     np.testing.assert_array_equal(data.w_val, data.x_val[:, 0] + 1)
-    plain = csv_file(path=path, target="label", batch_size=4)
+    plain = csv_file(path=path, columns=Columns("label"), batching=Batching(batch_size=4))
     assert plain.input_shape == (3,) and not plain.weighted
     np.testing.assert_array_equal(plain.x_val[:, 0], data.x_val[:, 0])  # the same split
 
@@ -264,7 +277,7 @@ def test_npz_weight_errors_name_the_file_and_row(tmp_path, arrays, kwargs, messa
     path = str(tmp_path / "a.npz")
     np.savez(path, **{"x": x, "y": y, "sw": w, **arrays})
     with pytest.raises(UserError, match=message) as e:
-        npz(path=path, **{"w_key": "sw", "batch_size": 4, **kwargs})
+        npz(path=path, keys=Keys(**{"w_key": "sw", **kwargs}), batching=Batching(batch_size=4))
     assert "\n" not in str(e.value) and path in str(e.value)
 
 
@@ -285,7 +298,9 @@ def test_npz_weight_errors_name_the_file_and_row(tmp_path, arrays, kwargs, messa
 def test_csv_weight_errors_name_the_file_and_line(tmp_path, text, kwargs, message):
     path = _csv(tmp_path, text)
     with pytest.raises(UserError, match=message) as e:
-        csv_file(path=path, **{"target": "y", "weight": "wt", **kwargs})
+        allow_nonfinite = kwargs.pop("allow_nonfinite", False)
+        csv_file(path=path, columns=Columns(**{"target": "y", "weight": "wt", **kwargs}),
+                 allow_nonfinite=allow_nonfinite)
     assert "\n" not in str(e.value) and path in str(e.value)
 
 
@@ -294,19 +309,19 @@ def test_class_weight_composes_and_builds_weighted_data(make_cfg, tmp_path):
     r = build(make_cfg("data.class_weight=balanced"), run_dir=tmp_path)
     assert r.data.weighted and len(r.data.probe_batch()) == 3
     # A mapping on the command line, and the file options' keys.
-    data = instantiate_node(make_cfg("data.class_weight={0:2.0,9:0.5}").data)
+    data = instantiate_data(make_cfg("data.class_weight={0:2.0,9:0.5}").data)
     np.testing.assert_array_equal(np.unique(data.w_train), [0.5, 1.0, 2.0])
     x, y, w = _arrays()
     np.savez(tmp_path / "a.npz", x=x, y=y, sw=w)
-    data = instantiate_node(make_cfg("data=npz", f"data.path={tmp_path / 'a.npz'}",
+    data = instantiate_data(make_cfg("data=npz", f"data.path={tmp_path / 'a.npz'}",
                                      "data.w_key=sw").data)
     assert data.weighted and sorted(np.r_[data.w_train, data.w_val]) == list(w)
     rows = "\n".join(f"{i},{i + 1},{i % 2}" for i in range(20))
     path = _csv(tmp_path, "a,wt,label\n" + rows + "\n")
-    data = instantiate_node(make_cfg("data=csv", f"data.path={path}", "data.target=label",
+    data = instantiate_data(make_cfg("data=csv", f"data.path={path}", "data.target=label",
                                      "data.weight=wt", "data.batch_size=4").data)
     assert data.weighted and data.input_shape == (1,)
-    assert not instantiate_node(make_cfg().data).weighted
+    assert not instantiate_data(make_cfg().data).weighted
 
 
 def test_weighted_data_is_not_exported_without_its_weights(make_cfg, tmp_path):

@@ -1,15 +1,33 @@
-"""DataModule: validated in-memory arrays and the tf.data pipelines built from them."""
+"""Data, the base every data set shares (how it draws batches: its ``batching``), and
+DataModule: validated in-memory arrays and the tf.data pipelines built from them."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
 from trainer.common.errors import UserError
+from trainer.data.options import Arrays, Batching
 from trainer.data.weights import check_sample_weights, class_weight_table
 
 TASKS = ("classification", "regression")
 #: ``in_memory="auto"`` holds the data as tensors up to this many bytes (train + validation).
 IN_MEMORY_MAX_BYTES = 512 * 2**20
+
+
+class _FromBatching:
+    """A data set's ``batch_size`` (``seed``, ``shuffle``, ``in_memory``): read from its
+    ``batching``; setting it replaces ``batching`` with a copy holding the new value."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, data, owner=None):
+        return self if data is None else getattr(data.batching, self.name)
+
+    def __set__(self, data, value):
+        data.batching = dataclasses.replace(data.batching, **{self.name: value})
 
 
 class Data:
@@ -19,6 +37,9 @@ class Data:
     task and shapes (the driver builds the model from them), the training and
     validation sources the compiled loop pulls batches from, the number of
     steps in one pass, a fixed probe batch and the validation batches.
+
+    Every data set draws its batches as its ``batching`` (a ``trainer.data.Batching``)
+    says; ``batch_size``, ``seed``, ``shuffle`` and ``in_memory`` read it.
     """
 
     #: ``"classification"`` or ``"regression"``: picks the default loss and metrics.
@@ -26,6 +47,22 @@ class Data:
     #: Whether every batch (from both sources, ``probe_batch`` and ``validation_batches``)
     #: is ``(x, y, w)`` with per-example weights ``w`` (float32, ``[batch]``), not ``(x, y)``.
     weighted: bool = False
+    #: How batches are drawn (a subclass that does not call ``Data.__init__`` gets the
+    #: defaults).
+    batching: Batching = Batching()
+    #: Examples per batch: ``batching.batch_size``.
+    batch_size = _FromBatching()
+    #: The seed of the per-epoch shuffle: ``batching.seed``.
+    seed = _FromBatching()
+    #: Whether the training set is shuffled every epoch: ``batching.shuffle``.
+    shuffle = _FromBatching()
+    #: ``True``, ``False`` or ``"auto"``: ``batching.in_memory``.
+    in_memory = _FromBatching()
+
+    def __init__(self, *, batching: Batching = Batching()):
+        if not isinstance(batching, Batching):
+            raise TypeError(f"batching={batching!r} is not a trainer.data.Batching")
+        self.batching = batching
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -73,81 +110,64 @@ class DataModule(Data):
     (shapes, emptiness, non-finite values, batch size), so the loop can trust them.
 
     Args:
-        x_train, y_train, x_val, y_val: arrays; features are cast to float32,
-            classification targets to int32, regression targets to float32.
+        train, val: the training and validation arrays, each ``(x, y)`` or ``(x, y, w)``
+            (a ``trainer.data.Arrays``): features ``x`` are cast to float32,
+            classification targets ``y`` to int32, regression targets to float32;
+            ``w`` holds per-example sample weights (finite, >= 0, not all zero), or
+            None: every example weighs 1.
         task: ``"classification"`` or ``"regression"``.
-        batch_size: examples per training and validation batch.
-        seed: seeds the per-epoch shuffle of the training set.
-        shuffle: shuffle the training set every epoch.
-        allow_nonfinite: accept NaN or infinity in the features (for runs that
-            rely on the tape-reset policy to skip such batches).
-        name: shown in error messages (a file path, or the data set's name).
-        in_memory: ``True`` holds the arrays as tensors and slices batches by index
-            inside the compiled loop (``TensorSource``: the whole execution can be
-            one XLA program); ``False`` streams them through ``tf.data``
-            (``IteratorSource``); ``"auto"`` (default) holds them in memory when
-            they take at most ``IN_MEMORY_MAX_BYTES`` and ``train_dataset`` is
-            not overridden. Both give the same batches for the same seed.
-        preprocess: what the builder did to the raw features (``Scaling(divide_by=16)``
-            for the digits), applied by ``prepare`` to new inputs at prediction time. A
-            ``trainer.data.Scaling`` is recorded by ``python -m trainer.export_data`` in
-            the shards' ``meta.json``; a plain function cannot be exported.
-        w_train, w_val: per-example sample weights of the two sets (finite, >= 0, not
-            all zero), or None: every example weighs 1.
+        batching: a ``trainer.data.Batching``: batch size, the seed of the per-epoch
+            shuffle, whether to shuffle, and ``in_memory``: ``True`` holds the arrays
+            as tensors and slices batches by index inside the compiled loop
+            (``TensorSource``: the whole execution can be one XLA program); ``False``
+            streams them through ``tf.data`` (``IteratorSource``); ``"auto"``
+            (default) holds them in memory when they take at most
+            ``IN_MEMORY_MAX_BYTES`` and ``train_dataset`` is not overridden. Both
+            give the same batches for the same seed.
         class_weight: ``"balanced"`` (scikit-learn's ``n / (n_classes * count)`` over the
             training labels) or a mapping class id -> positive weight, unlisted classes
             weighing 1.0; classification only. It multiplies the training sample weights
             and, as in Keras, leaves the validation weights alone.
+        allow_nonfinite: accept NaN or infinity in the features (for runs that
+            rely on the tape-reset policy to skip such batches).
+        name: shown in error messages (a file path, or the data set's name).
+        preprocess: what the builder did to the raw features (``Scaling(divide_by=16)``
+            for the digits), applied by ``prepare`` to new inputs at prediction time. A
+            ``trainer.data.Scaling`` is recorded by ``python -m trainer.export_data`` in
+            the shards' ``meta.json``; a plain function cannot be exported.
 
-    Given any of the three, the data is ``weighted``: ``w_train`` and ``w_val`` hold
-    every example's weight (ones where none was given) and every batch is ``(x, y, w)``.
-    Otherwise both are None and batches are ``(x, y)``.
+    Given sample weights or a class weight, the data is ``weighted``: ``w_train`` and
+    ``w_val`` hold every example's weight (ones where none was given) and every batch
+    is ``(x, y, w)``. Otherwise both are None and batches are ``(x, y)``.
     """
 
     def __init__(
         self,
         *,
-        x_train,
-        y_train,
-        x_val,
-        y_val,
+        train,
+        val,
         task: str = "classification",
-        batch_size: int = 32,
-        seed: int = 0,
-        shuffle: bool = True,
+        batching: Batching = Batching(),
+        class_weight=None,
         allow_nonfinite: bool = False,
         name: str = "data",
-        in_memory="auto",
         preprocess=None,
-        w_train=None,
-        w_val=None,
-        class_weight=None,
     ):
-        if not (in_memory == "auto" or isinstance(in_memory, bool)):
-            raise UserError(f"data.in_memory={in_memory!r} must be auto, true or false")
+        super().__init__(batching=batching)
         if task not in TASKS:
             raise UserError(f"data.task={task!r} is not one of {TASKS}; set data.task accordingly")
-        if batch_size < 1:
-            raise UserError(f"data.batch_size={batch_size} must be at least 1")
         self.task = task
         self.name = name
         self._preprocess = preprocess
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.in_memory = in_memory
-        self.x_train, self.y_train = self._check("train", x_train, y_train, allow_nonfinite)
-        self.x_val, self.y_val = self._check("validation", x_val, y_val, allow_nonfinite)
-        if self.batch_size > len(self.x_train):
-            raise UserError(
-                f"{name}: data.batch_size={batch_size} is larger than the {len(self.x_train)} "
-                "training examples; lower data.batch_size"
-            )
+        train, val = Arrays(*train), Arrays(*val)
+        self.x_train, self.y_train = self._check("train", train.x, train.y, allow_nonfinite)
+        self.x_val, self.y_val = self._check("validation", val.x, val.y, allow_nonfinite)
+        self.batching.check_fits(len(self.x_train), name)
         if task == "classification":
             self.num_classes = int(max(self.y_train.max(), self.y_val.max())) + 1
         else:
             self.num_classes = 0
-        self.w_train, self.w_val = self._weights(w_train, w_val, class_weight)
+        self.w_train, self.w_val = self._weights(train.w, val.w, class_weight)
 
     def _check(self, split, x, y, allow_nonfinite):
         x = np.asarray(x)

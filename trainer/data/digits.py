@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from trainer.common.errors import UserError
-from trainer.data.base import DataModule, split
+from trainer.data.base import DataModule
+from trainer.data.base import split as _split
+from trainer.data.options import Batching, Split
 from trainer.data.preparation import Scaling
 
 
 def digits(
     *,
-    batch_size: int = 32,
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
+    split: Split = Split(),
+    batching: Batching = Batching(),
     classes: list[int] | None = None,
     images: bool = False,
-    in_memory="auto",
     class_weight=None,
 ) -> DataModule:
     """1,797 digit images as 64 features scaled to [0, 1], 10 classes, stratified fixed split.
@@ -27,24 +25,24 @@ def digits(
     ``images`` gives each example as an 8x8x1 image (height, width, channels; for
     convolutional models) instead of 64 flat features: the same pixels and split.
     ``class_weight`` (see ``DataModule``) is keyed by these class ids, after the
-    relabelling, and ``balanced`` counts the subset's training split.
+    relabelling, and ``balanced`` counts the subset's training split. ``split`` (a
+    ``trainer.data.Split``, stratified by class) and ``batching``: see ``trainer.data``.
     """
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = x / 16.0
-    x_tr, x_va, y_tr, y_va = split(
-        x, y, val_fraction=val_fraction, split_seed=split_seed, stratify=True, name="digits"
-    )
+    x_tr, x_va, y_tr, y_va = _split(
+        x, y, val_fraction=split.val_fraction, split_seed=split.split_seed, stratify=True,
+        name="digits")
     if classes is not None:
         x_tr, y_tr = _keep(x_tr, y_tr, classes)
         x_va, y_va = _keep(x_va, y_va, classes)
     if images:
         x_tr, x_va = x_tr.reshape(-1, 8, 8, 1), x_va.reshape(-1, 8, 8, 1)
     return DataModule(
-        x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task="classification",
-        batch_size=batch_size, seed=seed, shuffle=shuffle, name="digits", in_memory=in_memory,
-        class_weight=class_weight,
+        train=(x_tr, y_tr), val=(x_va, y_va), task="classification", batching=batching,
+        class_weight=class_weight, name="digits",
         # The scaling above, for new raw inputs (pixels 0-16, as load_digits gives them, flat
         # rows reshaped to images by prepare) and for the meta.json of an export.
         preprocess=Scaling(divide_by=16),

@@ -9,6 +9,7 @@ import numpy as np
 
 from trainer.common.errors import UserError
 from trainer.data.base import DataModule, split
+from trainer.data.options import Batching, Columns, Keys, Split
 from trainer.data.weights import check_sample_weights
 
 
@@ -21,50 +22,43 @@ def _existing(path: str | None, kind: str) -> Path:
     return p
 
 
-def _module(x, y, x_val, y_val, *, w=None, w_val=None, name, task, val_fraction, split_seed,
+def _module(x, y, x_val, y_val, *, w=None, w_val=None, name, split_off: Split,
             **kw) -> DataModule:
     """A ``DataModule`` of the arrays; without a validation set, a split of ``x``/``y``
     (and of the sample weights ``w``, with the same rows)."""
     if x_val is None:
         if len(x) == 0:
             raise UserError(f"{name}: the data set is empty; provide at least one example")
-        parts = split(x, y, *([] if w is None else [w]), val_fraction=val_fraction,
-                      split_seed=split_seed, stratify=False, name=name)
+        parts = split(x, y, *([] if w is None else [w]), val_fraction=split_off.val_fraction,
+                      split_seed=split_off.split_seed, stratify=False, name=name)
         x, x_val, y, y_val = parts[:4]
         if w is not None:
             w, w_val = parts[4:]
-    return DataModule(
-        x_train=x, y_train=y, x_val=x_val, y_val=y_val, task=task, name=name,
-        w_train=w, w_val=w_val, **kw
-    )
+    return DataModule(train=(x, y, w), val=(x_val, y_val, w_val), name=name, **kw)
 
 
 def npz(
     *,
     path: str,
-    x_key: str = "x",
-    y_key: str = "y",
+    keys: Keys = Keys(),
     task: str = "classification",
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    batch_size: int = 32,
-    seed: int = 0,
-    shuffle: bool = True,
+    split: Split = Split(),
+    batching: Batching = Batching(),
     allow_nonfinite: bool = False,
-    in_memory="auto",
-    w_key: str | None = None,
     class_weight=None,
 ) -> DataModule:
-    """Arrays ``x_key``/``y_key`` from an .npz file.
+    """Arrays ``keys.x_key``/``keys.y_key`` from an .npz file.
 
     If the archive also holds ``<x_key>_val`` and ``<y_key>_val`` they are the
-    validation set; otherwise a fixed ``val_fraction`` is split off.
+    validation set; otherwise ``split`` (a ``trainer.data.Split``: a fixed
+    ``val_fraction``) is split off.
 
-    ``w_key`` names an array of per-example sample weights of the training rows, and
-    ``<w_key>_val``, if present, those of the validation set (without it, validation
-    examples weigh 1); a split set splits the weights with the same rows.
-    ``class_weight``: see ``DataModule``.
+    ``keys.w_key`` names an array of per-example sample weights of the training rows,
+    and ``<w_key>_val``, if present, those of the validation set (without it,
+    validation examples weigh 1); a split set splits the weights with the same rows.
+    ``batching``: see ``trainer.data.Batching``; ``class_weight``: see ``DataModule``.
     """
+    x_key, y_key, w_key = keys.x_key, keys.y_key, keys.w_key
     p = _existing(path, "npz")
     try:
         archive = np.load(p, allow_pickle=False)
@@ -99,34 +93,30 @@ def npz(
                                          where=f"{p}: array {w_key + '_val'!r}")
     return _module(
         x, arrays[y_key], x_val, arrays.get(f"{y_key}_val"), w=w, w_val=w_val,
-        name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,
-        batch_size=batch_size, seed=seed, shuffle=shuffle, allow_nonfinite=allow_nonfinite,
-        in_memory=in_memory, class_weight=class_weight,
+        name=str(p), split_off=split, task=task, batching=batching,
+        allow_nonfinite=allow_nonfinite, class_weight=class_weight,
     )
 
 
 def csv_file(
     *,
     path: str,
-    target: str,
-    features: list[str] | None = None,
+    columns: Columns,
     task: str = "classification",
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    batch_size: int = 32,
-    seed: int = 0,
-    shuffle: bool = True,
+    split: Split = Split(),
+    batching: Batching = Batching(),
     allow_nonfinite: bool = False,
-    in_memory="auto",
-    weight: str | None = None,
     class_weight=None,
 ) -> DataModule:
-    """A CSV file with a header row: ``target`` is the label column, ``features`` the inputs
-    (all other columns when omitted). Every cell must parse as a number.
+    """A CSV file with a header row; ``columns`` (a ``trainer.data.Columns``) names them:
+    ``target`` is the label column, ``features`` the inputs (all other columns when
+    omitted). Every cell must parse as a number.
 
-    ``weight`` names a column of per-example sample weights (finite, >= 0): never a
-    feature, split with the same rows. ``class_weight``: see ``DataModule``.
+    ``columns.weight`` names a column of per-example sample weights (finite, >= 0): never
+    a feature, split with the same rows. ``split``, ``batching``: see ``trainer.data``;
+    ``class_weight``: see ``DataModule``.
     """
+    target, features, weight = columns.target, columns.features, columns.weight
     p = _existing(path, "csv")
     with p.open(newline="") as f:
         rows = list(csv.reader(f))
@@ -154,15 +144,15 @@ def csv_file(
     if not body:
         raise UserError(f"{p}: the file has a header but no data rows")
     index = {h: i for i, h in enumerate(header)}
-    columns = [*features, target] + ([] if weight is None else [weight])
+    read = [*features, target] + ([] if weight is None else [weight])
     n_features = len(features)
-    values = np.empty((len(body), len(columns)), dtype=np.float64)
+    values = np.empty((len(body), len(read)), dtype=np.float64)
     for r, row in enumerate(body):
         if len(row) != len(header):
             raise UserError(
                 f"{p}: line {r + 2} has {len(row)} fields, the header has {len(header)}"
             )
-        for c, col in enumerate(columns):
+        for c, col in enumerate(read):
             cell = row[index[col]].strip()
             try:
                 values[r, c] = float(cell)
@@ -185,7 +175,6 @@ def csv_file(
         w = check_sample_weights(values[:, -1], rows=len(body), where=f"{p}: column {weight!r}")
     return _module(
         values[:, :n_features], values[:, n_features], None, None, w=w,
-        name=str(p), task=task, val_fraction=val_fraction, split_seed=split_seed,
-        batch_size=batch_size, seed=seed, shuffle=shuffle, allow_nonfinite=allow_nonfinite,
-        in_memory=in_memory, class_weight=class_weight,
+        name=str(p), split_off=split, task=task, batching=batching,
+        allow_nonfinite=allow_nonfinite, class_weight=class_weight,
     )

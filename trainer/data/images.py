@@ -21,6 +21,7 @@ and touches TensorFlow only when first used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from trainer.common.errors import UserError
 from trainer.data.base import IN_MEMORY_MAX_BYTES, Data
+from trainer.data.options import Batching, Split
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,7 @@ def _find(path) -> tuple[Path, dict[str, Path]]:
     return directory, {"all": directory}
 
 
-def _check_options(in_memory, color_mode, interpolation, image_size, batch_size) -> None:
-    if not (in_memory == "auto" or isinstance(in_memory, bool)):
-        raise UserError(f"data.in_memory={in_memory!r} must be auto, true or false")
+def _check_options(color_mode, interpolation, image_size) -> None:
     if color_mode not in CHANNELS:
         raise UserError(f"data.color_mode={color_mode!r} must be one of {', '.join(CHANNELS)}")
     if interpolation not in INTERPOLATIONS:
@@ -109,12 +109,11 @@ def _check_options(in_memory, color_mode, interpolation, image_size, batch_size)
     if image_size is not None and (len(image_size) != 2 or min(image_size) < 1):
         raise UserError(f"data.image_size={list(image_size)} must be [height, width] in pixels, "
                         "e.g. [64,64], or null for the first image's size")
-    if batch_size < 1:
-        raise UserError(f"data.batch_size={batch_size} must be at least 1")
 
 
 def _check_folder(path, val_fraction: float):
-    """The folder, where each split comes from and ``{split: {class: files}}``, checked."""
+    """The folder, where each split comes from and ``{split: {class: files}}``, checked
+    (``val_fraction``: a ``Split``'s, checked by it)."""
     directory, sources = _find(path)
     found = {split: _class_folders(d) for split, d in sources.items()}
     for split, d in sources.items():
@@ -126,8 +125,6 @@ def _check_folder(path, val_fraction: float):
                         f"(missing: {missing or 'none'}, extra: {extra or 'none'}); give both "
                         "splits the same class sub-folders")
     if "all" in found:
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction={val_fraction} must lie strictly between 0 and 1")
         total = sum(len(f) for f in found["all"].values())
         if int(val_fraction * total) == 0:
             raise UserError(f"{directory}: data.val_fraction={val_fraction} of "
@@ -218,6 +215,13 @@ class ImageFolderData(Data):
     order), batched within the epoch (the last batch may be short), each batch decoded
     when the pipeline reaches it; the checkpoint holds the iterator (epoch and position,
     no images). Validation files are read in a fixed order.
+
+    Args:
+        directory: the folder; ``sources``: where each split comes from (``_find``).
+        classes: ``{class: its image files}`` in class order (of ``DIR/train`` if split).
+        image_size, color_mode, interpolation: as ``images``'s.
+        batching: a ``trainer.data.Batching``; ``split``: a ``trainer.data.Split``
+            (unused with ``DIR/train`` and ``DIR/val``).
     """
 
     task = "classification"
@@ -228,16 +232,18 @@ class ImageFolderData(Data):
 
         return np.asarray(x, np.float32) / 255.0
 
-    def __init__(self, *, directory: Path, sources: dict, class_names: list[str], first: str,
-                 image_size, color_mode: str, interpolation: str, batch_size: int,
-                 val_fraction: float, split_seed: int, seed: int, shuffle: bool, in_memory):
+    def __init__(self, *, directory: Path, sources: dict, classes: dict[str, list[str]],
+                 image_size, color_mode: str, interpolation: str,
+                 batching: Batching = Batching(), split: Split = Split()):
+        super().__init__(batching=batching)
         self.directory, self.name, self.sources = directory, str(directory), sources
-        self.class_names, self.first = list(class_names), first
+        #: The class names, and the first image (its size is ``image_size=None``'s).
+        self.class_names = list(classes)
+        self.first = next(files[0] for files in classes.values())
         self.image_size = None if image_size is None else [int(v) for v in image_size]
         self.channels, self.color_mode, self.interpolation = (CHANNELS[color_mode], color_mode,
                                                               interpolation)
-        self.batch_size, self.seed, self.shuffle = int(batch_size), int(seed), bool(shuffle)
-        self.val_fraction, self.split_seed, self.in_memory = val_fraction, split_seed, in_memory
+        self.split = split
         #: By split: file paths and class indices (read at the first use).
         self.files: dict = {}
         self.labels: dict = {}
@@ -251,7 +257,7 @@ class ImageFolderData(Data):
         if self.image_size is None:
             self.image_size = _first_size(self.first)
         files, labels = _index(self.sources, self.image_size, self.color_mode,
-                               self.val_fraction, self.split_seed, self.class_names)
+                               self.split.val_fraction, self.split.split_seed, self.class_names)
         self.load = loader(self.image_size, self.channels, self.interpolation)
         nbytes = 4 * math.prod(self.image_shape) * (len(files["train"]) + len(files["val"]))
         memory = (self.in_memory if isinstance(self.in_memory, bool)
@@ -260,10 +266,10 @@ class ImageFolderData(Data):
             from trainer.data.base import DataModule
 
             self.module = DataModule(
-                x_train=_decode_all(files["train"], self.load), y_train=labels["train"],
-                x_val=_decode_all(files["val"], self.load), y_val=labels["val"],
-                task="classification", batch_size=self.batch_size, seed=self.seed,
-                shuffle=self.shuffle, name=self.name, in_memory=True)
+                train=(_decode_all(files["train"], self.load), labels["train"]),
+                val=(_decode_all(files["val"], self.load), labels["val"]),
+                task="classification", name=self.name,
+                batching=dataclasses.replace(self.batching, in_memory=True))
         else:
             for file in files["train"] + files["val"]:
                 _check_header(file)
@@ -374,12 +380,8 @@ def images(
     image_size: list[int] | None = None,
     color_mode: str = "rgb",
     interpolation: str = "bilinear",
-    batch_size: int = 32,
-    val_fraction: float = 0.2,
-    split_seed: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
-    in_memory="auto",
+    batching: Batching = Batching(),
+    split: Split = Split(),
 ) -> ImageFolderData:
     """A classification data set from ``path``, a folder of class sub-folders of images.
 
@@ -390,36 +392,32 @@ def images(
             of the first image (in sorted path order; of ``DIR/train`` if split).
         color_mode: ``grayscale`` (1 channel), ``rgb`` (3) or ``rgba`` (4).
         interpolation: the resize method (``tf.image.resize``'s, as Keras').
-        batch_size: examples per batch, over all replicas (the global batch).
-        val_fraction, split_seed: Keras' ``validation_split`` and ``seed``: the files
-            are shuffled by ``split_seed`` and the last ``val_fraction`` validate.
-            Unused with ``DIR/train`` and ``DIR/val``.
-        seed, shuffle: the per-epoch shuffle of the training set.
-        in_memory: ``auto`` decodes every image once into memory when the arrays take
-            at most ``IN_MEMORY_MAX_BYTES``, else streams them from disk; ``true``
-            always decodes into memory, ``false`` always streams.
+        batching: a ``trainer.data.Batching``: ``batch_size``, examples per batch, over
+            all replicas (the global batch); ``seed``, ``shuffle``: the per-epoch
+            shuffle of the training set; ``in_memory``: ``auto`` decodes every image
+            once into memory when the arrays take at most ``IN_MEMORY_MAX_BYTES``, else
+            streams them from disk; ``true`` always decodes into memory, ``false``
+            always streams.
+        split: a ``trainer.data.Split``: Keras' ``validation_split`` and ``seed``: the
+            files are shuffled by ``split_seed`` and the last ``val_fraction``
+            validate. Unused with ``DIR/train`` and ``DIR/val``.
 
     Checked here, without TensorFlow: the options, the folder, its class sub-folders
     (at least 2, each with an image), the split and the batch size. Checked at the first
     use: every image decodes (in memory) or starts like an image file (streaming).
     """
-    _check_options(in_memory, color_mode, interpolation, image_size, batch_size)
-    directory, sources, found = _check_folder(path, val_fraction)
+    _check_options(color_mode, interpolation, image_size)
+    directory, sources, found = _check_folder(path, split.val_fraction)
     if "all" in found:
         total = sum(len(f) for f in found["all"].values())
-        train = total - int(val_fraction * total)  # as Keras splits
+        train = total - int(split.val_fraction * total)  # as Keras splits
     else:
         train = sum(len(f) for f in found["train"].values())
-    if batch_size > train:
-        raise UserError(f"{directory}: data.batch_size={batch_size} is larger than the "
-                        f"{_count(train, 'training image')}; lower data.batch_size")
-    classes = next(iter(found.values()))
+    batching.check_fits(train, str(directory), "training image")
     return ImageFolderData(
-        directory=directory, sources=sources, class_names=list(classes),
-        first=next(paths[0] for paths in classes.values()), image_size=image_size,
-        color_mode=color_mode, interpolation=interpolation, batch_size=batch_size,
-        val_fraction=val_fraction, split_seed=split_seed, seed=seed, shuffle=shuffle,
-        in_memory=in_memory)
+        directory=directory, sources=sources, classes=next(iter(found.values())),
+        image_size=image_size, color_mode=color_mode, interpolation=interpolation,
+        batching=batching, split=split)
 
 
 def _index(sources: dict[str, Path], image_size, color_mode: str, val_fraction: float,

@@ -6,30 +6,27 @@ import numpy as np
 
 from trainer.common.errors import UserError
 from trainer.data.base import DataModule, split
+from trainer.data.options import Batching, Generation
 
 
 def synthetic(
     *,
     task: str = "regression",
-    n_samples: int = 512,
-    n_features: int = 8,
-    n_classes: int = 3,
-    noise: float = 0.1,
-    data_seed: int = 0,
+    generation: Generation = Generation(),
     val_fraction: float = 0.25,
-    batch_size: int = 32,
-    seed: int = 0,
-    shuffle: bool = True,
-    in_memory="auto",
+    batching: Batching = Batching(),
     class_weight=None,
 ) -> DataModule:
     """A linear regression problem, or Gaussian blobs for classification.
 
-    ``data_seed`` fixes the generated examples; ``seed`` only drives the shuffle.
-    ``class_weight`` (classification only): see ``DataModule``.
+    ``generation`` (a ``trainer.data.Generation``) says how many examples of how many
+    features; its ``data_seed`` fixes the generated examples and the ``val_fraction``
+    split off them, ``batching.seed`` only drives the shuffle. ``class_weight``
+    (classification only): see ``DataModule``.
     """
-    if n_samples < 2 or n_features < 1:
-        raise UserError("data.n_samples must be at least 2 and data.n_features at least 1")
+    n_samples, n_features, n_classes, noise, data_seed = (
+        generation.n_samples, generation.n_features, generation.n_classes, generation.noise,
+        generation.data_seed)
     rng = np.random.default_rng(data_seed)
     x = rng.normal(size=(n_samples, n_features)).astype(np.float32)
     if task == "regression":
@@ -44,8 +41,5 @@ def synthetic(
     x_tr, x_va, y_tr, y_va = split(
         x, y, val_fraction=val_fraction, split_seed=data_seed, stratify=False, name="synthetic"
     )
-    return DataModule(
-        x_train=x_tr, y_train=y_tr, x_val=x_va, y_val=y_va, task=task,
-        batch_size=batch_size, seed=seed, shuffle=shuffle, name=f"synthetic {task}",
-        in_memory=in_memory, class_weight=class_weight,
-    )
+    return DataModule(train=(x_tr, y_tr), val=(x_va, y_va), task=task, batching=batching,
+                      class_weight=class_weight, name=f"synthetic {task}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from trainer.common.errors import UserError
 from trainer.data.base import Data
+from trainer.data.options import Batching
 from trainer.data.preparation import Scaling, reshape_rows
 from trainer.data.tfrecord_meta import (  # noqa: F401 (FORMAT, VERSION, shard_name: re-exported)
     DTYPES,
@@ -170,19 +171,21 @@ class TFRecordData(Data):
     Args:
         directory: the export's directory; ``meta``: its metadata.
         shards: the metadata's entries of the shards to read, by split.
-        batch_size, seed, shuffle, allow_nonfinite: as ``DataModule``'s.
+        batching, allow_nonfinite: as ``DataModule``'s (``batching.in_memory`` is the
+            builder's: ``tfrecord``).
         shuffle_buffer: examples in the shuffle buffer (memory: that many records;
             the buffer is also saved in every checkpoint).
     """
 
-    def __init__(self, *, directory: Path, meta: dict, shards: dict, batch_size: int,
-                 seed: int, shuffle: bool, shuffle_buffer: int, allow_nonfinite: bool):
+    def __init__(self, *, directory: Path, meta: dict, shards: dict,
+                 batching: Batching = Batching(), shuffle_buffer: int = 10_000,
+                 allow_nonfinite: bool = False):
+        super().__init__(batching=batching)
         self.directory, self.meta, self.name = Path(directory), meta, str(directory)
         self.task = meta["task"]
         self.files = {s: [str(self.directory / e["file"]) for e in shards[s]] for s in SPLITS}
         self.num_examples = {s: sum(e["examples"] for e in shards[s]) for s in SPLITS}
-        self.batch_size, self.seed = int(batch_size), int(seed)
-        self.shuffle, self.shuffle_buffer = bool(shuffle), int(shuffle_buffer)
+        self.shuffle_buffer = int(shuffle_buffer)
         self.allow_nonfinite = bool(allow_nonfinite)
 
     @property
@@ -369,13 +372,10 @@ class TFRecordData(Data):
 def tfrecord(
     *,
     path: str,
-    batch_size: int = 32,
-    seed: int = 0,
-    shuffle: bool = True,
+    batching: Batching = Batching(),
     shuffle_buffer: int = 10_000,
     allow_nonfinite: bool = False,
     task: str | None = None,
-    in_memory="auto",
 ):
     """TFRecord shards written by ``python -m trainer.export_data`` (or by another tool and
     indexed by ``python -m trainer.export_data --index DIR``), streamed from disk.
@@ -384,9 +384,10 @@ def tfrecord(
     files named ``train-*`` are the training set, ``val-*`` the validation set, and
     ``DIR/meta.json`` describes them. The features are read as the shards hold them:
     already prepared (``prepare`` applies the recorded preparation to new raw inputs).
-    ``task`` (default: the metadata's) must agree with the metadata. Streams with
-    ``in_memory`` ``auto`` or ``false``; ``true`` reads both splits into a ``DataModule``
-    (the fused in-memory loop, for small data, with the same preparation for new inputs).
+    ``task`` (default: the metadata's) must agree with the metadata. ``batching``: see
+    ``trainer.data.Batching``; streams with its ``in_memory`` ``auto`` or ``false``;
+    ``true`` reads both splits into a ``DataModule`` (the fused in-memory loop, for small
+    data, with the same preparation for new inputs).
 
     Checked here, before training: the metadata, that every listed shard exists with
     the size it had when written, and each shard's first record. While streaming, every
@@ -395,10 +396,6 @@ def tfrecord(
     """
     from trainer.data.base import DataModule
 
-    if not (in_memory == "auto" or isinstance(in_memory, bool)):
-        raise UserError(f"data.in_memory={in_memory!r} must be auto, true or false")
-    if batch_size < 1:
-        raise UserError(f"data.batch_size={batch_size} must be at least 1")
     if shuffle_buffer < 1:
         raise UserError(f"data.shuffle_buffer={shuffle_buffer} must be at least 1")
     directory, meta, shards = find_shards(path)
@@ -414,17 +411,12 @@ def tfrecord(
     for split in SPLITS:
         for entry in shards[split]:
             check_first_record(directory / entry["file"], meta, allow_nonfinite=allow_nonfinite)
-    data = TFRecordData(directory=directory, meta=meta, shards=shards, batch_size=batch_size,
-                        seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                        allow_nonfinite=allow_nonfinite)
-    if batch_size > data.num_examples["train"]:
-        raise UserError(f"{directory}: data.batch_size={batch_size} is larger than the "
-                        f"{data.num_examples['train']} training examples; lower data.batch_size")
-    if in_memory is True:
-        (x, y), (x_val, y_val) = data.arrays("train"), data.arrays("val")
-        return DataModule(x_train=x, y_train=y, x_val=x_val, y_val=y_val, task=data.task,
-                          batch_size=batch_size, seed=seed, shuffle=shuffle,
-                          allow_nonfinite=allow_nonfinite, name=data.name, in_memory=True,
+    data = TFRecordData(directory=directory, meta=meta, shards=shards, batching=batching,
+                        shuffle_buffer=shuffle_buffer, allow_nonfinite=allow_nonfinite)
+    batching.check_fits(data.num_examples["train"], str(directory))
+    if batching.in_memory is True:
+        return DataModule(train=data.arrays("train"), val=data.arrays("val"), task=data.task,
+                          batching=batching, allow_nonfinite=allow_nonfinite, name=data.name,
                           # The arrays are prepared already; new inputs get the same.
                           preprocess=data.preparation)
     return data

@@ -110,7 +110,7 @@ def export(cfg: DictConfig) -> dict:
     Refuses a non-empty ``out`` unless ``cfg.overwrite``. The shards are written into a
     temporary directory that replaces ``out`` only when complete.
     """
-    from trainer.driver.run import instantiate_node
+    from trainer.driver.run import instantiate_data
     from trainer.driver.validation import validate
 
     out = cfg.get("out")
@@ -130,7 +130,7 @@ def export(cfg: DictConfig) -> dict:
             raise UserError(f"out={out} holds files but no {META}: not an earlier export, so "
                             "overwrite=true will not delete it; choose another directory")
     validate(_run_config(cfg))
-    data = instantiate_node(cfg.data)
+    data = instantiate_data(cfg.data)
     arrays = [getattr(data, k, None) for k in ("x_train", "y_train", "x_val", "y_val")]
     if any(a is None for a in arrays):
         raise UserError(f"data {type(data).__name__} holds no x_train/y_train/x_val/y_val "

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -53,6 +54,48 @@ def instantiate_node(node, **kwargs):
             raise UserError(f"{target}: {cause}; check the spelling of that key in its "
                             "config node") from None
         raise
+
+
+def instantiate_data(node):
+    """``instantiate_node`` for a data config: its flat keys gathered into the option
+    objects its target takes.
+
+    A data config is flat (``data.batch_size=64 data.val_fraction=0.3``); the builders
+    of ``trainer.data`` take option objects (``batching=Batching(batch_size=64)``,
+    ``split=Split(val_fraction=0.3)``). For each parameter of the target annotated with
+    one of ``trainer.data.options.OPTIONS`` and not set by the node itself, the node's
+    keys that name the option's fields (and no parameter of the target) become one
+    nested node, ``{_target_: trainer.data.options.Batching, batch_size: 64}``, built
+    with the rest. Other keys stay as they are: a target of flat arguments (your own)
+    gets them all, and a key no parameter takes fails as it would without grouping.
+    """
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        grouped = option_keys(locate(target)) if isinstance(target, str) else {}
+    except Exception:  # instantiating the node reports what is wrong with it
+        grouped = {}
+    grouped = {key: group for key, group in grouped.items()
+               if key in node and group[0] not in node}
+    if not grouped:
+        return instantiate_node(node)
+    keys = OmegaConf.to_container(node, resolve=True)
+    for key, (name, option) in grouped.items():
+        keys.setdefault(name, {"_target_": f"{option.__module__}.{option.__qualname__}"})
+        keys[name][key] = keys.pop(key)
+    return instantiate_node(OmegaConf.create(keys))
+
+
+def option_keys(function) -> dict[str, tuple[str, type]]:
+    """The flat data config keys ``function`` takes through its option objects, as
+    ``{key: (parameter, option class)}``: the fields of each parameter annotated with
+    one of ``trainer.data.options.OPTIONS``, but for those ``function`` takes by name
+    (see ``instantiate_data``). ``{}`` for a function of flat arguments."""
+    from trainer.data.options import OPTIONS
+
+    parameters = inspect.signature(function, eval_str=True).parameters
+    return {f.name: (name, p.annotation) for name, p in parameters.items()
+            if p.annotation in OPTIONS for f in dataclasses.fields(p.annotation)
+            if f.name not in parameters}
 
 
 def flat_hparams(container: dict, prefix: str = "") -> dict:
@@ -288,7 +331,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
 
     # The data first: its errors (a missing file, a malformed CSV) come before TensorFlow
     # starts, in a second and without its start-up lines.
-    data = instantiate_node(cfg.data)
+    data = instantiate_data(cfg.data)
 
     import keras
 
