@@ -59,7 +59,7 @@ def summarize(result: dict) -> tuple[dict, list]:
             if t and h:
                 ratios[_kind(source, xla)] = ratio(t, h)
                 target(case, f"{workload} spe={spe} trainer/hand ({_kind(source, xla)})",
-                       ratios[_kind(source, xla)], ">=", 0.95)
+                       ratios[_kind(source, xla)], ">=", 0.97)
         return ratios
 
     a = groups.get("A")
@@ -87,7 +87,7 @@ def summarize(result: dict) -> tuple[dict, list]:
             case.update(fit_best=fit_name, trainer_best=best_name,
                         trainer_best_vs_fit_best=ratio(best, fit))
             target("A", "A trainer best / model.fit best", case["trainer_best_vs_fit_best"],
-                   ">=", 3.0)
+                   ">=", 5.0)
         cases["A"] = case
     b = groups.get("B")
     if b:
