@@ -40,6 +40,8 @@ def test_four_micro_batches_of_16_equal_one_batch_of_64(make_cfg, tmp_path, jit)
     assert four.trainer.current_step == 50 == int(four.step.optimizer.iterations.numpy())
     for key in ("train/loss", "train/accuracy", "val/loss"):
         assert four_logs[key] == pytest.approx(one_logs[key], abs=1e-6), key
+    # The gradient norm is the update's, of the summed gradient, as one device logs it.
+    assert four_logs["train/grad_norm"] == pytest.approx(one_logs["train/grad_norm"], rel=1e-5)
 
 
 @pytest.mark.slow
@@ -50,6 +52,8 @@ def test_accumulation_under_a_mirrored_strategy_equals_one_device(make_cfg, tmp_
                   "distribute.cpu_replicas=2")
     for a, b in zip(_weights(one.models), _weights(two.models)):
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
+    assert two.trainer.logs["train/grad_norm"] == pytest.approx(
+        one.trainer.logs["train/grad_norm"], rel=1e-5)
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
 
             if accumulate_steps > 1:
                 train_step = accumulated(train_step, accumulate_steps,
-                                         list(step.optimizers.values()))
+                                         list(step.optimizers.values()), norm=step.grad_norm)
             if jit:
                 # One jit-compiled function per sampling mode: a tf.function's cache does not
                 # know the flag, so a single one would serve the sampled trace to every step.
@@ -75,7 +75,8 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
     return make
 
 
-def accumulated(train_step: Callable, count: int, optimizers) -> Callable:
+def accumulated(train_step: Callable, count: int, optimizers,
+                norm: Callable | None = None) -> Callable:
     """``train_step`` as one update from ``count`` micro-batches of the batch it is given.
 
     The batch (a replica's rows of it under a strategy) is split into ``count``
@@ -83,7 +84,9 @@ def accumulated(train_step: Callable, count: int, optimizers) -> Callable:
     small and fixed) with its gradients scaled by the micro-batch's share of the
     batch and summed by the optimizers (``GroupedOptimizer.accumulate_steps``), which
     then apply the sum once: the update the whole batch would give, at the memory of
-    one micro-batch. The logs are the example-weighted means over the micro-batches.
+    one micro-batch. The logs are the example-weighted means over the micro-batches, but
+    for the sampled ``grad_norm``: ``norm`` (``Step.grad_norm``) of the summed gradient, the
+    update's, as one device logs it for the whole batch.
     """
 
     def run(batch):
@@ -98,9 +101,15 @@ def accumulated(train_step: Callable, count: int, optimizers) -> Callable:
             total = vector if total is None else total + vector
         # After every micro-batch's gradients are summed: reads of the sums wait for the
         # adds (program order of the same variables), the update for the last of them.
+        grad_norm = None
+        if norm is not None and "grad_norm" in skeys:
+            grad_norm = norm([g for opt in optimizers for g in opt.accumulated_gradients()])
         for optimizer in optimizers:
             optimizer.finish_accumulation()
-        return from_weighted_vector(total, keys, skeys)
+        logs = from_weighted_vector(total, keys, skeys)
+        if grad_norm is not None:
+            logs[SAMPLED]["grad_norm"] = grad_norm
+        return logs
 
     return run
 

@@ -192,6 +192,13 @@ class GroupedOptimizer(tf.Module):
             self._guarded(pairs, skip)
             self._accumulation.zero()
 
+    def accumulated_gradients(self) -> list:
+        """The micro-batches' summed gradients so far (before ``finish_accumulation``
+        applies them); under a strategy, this replica's sums. Empty without accumulation."""
+        if self.accumulate_steps <= 1:
+            return []
+        return [g for g, _ in self._accumulation.take()[0]]
+
     def _guarded(self, pairs, skip) -> None:
         if skip is None:
             self._apply(pairs)
