@@ -195,9 +195,7 @@ class GroupedOptimizer(tf.Module):
     def accumulated_gradients(self) -> list:
         """The micro-batches' summed gradients so far (before ``finish_accumulation``
         applies them); under a strategy, this replica's sums. Empty without accumulation."""
-        if self.accumulate_steps <= 1:
-            return []
-        return [g for g, _ in self._accumulation.take()[0]]
+        return self._accumulation.gradients() if self.accumulate_steps > 1 else []
 
     def _guarded(self, pairs, skip) -> None:
         if skip is None:
@@ -306,6 +304,10 @@ class _Accumulators:
         if skip is not None:
             self.skips = True
             self.skip.assign(tf.logical_or(self.skip, skip))
+
+    def gradients(self) -> list:
+        """The float32 sums of the variables that got gradients (a read, nothing else)."""
+        return [self.sums[i][0].read_value() for i in self.touched]
 
     def take(self):
         # Only the variables that got gradients: one the loss never reached stays untouched,
