@@ -107,6 +107,7 @@ class OptimizerConfig:
     weight_decay: Optional[float] = None
     clipnorm: Optional[float] = None
     global_clipnorm: Optional[float] = None
+    clipvalue: Optional[float] = None
     groups: List[GroupConfig] = field(default_factory=list)
 
 

@@ -140,6 +140,8 @@ def _check_rates(container, prefix: str = "") -> None:
     """
     items = (container.items() if isinstance(container, dict)
              else enumerate(container) if isinstance(container, list) else ())
+    if isinstance(container, dict):
+        _check_clipping(container, prefix)
     for key, value in items:
         path = f"{prefix}{key}"
         if (key in _RATE_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
@@ -149,6 +151,26 @@ def _check_rates(container, prefix: str = "") -> None:
             raise UserError(f"{path}={value} must be a finite number >= 0 ({why}); set e.g. "
                             f"{path}={example}")
         _check_rates(value, f"{path}.")
+
+
+#: A Keras optimizer's clip arguments (trainer.step.clipping.KINDS; not imported: no TF here).
+CLIP_KINDS = ("clipnorm", "global_clipnorm", "clipvalue")
+
+
+def _check_clipping(node: dict, prefix: str) -> None:
+    """At most one clip setting per optimizer node, and a positive one (Keras takes
+    ``clipnorm=0`` as no clipping, and refuses two in a ValueError of several lines)."""
+    given = [k for k in CLIP_KINDS if node.get(k) is not None]
+    if len(given) > 1:
+        keys = " and ".join(f"{prefix}{k}" for k in given)
+        raise UserError(f"{keys} are both set; an optimizer clips one way: keep one, e.g. "
+                        f"~{prefix}{given[1]}")
+    for k in given:
+        value = node[k]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                math.isfinite(value) and value > 0):
+            raise UserError(f"{prefix}{k}={value} must be a finite number > 0; set e.g. "
+                            f"{prefix}{k}=1.0, or drop it for no clipping")
 
 
 # --- targets -------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from trainer.common.errors import UserError
 from trainer.distribute.replicas import any_replica, step_variable
+from trainer.step.clipping import GradientClipping
 from trainer.step.freezing import matches
 
 log = logging.getLogger(__name__)
@@ -100,12 +101,19 @@ class GroupedOptimizer(tf.Module):
     new variables, with the old one's slots (moments, iteration count) copied over
     for the variables it already had, so unfreezing never creates variables inside
     a traced step, and frozen variables never get slots.
+
+    Clipping (``clipnorm``, ``global_clipnorm`` or ``clipvalue`` of ``optimizer``) is done
+    here, not by the Keras optimizers: on the update's gradient, summed over replicas and
+    micro-batches, as one device clips it (``trainer.step.clipping``); ``global_clipnorm``
+    takes the norm over every group's gradients together.
     """
 
     def __init__(self, optimizer, *, groups=()):
         super().__init__(name="grouped_optimizer")
         if isinstance(optimizer, GroupedOptimizer):
             raise TypeError("optimizer is already a GroupedOptimizer")
+        #: The ``GradientClipping`` taken from ``optimizer`` (which then clips nothing), or None.
+        self.clipping = GradientClipping.take_from(optimizer)
         # Closures, not attributes: only the optimizers in use belong in checkpoints.
         self._first = lambda: optimizer
         self._clone = lambda scale: _clone(optimizer, scale)
@@ -222,6 +230,8 @@ class GroupedOptimizer(tf.Module):
             tf.cond(skip, lambda: tf.constant(False), update)
 
     def _apply(self, pairs) -> None:
+        if self.clipping is not None:
+            pairs = self.clipping.clip(pairs)
         split: dict[str, list] = {}
         for g, v in pairs:
             split.setdefault(self._assignment[id(v)], []).append((g, v))

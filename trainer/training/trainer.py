@@ -278,6 +278,10 @@ class Trainer:
             logs = {"learning_rate": next(iter(opts.values())).learning_rate}
         else:
             logs = {f"learning_rate/{k}": o.learning_rate for k, o in opts.items()}
+        for name, opt in opts.items():
+            if opt.clipping is not None:
+                prefix = "optimizer/" if len(opts) == 1 else f"optimizer/{name}/"
+                logs.update(opt.clipping.state_logs(opt.iterations, prefix))
         if self.step.loss_scale is not None:
             logs.update(self.step.loss_scale.state_logs())
         # The execution returns the global step with its logs: the host learns it without
