@@ -6,6 +6,7 @@ import keras
 import tensorflow as tf
 
 from trainer.common.errors import UserError
+from trainer.common.keys import SAMPLED
 from trainer.distribute.replicas import batch_mean, step_variable
 from trainer.step.metrics import accuracy
 from trainer.step.tape_step import TapeStep
@@ -202,7 +203,10 @@ class MultitaskStep(TapeStep):
         # once per task, i.e. two Adam steps (and two iterations) per batch on the trunk.
         self.optimizer.apply_gradients(pairs)
         logs.update(self._logs(y, outputs, losses))
-        logs["grad_norm"] = tf.linalg.global_norm([g for g, _ in pairs])
+        if info is None or info.sampled:
+            # The update's gradient norm, as TapeStep logs it: of the replicas' summed
+            # gradient, and of the micro-batches' sum under accumulation.
+            logs[SAMPLED] = {"grad_norm": self.grad_norm([g for g, _ in pairs])}
         return logs
 
     def test_step(self, batch) -> dict:

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import Trainer
+from trainer.common.keys import SAMPLED
 from trainer.data import Batching, digits
 from trainer.experiments.multitask import MultitaskStep, pcgrad, two_head_mlp
 
@@ -108,7 +109,10 @@ def test_train_step_applies_the_sum_of_projected_trunk_gradients():
         np.testing.assert_allclose(v.numpy(), b - 0.1 * g.numpy(), rtol=1e-4, atol=1e-6)
     assert float(logs["pcgrad/conflict"]) == float(conflict)
     assert set(logs) >= {"loss", "loss/digit", "loss/parity", "accuracy/digit",
-                         "accuracy/parity", "pcgrad/conflict", "pcgrad/cosine", "grad_norm"}
+                         "accuracy/parity", "pcgrad/conflict", "pcgrad/cosine"}
+    # The sampled gradient norm is the update's: of the projected trunk and the heads.
+    assert float(logs[SAMPLED]["grad_norm"]) == pytest.approx(
+        float(tf.linalg.global_norm(expected)), rel=1e-5)
     assert float(logs["loss"]) == pytest.approx(
         float(logs["loss/digit"]) + float(logs["loss/parity"]), rel=1e-6)
 
