@@ -151,8 +151,10 @@ class CheckpointCallback(Callback):
             self._save(trainer, trainer.current_step)
         best = self.best_manager.latest_checkpoint if self.best_manager else None
         if best and not trainer.preempted:
-            # Only the weights: the latest checkpoint (saved above) keeps the last state.
-            tf.train.Checkpoint(models=trainer.models).read(best).expect_partial()
+            # Only the weights (and their average): the latest checkpoint (saved above)
+            # keeps the last state.
+            averages = {} if trainer.averages is None else {"averages": trainer.averages}
+            tf.train.Checkpoint(models=trainer.models, **averages).read(best).expect_partial()
             trainer.weights_epoch = epoch_of_best(trainer.history, self.monitor, self.best)
             log.info("the models hold the best weights (%s=%.4g, %s)", self.monitor,
                      self.best, best)

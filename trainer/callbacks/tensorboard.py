@@ -115,7 +115,8 @@ class TensorBoardCallback(Callback):
         reevaluates = progress.open_epoch is not None and (
             global_step - progress.open_epoch * trainer.steps_per_epoch >= trainer.steps_per_epoch)
         if not self._opened_for_same(root, models):
-            self._open(root, models, global_step, reevaluates=reevaluates)
+            self._open(root, models, global_step, reevaluates=reevaluates,
+                       extra=("val_ema",) if trainer.averages is not None else ())
             self._opened_for = (root, models)
         with self._writer("").as_default(step=global_step):
             if self.hparams:
@@ -169,10 +170,10 @@ class TensorBoardCallback(Callback):
         return (opened_root == root and len(opened_models) == len(models)
                 and all(a is b for a, b in zip(opened_models, models)))
 
-    def _open(self, root, models, global_step: int, reevaluates: bool = False):
+    def _open(self, root, models, global_step: int, reevaluates: bool = False, extra=()):
         for w in self.writers.values():  # all of their points on disk before the scan below
             w.close()
-        dirs = {name: root / name if name else root for name in ("", "train", "val")}
+        dirs = {name: root / name if name else root for name in ("", "train", "val", *extra)}
         existing = {name: event_files(d) for name, d in dirs.items()}
         for name, files in existing.items():
             if files:  # resumed, or restarted into a used directory
@@ -201,9 +202,10 @@ class TensorBoardCallback(Callback):
         self._write_histograms(trainer, global_step)
 
     def on_epoch_end(self, trainer, epoch, logs):
-        self._scalars({k: v for k, v in logs.items() if k.startswith("val/")}, logs["step"])
+        # val_ema/ (trainer.ema): a run of its own, tb/val_ema, on the same charts as val/.
+        self._scalars({k: v for k, v in logs.items() if k.startswith(_VAL)}, logs["step"])
         if self.hparams:  # the HParams session's metrics, the epoch's values
-            self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", "val/"))},
+            self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", *_VAL))},
                           logs["step"], epoch=True)
         if self._flush_when.due(logs["step"]):
             for w in self.writers.values():
@@ -216,7 +218,7 @@ class TensorBoardCallback(Callback):
             # session's own run. It shows the first five as columns: validation first.
             metrics = [hp.Metric(f"{EPOCH}/{k}", display_name=k)
                        for k in sorted(logs, key=_metric_order)
-                       if k.startswith(("train/", "val/"))]
+                       if k.startswith(("train/", *_VAL))]
             with self._writer("").as_default(step=trainer.current_step):
                 hp.hparams_config(hparams=[hp.HParam(k) for k in sorted(self.hparams)],
                                   metrics=metrics)
@@ -234,7 +236,7 @@ class TensorBoardCallback(Callback):
                 group, _, tag = key.partition("/")
                 if epoch:
                     group, tag = "", f"{EPOCH}/{key}"
-                elif group not in ("train", "val"):
+                elif group not in ("train", "val", "val_ema"):
                     group, tag = "train", key
                 groups.setdefault(group, []).append((key, tag))
             plan = self._scalar_plans[keys, epoch] = [
@@ -252,12 +254,16 @@ class TensorBoardCallback(Callback):
             self._histograms(tf.constant(global_step, tf.int64), trainer.gradients_by_path())
 
 
+#: The epoch logs of evaluations: of the trained weights, and of their average (trainer.ema).
+_VAL = ("val/", "val_ema/")
+
+
 def _metric_order(key: str) -> tuple:
     """HParams metrics: ``val/`` first, then ``train/`` loss and metrics, then the step's
     state (``grad_norm``, ``learning_rate``, counters), each alphabetically."""
     group, _, tag = key.partition("/")
     state = tag.startswith(("grad_norm", "learning_rate")) or "/" in tag
-    return group != "val", state, tag
+    return not group.startswith("val"), state, tag
 
 
 def _scalar_writer(writer, tags):

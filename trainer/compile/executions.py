@@ -33,8 +33,8 @@ StepFunctions = Callable[[Callable, bool], dict]
 
 
 def train_step_functions(step, global_step: tf.Variable, strategy=None,
-                         accumulate_steps: int = 1, forward_xla: bool = False
-                         ) -> StepFunctions:
+                         accumulate_steps: int = 1, forward_xla: bool = False,
+                         after_update: Callable | None = None) -> StepFunctions:
     """Step functions that run ``step.run_step`` and advance ``global_step`` once per step.
 
     With a ``tf.distribute`` strategy, ``step.train_step`` runs on every replica with
@@ -42,7 +42,9 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
     come back reduced; the global step still advances once, outside the replicas.
     With ``accumulate_steps=K`` each step is one update from K micro-batches
     (``accumulated``). ``forward_xla`` (the plan's) asks the step to compile its forward
-    pass and gradients with XLA (``StepInfo.jit_gradients``).
+    pass and gradients with XLA (``StepInfo.jit_gradients``). ``after_update(global_step)``
+    runs after each update, before the global step advances, outside the replicas (the
+    weight average's update).
     """
 
     def make(next_batch, jit: bool) -> dict:
@@ -65,6 +67,8 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
 
             def step_fn():
                 logs = step.run_step(next_batch, train_step)
+                if after_update is not None:
+                    after_update(global_step)
                 global_step.assign_add(1)
                 return logs
 
@@ -332,17 +336,19 @@ class Executions:
 
 def build_executions(step, data, plan: CompilePlan, *, global_step: tf.Variable,
                      strategy=None, state_logs: Callable, on_trace: Callable | None = None,
-                     evaluation: Callable | None = None) -> Executions:
+                     evaluation: Callable | None = None,
+                     after_update: Callable | None = None) -> Executions:
     """Compile ``step`` over ``data`` (a ``trainer.data.dataplan.DataPlan``) as ``plan`` says.
 
     ``state_logs()`` gives the training execution's end-of-execution logs (learning
     rates, the step's state, the Keras metrics, the global step); ``evaluation``, when
     given, the evaluation's (the validation metrics), and asks for the evaluation
     function too (a recompile after an unfreeze rebuilds the training one only).
+    ``after_update`` is ``train_step_functions``'.
     """
     train = make_source_execution(
         train_step_functions(step, global_step, strategy, plan.accumulate_steps,
-                             forward_xla=plan.forward_xla),
+                             forward_xla=plan.forward_xla, after_update=after_update),
         data.train, plan, state_logs=state_logs, on_trace=on_trace)
     evaluate = None if evaluation is None else make_source_execution(
         eval_step_functions(step, strategy), data.val, plan, state_logs=evaluation,

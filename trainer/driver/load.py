@@ -72,6 +72,8 @@ def load_run(run_dir: str, *, checkpoint: str | None = None, overrides=()) -> Tr
         cfg.callbacks = {}
         r = build(cfg, scratch)
     source = _load_weights(root, r.step, checkpoint)
+    if checkpoint and r.trainer.ema.on and r.trainer.ema.weights == "averaged":
+        _load_average(source, r.step, r.trainer.ema)
     return TrainedRun(cfg=r.cfg, data=r.data, step=r.step, weights=source)
 
 
@@ -111,6 +113,23 @@ def _load_weights(root: Path, step, checkpoint: str | None) -> str:
             z.extract("model.weights.h5", tmp)
             model.load_weights(os.path.join(tmp, "model.weights.h5"))
     return str(root / "model.keras")
+
+
+def _load_average(path: str, step, ema) -> None:
+    """Give the models the weight average held in checkpoint ``path`` (``trainer.ema``,
+    ``weights: averaged``): the weights the run ships."""
+    import tensorflow as tf
+
+    from trainer.step.averaging import WeightAverage
+
+    average = WeightAverage(step.models, decay=ema.decay)
+    status = tf.train.Checkpoint(averages=average).read(path).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError:
+        raise UserError(f"{path}: holds no weight average (trainer.ema); pass a checkpoint "
+                        "of this run, or trainer.ema.weights=trained") from None
+    average.copy_to_models()
 
 
 def _checkpoint_path(root: Path, checkpoint: str) -> str:

@@ -18,6 +18,13 @@ from omegaconf import II, MISSING
 
 
 @dataclass
+class EmaConfig:
+    decay: Optional[float] = None
+    warmup: bool = False
+    weights: str = "averaged"
+
+
+@dataclass
 class TrainerConfig:
     _target_: str = "trainer.Trainer"
     _partial_: bool = True
@@ -39,6 +46,9 @@ class TrainerConfig:
     # Micro-batches per update: each batch of data.batch_size is split into this many and
     # their summed gradients applied once (gradient accumulation).
     accumulate_steps: int = 1
+    # An exponential moving average of the weights (trainer.step.averaging): decay (null: none),
+    # warmup, and which weights the run ships (averaged or trained).
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass

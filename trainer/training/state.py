@@ -71,7 +71,8 @@ class TrainingState:
     - ``step``: the step's own state (``Step.state()``: regularizers, reset policy, metrics);
     - ``data``: the training source's order and position (``Source.state()``);
     - ``callbacks``: each stateful callback's ``state()`` under its ``state_key`` (early
-      stopping, the best checkpoint's value, the freeze schedule, Keras callbacks).
+      stopping, the best checkpoint's value, the freeze schedule, Keras callbacks);
+    - ``averages``: with ``trainer.ema``, the weight average (``WeightAverage``).
 
     The objects are tracked, not copied: a save writes their current values. The
     checkpoint callback saves through ``manager`` and ``save``; resuming reads back with
@@ -103,6 +104,8 @@ class TrainingState:
             step=step.state(),
             data=source.state(),
             callbacks=callback_states(callbacks, trainer),
+            # The weight average (trainer.ema), only when there is one.
+            **({"averages": trainer.averages} if trainer.averages is not None else {}),
         )
 
     def manager(self, directory: str, max_to_keep: int) -> tf.train.CheckpointManager:

@@ -22,6 +22,7 @@ from trainer.compile.xla import raise_if_xla_error
 from trainer.data.base import Data
 from trainer.data.dataplan import DataPlan
 from trainer.distribute.strategies import Distribution, NoDistribution
+from trainer.step.averaging import EmaSettings, WeightAverage
 from trainer.step.base import Step
 from trainer.step.freezing import variable_table
 from trainer.training.preemption import Preemption
@@ -85,6 +86,7 @@ class Trainer:
         run_eagerly: bool = False,
         jit_compile: bool | str = "auto",
         accumulate_steps: int = 1,
+        ema=None,
         callbacks=(),
         run_dir: str = ".",
         distribution: Distribution | None = None,
@@ -116,6 +118,10 @@ class Trainer:
                                    "checkpoints")
         self.run_dir = str(run_dir)
         self.accumulate_steps = int(accumulate_steps)
+        #: ``trainer.ema`` (``trainer.step.averaging.EmaSettings``), read from a mapping.
+        self.ema = ema if isinstance(ema, EmaSettings) else EmaSettings.read(ema)
+        #: The weight average (``WeightAverage``) when ``ema.decay`` is set, from ``prepare`` on.
+        self.averages: WeightAverage | None = None
         self.distribution = distribution if distribution is not None else NoDistribution()
         self._clock_start, self._clock = time.monotonic(), 0.0
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -324,7 +330,8 @@ class Trainer:
             self.step, self.data_plan, self.plan, global_step=self.global_step,
             strategy=self.distribution.strategy if self.distribution.distributed else None,
             state_logs=self._state_logs, on_trace=self._count_trace,
-            evaluation=(lambda: self.step.metric_results("val")) if evaluation else None)
+            evaluation=(lambda: self.step.metric_results("val")) if evaluation else None,
+            after_update=self.averages.update if self.averages is not None else None)
         if not evaluation:  # the evaluation function stays: it reads no trainable list
             built = dataclasses.replace(built, evaluate=self._executions.evaluate)
         self._executions = built
@@ -370,6 +377,10 @@ class Trainer:
         if data_plan.num_outputs:
             with self.distribution.scope():
                 step.build_metrics(data_plan.num_outputs)
+        if self.ema.on:
+            with self.distribution.scope():
+                self.averages = WeightAverage(step.models, decay=self.ema.decay,
+                                              warmup=self.ema.warmup)
         #: Everything a restart needs (``TrainingState``): the checkpoint callback saves it,
         #: resuming restores it; ``checkpoint`` is the ``tf.train.Checkpoint`` it writes.
         self.training_state = TrainingState.of(self, step=step, source=data_plan.train,
@@ -491,6 +502,11 @@ class Trainer:
             self.logs = {**self.logs, "time/train_seconds": progress.train_seconds,
                          "time/fit_seconds": progress.fit_seconds}
             self._callback("on_fit_end", self.logs)
+            if self.averages is not None and self.ema.weights == "averaged" and \
+                    not self.preempted:
+                # After the last checkpoint was saved (with the trained weights, to resume
+                # from): the models ship the average (the best checkpoint's, if restored).
+                self.averages.copy_to_models()
         return self.logs
 
     def _train(self) -> float:
@@ -572,6 +588,9 @@ class Trainer:
                 for k, v in progress.sums.items()}
         logs.update({f"train/{k}": v for k, v in progress.state.items()})
         logs.update(self.evaluate())
+        if self.averages is not None:
+            with self.averages.swapped():
+                logs.update({f"val_ema/{k[4:]}": v for k, v in self.evaluate().items()})
         logs.update(epoch=epoch + 1, step=global_step)
         _check_finite(logs, epoch)
         self.logs = logs
