@@ -162,6 +162,7 @@ def test_bad_reset_setting_is_a_user_error(make_cfg, tmp_path):
 DELIBERATE = {
     ("keras.optimizers.SGD", "momentum"): "optimizer=sgd is SGD with momentum 0.9",
     ("trainer.Trainer", "ema"): "a node; the Trainer's None reads as its defaults (no average)",
+    ("trainer.Trainer", "swa"): "a node; the Trainer's None reads as its defaults (no average)",
 }
 #: Keys the driver reads itself: optimizer.groups (it wraps the optimizer in groups), and the
 #: trainer node's resume, deterministic and checkpoint_dir (how to start, not how to train).

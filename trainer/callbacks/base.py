@@ -6,6 +6,10 @@ from pathlib import Path
 
 from trainer.common.errors import UserError
 
+#: The prefixes of the epoch's evaluations: of the trained weights, and of their average
+#: (``trainer.ema``: ``val_ema/``, ``trainer.swa``: ``val_swa/``).
+VAL = ("val/", "val_ema/", "val_swa/")
+
 
 class Callback:
     """Base class; override any hook. Every hook gets the trainer first.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import sys
 
-from trainer.callbacks.base import Callback
+from trainer.callbacks.base import VAL, Callback
 
 log = logging.getLogger("trainer")
 
 
 def _fmt(logs: dict) -> str:
-    keys = [k for k in logs if k.startswith(("train/", "val/", "val_ema/"))]
+    keys = [k for k in logs if k.startswith(("train/", *VAL))]
     return " ".join(f"{k}={logs[k]:.4g}" for k in keys)
 
 
@@ -45,7 +45,7 @@ class ProgressCallback(Callback):
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.bar is not None:
-            values = [(k, v) for k, v in logs.items() if k.startswith(("val/", "val_ema/"))]
+            values = [(k, v) for k, v in logs.items() if k.startswith(VAL)]
             self.bar.update(trainer.steps_per_epoch, values=values, finalize=True)
             self.bar = None
         else:

@@ -16,7 +16,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hp
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 
-from trainer.callbacks.base import Callback, resolve
+from trainer.callbacks.base import VAL, Callback, resolve
 from trainer.common.errors import UserError
 from trainer.training.periodic import Periodic
 
@@ -116,7 +116,7 @@ class TensorBoardCallback(Callback):
             global_step - progress.open_epoch * trainer.steps_per_epoch >= trainer.steps_per_epoch)
         if not self._opened_for_same(root, models):
             self._open(root, models, global_step, reevaluates=reevaluates,
-                       extra=("val_ema",) if trainer.averages is not None else ())
+                       extra=(trainer.averages.prefix,) if trainer.averages is not None else ())
             self._opened_for = (root, models)
         with self._writer("").as_default(step=global_step):
             if self.hparams:
@@ -202,10 +202,11 @@ class TensorBoardCallback(Callback):
         self._write_histograms(trainer, global_step)
 
     def on_epoch_end(self, trainer, epoch, logs):
-        # val_ema/ (trainer.ema): a run of its own, tb/val_ema, on the same charts as val/.
-        self._scalars({k: v for k, v in logs.items() if k.startswith(_VAL)}, logs["step"])
+        # val_ema/, val_swa/ (weight averages): runs of their own (tb/val_ema, tb/val_swa) on
+        # the same charts as val/.
+        self._scalars({k: v for k, v in logs.items() if k.startswith(VAL)}, logs["step"])
         if self.hparams:  # the HParams session's metrics, the epoch's values
-            self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", *_VAL))},
+            self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", *VAL))},
                           logs["step"], epoch=True)
         if self._flush_when.due(logs["step"]):
             for w in self.writers.values():
@@ -218,7 +219,7 @@ class TensorBoardCallback(Callback):
             # session's own run. It shows the first five as columns: validation first.
             metrics = [hp.Metric(f"{EPOCH}/{k}", display_name=k)
                        for k in sorted(logs, key=_metric_order)
-                       if k.startswith(("train/", *_VAL))]
+                       if k.startswith(("train/", *VAL))]
             with self._writer("").as_default(step=trainer.current_step):
                 hp.hparams_config(hparams=[hp.HParam(k) for k in sorted(self.hparams)],
                                   metrics=metrics)
@@ -236,7 +237,7 @@ class TensorBoardCallback(Callback):
                 group, _, tag = key.partition("/")
                 if epoch:
                     group, tag = "", f"{EPOCH}/{key}"
-                elif group not in ("train", "val", "val_ema"):
+                elif group not in ("train", *(v[:-1] for v in VAL)):
                     group, tag = "train", key
                 groups.setdefault(group, []).append((key, tag))
             plan = self._scalar_plans[keys, epoch] = [
@@ -252,10 +253,6 @@ class TensorBoardCallback(Callback):
             return  # off, also at the start
         if self._histogram_when.due(global_step, start=start):
             self._histograms(tf.constant(global_step, tf.int64), trainer.gradients_by_path())
-
-
-#: The epoch logs of evaluations: of the trained weights, and of their average (trainer.ema).
-_VAL = ("val/", "val_ema/")
 
 
 def _metric_order(key: str) -> tuple:

@@ -72,8 +72,8 @@ def load_run(run_dir: str, *, checkpoint: str | None = None, overrides=()) -> Tr
         cfg.callbacks = {}
         r = build(cfg, scratch)
     source = _load_weights(root, r.step, checkpoint)
-    if checkpoint and r.trainer.ema.on and r.trainer.ema.weights == "averaged":
-        _load_average(source, r.step, r.trainer.ema)
+    if checkpoint and r.trainer.ships_average:
+        _load_average(source, r)
     return TrainedRun(cfg=r.cfg, data=r.data, step=r.step, weights=source)
 
 
@@ -115,21 +115,21 @@ def _load_weights(root: Path, step, checkpoint: str | None) -> str:
     return str(root / "model.keras")
 
 
-def _load_average(path: str, step, ema) -> None:
-    """Give the models the weight average held in checkpoint ``path`` (``trainer.ema``,
-    ``weights: averaged``): the weights the run ships."""
+def _load_average(path: str, r) -> None:
+    """Give the models the weight average held in checkpoint ``path`` (``trainer.ema`` or
+    ``trainer.swa`` with ``weights: averaged``): the weights the run ships."""
     import tensorflow as tf
 
-    from trainer.step.averaging import WeightAverage
-
-    average = WeightAverage(step.models, decay=ema.decay)
+    average = r.trainer.make_average(r.step.models)
     status = tf.train.Checkpoint(averages=average).read(path).expect_partial()
     try:
         status.assert_existing_objects_matched()
     except AssertionError:
-        raise UserError(f"{path}: holds no weight average (trainer.ema); pass a checkpoint "
-                        "of this run, or trainer.ema.weights=trained") from None
+        raise UserError(f"{path}: holds no weight average (trainer.ema, trainer.swa); pass a "
+                        "checkpoint of this run, or set trainer.ema.weights=trained "
+                        "(trainer.swa.weights=trained)") from None
     average.copy_to_models()
+    average.ready(r.data)
 
 
 def _checkpoint_path(root: Path, checkpoint: str) -> str:

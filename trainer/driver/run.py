@@ -118,15 +118,18 @@ def flat_hparams(container: dict, prefix: str = "") -> dict:
     return out
 
 
-def _optimizer(node, schedule=None, total_steps: int = 0):
+def _optimizer(node, schedule=None, total_steps: int = 0, swa=None, steps_per_epoch: int = 1):
     """The configured Keras optimizer, split into parameter groups if ``groups`` is set;
-    with ``schedule`` (the schedule group's factory) its learning rate is the peak of it."""
+    with ``schedule`` (the schedule group's factory) its learning rate is the peak of it;
+    with ``swa`` (``trainer.swa``, a dict) and its ``lr``, SWA's rate follows from its start."""
+    from trainer.step.schedules import apply_schedule, apply_swa
+
     spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
     spec = _float_rates(spec)
     if schedule is not None:
-        from trainer.step.schedules import apply_schedule
-
         spec = apply_schedule(spec, schedule, total_steps=total_steps)
+    if swa:
+        spec = apply_swa(spec, swa, steps_per_epoch=steps_per_epoch, build=instantiate_node)
     groups = spec.pop("groups", None) if isinstance(spec, dict) and "_target_" in spec else None
     optimizer = instantiate_node(spec)
     if groups:
@@ -355,7 +358,9 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
         model = instantiate_node(cfg.model)(input_shape=data.input_shape,
                                             num_outputs=data.num_outputs)
         schedule = instantiate_node(cfg.schedule) if cfg.get("schedule") else None
-        optimizer = _optimizer(cfg.optimizer, schedule, planned_updates(cfg, data))
+        optimizer = _optimizer(cfg.optimizer, schedule, planned_updates(cfg, data),
+                               swa=container["trainer"].get("swa"),
+                               steps_per_epoch=data.steps_per_epoch("train"))
         factory = instantiate_node(cfg.step)
         offered = _offered_step_arguments(cfg, model, optimizer, data.task)
         step = _make_step(factory, step_kwargs(factory, offered))

@@ -25,6 +25,16 @@ class EmaConfig:
 
 
 @dataclass
+class SwaConfig:
+    start_epoch: Optional[int] = None
+    lr: Optional[float] = None
+    lr_min: Optional[float] = None
+    cycle_epochs: int = 1
+    batch_norm: bool = True
+    weights: str = "averaged"
+
+
+@dataclass
 class TrainerConfig:
     _target_: str = "trainer.Trainer"
     _partial_: bool = True
@@ -49,6 +59,9 @@ class TrainerConfig:
     # An exponential moving average of the weights (trainer.step.averaging): decay (null: none),
     # warmup, and which weights the run ships (averaged or trained).
     ema: EmaConfig = field(default_factory=EmaConfig)
+    # Stochastic weight averaging from start_epoch (null: none), with its own rate (lr; a
+    # cycle down to lr_min over cycle_epochs), batch-norm statistics recomputed.
+    swa: SwaConfig = field(default_factory=SwaConfig)
 
 
 @dataclass

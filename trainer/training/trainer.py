@@ -22,7 +22,13 @@ from trainer.compile.xla import raise_if_xla_error
 from trainer.data.base import Data
 from trainer.data.dataplan import DataPlan
 from trainer.distribute.strategies import Distribution, NoDistribution
-from trainer.step.averaging import EmaSettings, WeightAverage
+from trainer.step.averaging import (
+    Average,
+    EmaSettings,
+    StochasticWeightAverage,
+    SwaSettings,
+    WeightAverage,
+)
 from trainer.step.base import Step
 from trainer.step.freezing import variable_table
 from trainer.training.preemption import Preemption
@@ -87,6 +93,7 @@ class Trainer:
         jit_compile: bool | str = "auto",
         accumulate_steps: int = 1,
         ema=None,
+        swa=None,
         callbacks=(),
         run_dir: str = ".",
         distribution: Distribution | None = None,
@@ -120,8 +127,14 @@ class Trainer:
         self.accumulate_steps = int(accumulate_steps)
         #: ``trainer.ema`` (``trainer.step.averaging.EmaSettings``), read from a mapping.
         self.ema = ema if isinstance(ema, EmaSettings) else EmaSettings.read(ema)
-        #: The weight average (``WeightAverage``) when ``ema.decay`` is set, from ``prepare`` on.
-        self.averages: WeightAverage | None = None
+        #: ``trainer.swa`` (``trainer.step.averaging.SwaSettings``), read from a mapping.
+        self.swa = swa if isinstance(swa, SwaSettings) else SwaSettings.read(swa)
+        if self.ema.on and self.swa.on:
+            raise UserError("trainer.ema.decay and trainer.swa.start_epoch are both set; a run "
+                            "keeps one average: drop one of them")
+        #: The weight average (``trainer.step.averaging.Average``: ``WeightAverage`` with
+        #: ``ema``, ``StochasticWeightAverage`` with ``swa``), from ``prepare`` on; or None.
+        self.averages: Average | None = None
         self.distribution = distribution if distribution is not None else NoDistribution()
         self._clock_start, self._clock = time.monotonic(), 0.0
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -331,7 +344,8 @@ class Trainer:
             strategy=self.distribution.strategy if self.distribution.distributed else None,
             state_logs=self._state_logs, on_trace=self._count_trace,
             evaluation=(lambda: self.step.metric_results("val")) if evaluation else None,
-            after_update=self.averages.update if self.averages is not None else None)
+            after_update=self.averages.update if self.averages is not None
+            and self.averages.in_step else None)
         if not evaluation:  # the evaluation function stays: it reads no trainable list
             built = dataclasses.replace(built, evaluate=self._executions.evaluate)
         self._executions = built
@@ -377,10 +391,8 @@ class Trainer:
         if data_plan.num_outputs:
             with self.distribution.scope():
                 step.build_metrics(data_plan.num_outputs)
-        if self.ema.on:
-            with self.distribution.scope():
-                self.averages = WeightAverage(step.models, decay=self.ema.decay,
-                                              warmup=self.ema.warmup)
+        with self.distribution.scope():
+            self.averages = self.make_average(step.models)
         #: Everything a restart needs (``TrainingState``): the checkpoint callback saves it,
         #: resuming restores it; ``checkpoint`` is the ``tf.train.Checkpoint`` it writes.
         self.training_state = TrainingState.of(self, step=step, source=data_plan.train,
@@ -502,12 +514,33 @@ class Trainer:
             self.logs = {**self.logs, "time/train_seconds": progress.train_seconds,
                          "time/fit_seconds": progress.fit_seconds}
             self._callback("on_fit_end", self.logs)
-            if self.averages is not None and self.ema.weights == "averaged" and \
-                    not self.preempted:
+            if self.ships_average and self._averaged() and not self.preempted:
                 # After the last checkpoint was saved (with the trained weights, to resume
                 # from): the models ship the average (the best checkpoint's, if restored).
                 self.averages.copy_to_models()
+                self.averages.ready(self.data)
         return self.logs
+
+    def make_average(self, models: dict) -> Average | None:
+        """The weight average ``trainer.ema`` or ``trainer.swa`` asks for, of ``models``."""
+        if self.ema.on:
+            return WeightAverage(models, decay=self.ema.decay, warmup=self.ema.warmup)
+        if self.swa.on:
+            return StochasticWeightAverage(models, batch_norm=self.swa.batch_norm)
+        return None
+
+    @property
+    def ships_average(self) -> bool:
+        """Whether the run ships its weight average (``weights: averaged``), not the
+        trained weights."""
+        settings = self.ema if self.ema.on else self.swa
+        return settings.on and settings.weights == "averaged"
+
+    def _averaged(self) -> bool:
+        """Whether the average holds anything yet (SWA's before its first cycle does not)."""
+        averages = self.averages
+        return averages is not None and (not isinstance(averages, StochasticWeightAverage)
+                                         or int(averages.count.numpy()) > 0)
 
     def _train(self) -> float:
         """The epochs of ``fit``; returns the seconds spent in executions."""
@@ -587,10 +620,15 @@ class Trainer:
         logs = {f"train/{k}": v / examples if examples else 0.0
                 for k, v in progress.sums.items()}
         logs.update({f"train/{k}": v for k, v in progress.state.items()})
+        swa = self.swa
+        if swa.on and finished and epoch >= swa.start_epoch and \
+                (epoch + 1 - swa.start_epoch) % swa.cycle_epochs == 0:
+            self.averages.add()  # the end of a cycle
         logs.update(self.evaluate())
-        if self.averages is not None:
-            with self.averages.swapped():
-                logs.update({f"val_ema/{k[4:]}": v for k, v in self.evaluate().items()})
+        if self._averaged():
+            with self.averages.swapped(self.data):
+                prefix = self.averages.prefix
+                logs.update({f"{prefix}/{k[4:]}": v for k, v in self.evaluate().items()})
         logs.update(epoch=epoch + 1, step=global_step)
         _check_finite(logs, epoch)
         self.logs = logs
