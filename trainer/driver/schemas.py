@@ -72,6 +72,16 @@ class StepConfig:
 
 
 @dataclass
+class SamStepConfig(StepConfig):
+    _target_: str = "trainer.step.sam.SamStep"
+    rho: float = 0.05
+    adaptive: bool = False
+    eta: float = 0.01
+    # global (the all-reduced gradient's ascent, as one device) or replica (each replica's own).
+    perturbation: str = "global"
+
+
+@dataclass
 class ResetConfig:
     _target_: str = "trainer.step.tape.ResetPolicy"
     when: List[str] = field(default_factory=list)
@@ -319,6 +329,7 @@ SCHEMAS = {
     (None, "base_config"): Config,
     ("trainer", "base_trainer"): TrainerConfig,
     ("step", "base_step"): StepConfig,
+    ("step", "base_sam"): SamStepConfig,
     ("model", "base_mlp"): MlpConfig,
     ("optimizer", "base_adam"): OptimizerConfig,
     ("optimizer", "base_sgd"): SgdConfig,
