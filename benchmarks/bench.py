@@ -14,8 +14,8 @@ memory and open file handles over 5,000 steps of nested- and persistent-tape
 steps with TensorBoard and checkpoints on, in a child process:
 ``benchmarks/endurance.py``); F scale (mixed precision, TFRecord shards, gradient
 accumulation, a mirrored strategy in a child process, jit_compile=auto's choice:
-``benchmarks/scale.py``). ``--groups F --merge`` adds one group's results to the
-recorded ones.
+``benchmarks/scale.py``); S SAM's step (``step=sam``) against the plain step on B.
+``--groups F --merge`` adds one group's results to the recorded ones.
 
 The top of benchmarks/: the timing (``measure``), the workloads and the machine's facts it
 shares with the other groups are in ``benchmarks/common.py``, whose docstring draws the
@@ -98,6 +98,9 @@ def plan(quick: bool) -> dict:
         TrainerVariant("D/trainer-spe32", w["D-eager"], 32),
         TrainerVariant("D/trainer-spe32-eager", w["D-eager"], 32, eager=True),
     ]
+    # SAM's two gradients per update against the plain step, same source, no XLA.
+    groups["S"] = [TrainerVariant(f"S/{key}/spe32/trainer-memory", w[key], 32, source="memory",
+                                  xla=False) for key in ("B", "B+sam")]
     return groups
 
 
@@ -143,8 +146,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--windows", type=int, help="timed windows per variant (7; quick 2)")
     parser.add_argument("--window-seconds", type=float,
                         help="seconds per window (0.7; quick 0.1)")
-    parser.add_argument("--groups", default="A,B,D,E,F", help="groups to run (default "
-                        "A,B,D,E,F; C is timed within A and B)")
+    parser.add_argument("--groups", default="A,B,D,E,F,S", help="groups to run (default "
+                        "A,B,D,E,F,S; C is timed within A and B)")
     parser.add_argument("--merge", action="store_true", help="keep the other groups' results "
                         "from the existing JSON output (and report all of them)")
     parser.add_argument("--out", type=Path, help="JSON output (benchmarks/results.json; quick: "

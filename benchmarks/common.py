@@ -40,6 +40,7 @@ def workloads(quick: bool) -> dict:
                                                                         gp_every=16),
         "B+gp": replace(b, name="B+gp", gp_every=1), "B+gp/16": replace(b, name="B+gp/16",
                                                                         gp_every=16),
+        "B+sam": replace(b, name="B+sam", sam_rho=0.05),
         "D": replace(a, name="D"), "D-eager": replace(a, name="D-eager", n_train=4096),
     }
 

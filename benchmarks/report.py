@@ -169,6 +169,14 @@ def summarize(result: dict) -> tuple[dict, list]:
     f = groups.get("F")
     if f:
         cases["F"] = scale_summary(f, target)
+    s = groups.get("S")
+    if s:
+        plain, sam = s.get("S/B/spe32/trainer-memory"), s.get("S/B+sam/spe32/trainer-memory")
+        if plain and sam:
+            # Two forward and backward passes per update: about twice the plain step.
+            cases["S"] = {"sam_step_time_vs_plain": ratio(plain, sam)}
+            target("S", "B step=sam step time / plain B step (trainer, memory)",
+                   cases["S"]["sam_step_time_vs_plain"], "<=", 2.2)
     return cases, targets
 
 

@@ -34,6 +34,7 @@ class Workload:
     n_train: int = 65536
     gp_every: int = 0  # 0: no penalty
     gp_weight: float = 0.01
+    sam_rho: float = 0.0  # above 0: the trainer's step is SamStep with this rho (step=sam)
 
     def arrays(self):
         rng = np.random.default_rng(0)
@@ -285,8 +286,15 @@ class TrainerVariant(Variant):
             batching=Batching(batch_size=w.batch_size, in_memory=in_memory),
         )
         regs = [InputGradientPenalty(weight=w.gp_weight, every=w.gp_every)] if w.gp_every else []
-        self.step = TapeStep(model=w.model(), optimizer=keras.optimizers.Adam(1e-3),
-                             task=w.task, regularizers=regs)
+        factory = TapeStep
+        if w.sam_rho:
+            from functools import partial
+
+            from trainer.step.sam import SamStep
+
+            factory = partial(SamStep, rho=w.sam_rho)
+        self.step = factory(model=w.model(), optimizer=keras.optimizers.Adam(1e-3),
+                            task=w.task, regularizers=regs)
         kwargs = {} if self.xla is None else {"jit_compile": self.xla}
         self.clock = _TrainerClock()
         callbacks = [factory() for factory in self.callback_factories] + [self.clock]

@@ -131,7 +131,7 @@ def test_merge_keeps_the_recorded_groups_and_lists_each_run():
     assert merged["first_step"] == recorded["first_step"]
     assert [r["groups"] for r in merged["runs"]] == runs
     merged["cases"], merged["targets"] = summarize(merged)
-    assert set(merged["cases"]) == {"A", "B", "C", "D", "E", "F"}
+    assert set(merged["cases"]) == {"A", "B", "C", "D", "E", "F", "S"}
     text = markdown_report(merged)
     assert "- Group F:" in text and "## F: scale" in text
     assert all(f"- Group{'s' if len(r) > 1 else ''} {', '.join(r)}:" in text for r in runs)

@@ -135,6 +135,8 @@ def test_eager_equals_compiled_with_dropout_and_the_masks_are_the_first_pass_one
     (w_eager, logs_eager), (w_compiled, logs_compiled) = results
     for a, b in zip(w_eager, w_compiled):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    for a, b in zip(logs_eager, logs_compiled):
+        assert float(b["sam/sharpness"]) == pytest.approx(float(a["sam/sharpness"]), abs=1e-7)
     for logs in logs_eager:
         # With the same dropout masks, L(w + eps) - L(w) = rho ||g|| to first order; other
         # masks would make it the difference of two networks' losses, orders larger.
