@@ -136,7 +136,8 @@ def test_eager_equals_compiled_with_dropout_and_the_masks_are_the_first_pass_one
     for a, b in zip(w_eager, w_compiled):
         np.testing.assert_allclose(a, b, atol=1e-6)
     for a, b in zip(logs_eager, logs_compiled):
-        assert float(b["sam/sharpness"]) == pytest.approx(float(a["sam/sharpness"]), abs=1e-7)
+        # A difference of two float32 losses near 2: their rounding, not more.
+        assert float(b["sam/sharpness"]) == pytest.approx(float(a["sam/sharpness"]), abs=1e-6)
     for logs in logs_eager:
         # With the same dropout masks, L(w + eps) - L(w) = rho ||g|| to first order; other
         # masks would make it the difference of two networks' losses, orders larger.
