@@ -11,12 +11,14 @@ import tensorflow as tf
 
 from tests.helpers import cli
 from trainer.common.errors import UserError
-from trainer.common.keys import SAMPLED
+from trainer.common.keys import SAMPLED, WEIGHT
 from trainer.compile.executions import accumulated
 from trainer.driver.run import build
+from trainer.regularizers import ParameterGradientNorm
 from trainer.step.base import StepInfo
 from trainer.step.optimizers import LossScale
 from trainer.step.sam import SamStep
+from trainer.step.tape import ResetPolicy
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(8, 3))
@@ -143,6 +145,52 @@ def test_eager_equals_compiled_with_dropout_and_the_masks_are_the_first_pass_one
         # masks would make it the difference of two networks' losses, orders larger.
         sharpness, grad_norm = float(logs["sam/sharpness"]), float(logs[SAMPLED]["grad_norm"])
         assert sharpness == pytest.approx(1e-3 * grad_norm, rel=0.05)
+
+
+def test_a_penalty_on_the_parameter_gradient_is_taken_at_the_perturbed_point():
+    # param_grad_norm differentiates the loss by the step's trainable variables: in the
+    # perturbed pass they must be the tensors w + eps. float32: the loop adds a regularizer's
+    # contribution to the loss as float32.
+    x, y = X.astype("float32"), Y.astype("float32")
+    model = _model(dtype="float32")
+    reference = _copy(model, dtype="float32")
+    step = _step(model, rho=0.5, regularizers=[ParameterGradientNorm(weight=0.3)])
+    step.train_step((tf.constant(x), tf.constant(y)), StepInfo.at())
+    # The reference objective: mse + 0.3 ||d mse / d w||^2, in both of its passes.
+    variables = reference.trainable_variables
+    w0 = [v.numpy() for v in variables]
+
+    def grad():
+        with tf.GradientTape() as tape:
+            with tf.GradientTape() as inner:
+                loss = tf.reduce_mean(tf.square(reference(x, training=True) - y))
+            g = inner.gradient(loss, variables)
+            loss += 0.3 * tf.add_n([tf.reduce_sum(tf.square(gi)) for gi in g])
+        return [g.numpy() for g in tape.gradient(loss, variables)]
+
+    eps = _hand_epsilon(grad(), w0, 0.5, False, 0.0)
+    for v, w, e in zip(variables, w0, eps):
+        v.assign(w + e)
+    g2 = grad()
+    for v, w, g in zip(model.trainable_variables, w0, g2):
+        np.testing.assert_allclose(v.numpy(), w - 0.125 * g, atol=1e-6)
+
+
+def test_the_reset_policy_skips_a_nonfinite_batch_and_then_updates_as_sam():
+    model = _model()
+    reference = _copy(model)
+    step = _step(model, rho=0.5, reset=ResetPolicy(when=["nonfinite"]))
+    w0 = [v.numpy() for v in model.trainable_variables]
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    logs = step.train_step((tf.constant(bad), tf.constant(Y)), StepInfo.at())
+    assert float(logs[WEIGHT]) == 0.0
+    for v, w in zip(model.trainable_variables, w0):
+        np.testing.assert_array_equal(v.numpy(), w)
+    step.train_step((tf.constant(X), tf.constant(Y)), StepInfo.at(1))
+    want = _reference_update(reference, X, Y, rho=0.5, lr=0.125)
+    for v, w in zip(model.trainable_variables, want):
+        np.testing.assert_allclose(v.numpy(), w, atol=1e-12)
 
 
 def test_frozen_variables_are_neither_perturbed_nor_changed():

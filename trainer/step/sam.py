@@ -18,8 +18,6 @@ generators' advance) is discarded; the first pass's writes stand, as in a plain 
 
 from __future__ import annotations
 
-import threading
-
 import keras
 import tensorflow as tf
 
@@ -66,19 +64,6 @@ class SharpnessAware:
                             f"{', '.join(PERTURBATIONS)}")
         self.rho, self.adaptive, self.eta = float(rho), bool(adaptive), float(eta)
         self.perturbation = perturbation
-        # The perturbed weights while the perturbed pass is traced, per thread (a strategy
-        # traces its replicas in threads of their own).
-        self._pass = threading.local()
-
-    @property
-    def trainable_variables(self) -> list:
-        """The trainable variables; during the perturbed pass, the tensors ``w + eps`` that
-        stand for them (so a penalty that differentiates the loss by the parameters,
-        ``param_grad_norm`` or ``hessian_trace``, does so at ``w + eps``)."""
-        perturbed = getattr(self._pass, "perturbed", None)
-        if perturbed is not None:
-            return list(perturbed)
-        return super().trainable_variables
 
     def split_xla_blockers(self) -> list[str]:
         return [*super().split_xla_blockers(),
@@ -120,17 +105,14 @@ class SharpnessAware:
         perturbed = [tf.stop_gradient(tf.convert_to_tensor(v) if e is None
                                       else tf.convert_to_tensor(v) + e)
                      for v, e in zip(variables, eps)]
-        mapping = [*zip(variables, perturbed), *seeds]
-        self._pass.perturbed = perturbed
-        try:
-            with keras.StatelessScope(state_mapping=mapping):
-                with tf.GradientTape(watch_accessed_variables=False) as tape:
-                    tape.watch(perturbed)
-                    total, ctx, _ = self.record(x, y, tape, info, regularizers, w)
-                grads = gradients(tape, total, perturbed, unconnected=self.unconnected,
-                                  scale=self.gradient_scale())
-        finally:
-            self._pass.perturbed = None
+        # A variable's value in the scope is its tensor here, for the model and for
+        # penalties that differentiate by the parameters (they watch ``variable.value``).
+        with keras.StatelessScope(state_mapping=[*zip(variables, perturbed), *seeds]):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                tape.watch(perturbed)
+                total, ctx, _ = self.record(x, y, tape, info, regularizers, w)
+            grads = gradients(tape, total, perturbed, unconnected=self.unconnected,
+                              scale=self.gradient_scale())
         return total, ctx, [None if e is None else g for g, e in zip(grads, eps)]
 
     def _seed_states(self) -> list:
