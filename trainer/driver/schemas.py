@@ -414,3 +414,30 @@ class ImagesConfig(_DataCommon):
 
 SCHEMAS[("model", "base_cnn")] = CnnConfig
 SCHEMAS[("data", "base_images")] = ImagesConfig
+
+
+# --- the learning-rate finder (python -m trainer.lr_find) -----------------------------------
+@dataclass
+class LrFindOptions:
+    # The sweep's rates rise exponentially from min_lr to max_lr over num_steps updates.
+    min_lr: float = 1e-6
+    max_lr: float = 1.0
+    num_steps: int = 100
+    # The weight of the past in the loss' moving average (0: none).
+    smoothing: float = 0.9
+    # Stop once the smoothed loss exceeds diverge_factor times its best.
+    diverge_factor: float = 4.0
+    # The step's log whose curve is drawn and searched.
+    monitor: str = "loss"
+    # Draw lr_find.png (needs matplotlib: pip install 'tape-trainer[plot]').
+    plot: bool = True
+
+
+@dataclass
+class LrFindConfig(Config):
+    """The root of ``python -m trainer.lr_find``: a run's config plus the sweep's settings."""
+
+    lr_find: LrFindOptions = field(default_factory=LrFindOptions)
+
+
+SCHEMAS[(None, "base_lr_find")] = LrFindConfig
