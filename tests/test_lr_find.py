@@ -139,9 +139,12 @@ def test_the_step_is_left_bit_identical(make_cfg, tmp_path):
     assert float(optimizer.learning_rate) == rate
 
 
-def test_a_schedule_is_refused_by_the_library_function(make_cfg, tmp_path):
+def test_a_schedule_and_two_optimizers_are_refused(make_cfg, tmp_path):
     r = build(make_cfg(*LINEAR, "schedule=cosine"), tmp_path)
     with pytest.raises(UserError, match="schedule=null"):
+        _find(r, Sweep())
+    r = build(make_cfg("+experiment=gan", "callbacks=none"), tmp_path / "gan")
+    with pytest.raises(UserError, match=r"has 2 optimizers \(.*\); the finder sweeps the rate"):
         _find(r, Sweep())
 
 
@@ -160,7 +163,7 @@ def _lr_find_cfg(*overrides):
     (["lr_find.diverge_factor=1"], "lr_find.diverge_factor=1.0 must be above 1"),
 ])
 def test_bad_settings_are_one_line_errors(make_cfg, tmp_path, overrides, expected):
-    from trainer.driver.lr_find import lr_find
+    from trainer.driver.lr_sweep import lr_find
 
     with pytest.raises(UserError) as e:
         lr_find(_lr_find_cfg(*LINEAR, *overrides), tmp_path)

@@ -8,7 +8,8 @@ Every fenced code block of ``README.md`` and ``docs/*.md`` is run, composed or c
   ``python -m trainer ...`` (also after ``srun`` or ``PYTHONPATH=...``) through Hydra's
   compose API, a multirun's sweeps at their first value; ``python -m trainer.launch ...`` by
   the launcher's own parser, then its overrides composed; ``python -m trainer.export_data
-  ...`` composed from ``export_data.yaml``; other ``python -m MODULE``/``python SCRIPT``
+  ...`` composed from ``export_data.yaml``, ``python -m trainer.lr_find ...`` from
+  ``lr_find.yaml``; other ``python -m MODULE``/``python SCRIPT``
   commands are checked against their ``--help`` (each option used exists), since they need
   a finished run, a sweep or a browser; commands that are not Python (``pip install``,
   ``tensorboard``, the SLURM script's shell) are listed in ``NOT_RUN`` with the reason;
@@ -98,6 +99,8 @@ NOT_RUN = {
         "a listing of what an export writes (tests/test_tfrecord.py exports and reads them)",
     ("", "[launch] run dir"): "the output of a run with two workers (tests/test_launch.py)",
     ("", "$ python -m trainer.summary"): "the output of a finished sweep (tests/test_sweep.py)",
+    ("", "lr_find: 91 updates from"):
+        "the last line of python -m trainer.lr_find (tests/test_lr_find.py runs the command)",
     ("", "driver            trainer/driver/"):
         "the design page's picture of the levels (tests/test_layers.py enforces them)",
     ("bash", "tensorboard --logdir outputs"):
@@ -227,6 +230,9 @@ def _run_command(words: list[str], pwd: Path) -> str:
         return "parsed and composed"
     if words[:3] == ["python", "-m", "trainer.export_data"] and "--index" not in words:
         _compose_trainer_command(words[3:], config_name="export_data")
+        return "composed"
+    if words[:3] == ["python", "-m", "trainer.lr_find"]:
+        _compose_trainer_command(words[3:], config_name="lr_find")
         return "composed"
     if words[:2] == ["python", "-m"]:
         _check_options(tuple(words[1:3]), words[3:])

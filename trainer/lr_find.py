@@ -4,7 +4,7 @@
     python -m trainer.lr_find +experiment=dense lr_find.max_lr=3 lr_find.num_steps=200
 
 The config is the training run's (``configs/lr_find.yaml`` composes ``config.yaml`` and
-adds ``lr_find``); ``trainer.driver.lr_find`` builds the run, raises its learning rate
+adds ``lr_find``); ``trainer.driver.lr_sweep`` builds the run, raises its learning rate
 exponentially from its starting weights until the loss diverges, and writes
 ``lr_find.json``, ``lr_find.csv`` and ``lr_find.png`` into
 ``outputs/<task_name>/lr_find/<time>/``. Prints the suggested rate and its override.
@@ -28,7 +28,7 @@ register_configs()
 
 def lr_find_or_exit(cfg: DictConfig) -> None:
     """Sweep, and print the suggestion; a user error exits 2 with one line on stderr."""
-    from trainer.driver.lr_find import lr_find
+    from trainer.driver.lr_sweep import lr_find
 
     try:
         result = lr_find(cfg)
@@ -37,7 +37,9 @@ def lr_find_or_exit(cfg: DictConfig) -> None:
         sys.exit(2)
     from hydra.core.hydra_config import HydraConfig
 
-    rows, run_dir = result["curve"], HydraConfig.get().runtime.output_dir
+    rows, run_dir = result["curve"], os.path.abspath(HydraConfig.get().runtime.output_dir)
+    if run_dir.startswith(os.getcwd() + os.sep):  # outputs/..., as the command was given
+        run_dir = os.path.relpath(run_dir)
     print(f"lr_find: {len(rows)} updates from {rows[0]['learning_rate']:.3g} to "
           f"{rows[-1]['learning_rate']:.3g}"
           f"{' (stopped: the loss diverged)' if result['diverged'] else ''}; suggested "

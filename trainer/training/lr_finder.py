@@ -204,9 +204,13 @@ def find_learning_rate(step, data, *, sweep: Sweep | None = None, monitor: str =
 
     ``monitor`` is the step's log whose curve is drawn (``loss``); the compile and
     distribution arguments are the ``Trainer``'s, so the sweep runs as the run would. The
-    optimizers' rates must be constant numbers (no schedule): the sweep sets them.
+    step must have one optimizer, its rate a constant number (no schedule): the sweep sets
+    it.
     """
     sweep = sweep or Sweep()
+    if len(step.optimizers) != 1:
+        raise UserError(f"the step {type(step).__name__} has {len(step.optimizers)} optimizers "
+                        f"({', '.join(step.optimizers)}); the finder sweeps the rate of one")
     for name, opt in step.optimizers.items():
         if opt.schedule is not None:
             raise UserError(f"optimizer {name!r} follows a learning-rate schedule, which the "

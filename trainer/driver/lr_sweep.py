@@ -126,7 +126,8 @@ def draw(result: dict, path) -> None:
         ax.set_xscale("log")
         finite = [r["smoothed_loss"] for r in rows if math.isfinite(r["smoothed_loss"])]
         if finite:  # the diverged tail would flatten the curve: show it to twice the drop
-            low, first = min(finite), finite[0]
+            raw = [r["loss"] for r in rows[: len(finite)] if math.isfinite(r["loss"])]
+            low, first = min(finite + raw), finite[0]
             top = min(max(finite), first + max(first - low, 1e-12))
             ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low))
         ax.set_xlabel("learning rate")
