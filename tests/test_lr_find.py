@@ -193,11 +193,29 @@ def test_the_command_writes_the_curve_the_plot_and_prints_the_override(tmp_path)
     rates = [row["learning_rate"] for row in result["curve"]]
     assert rates[0] <= suggestion <= rates[-1]
     assert result["override"] == f"optimizer.learning_rate={float(f'{suggestion:.2g}'):g}"
-    assert f"train with {result['override']}" in p.stdout.splitlines()[-1]
-    # A bad setting: one line on stderr, exit 2, no curve.
-    p = _command("+experiment=dense", "lr_find.num_steps=1", "hydra.run.dir=bad", cwd=tmp_path)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    lines = [line for line in p.stderr.splitlines() if line.strip()]
-    assert lines[-1] == "error: lr_find.num_steps=1 must be at least 3"
-    assert sum(line.startswith("error:") for line in lines) == 1
-    assert not (tmp_path / "bad" / "lr_find.json").exists()
+    assert p.stdout.splitlines()[-1].endswith(
+        f"(curve and plot in out); train with {result['override']}")
+
+
+def test_the_command_exits_2_with_one_line(make_cfg, tmp_path, capsys):
+    from trainer.lr_find import lr_find_or_exit
+
+    with pytest.raises(SystemExit) as e:
+        lr_find_or_exit(_lr_find_cfg(*LINEAR, "lr_find.num_steps=1"))
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: lr_find.num_steps=1 must be at least 3\n"
+
+
+def test_without_matplotlib_the_command_stops_first_unless_plot_is_off(make_cfg, tmp_path,
+                                                                       monkeypatch):
+    from trainer.driver.lr_sweep import CSV, JSON, PNG, lr_find, write_outputs
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
+    with pytest.raises(UserError, match=r"pip install 'tape-trainer\[plot\]'"):
+        lr_find(_lr_find_cfg(*LINEAR), tmp_path)
+    assert not list(tmp_path.iterdir())
+    row = {"step": 0, "learning_rate": 1e-3, "loss": 1.0, "running_loss": 1.0,
+           "smoothed_loss": 1.0}
+    write_outputs(tmp_path, {"curve": [row], "suggestion": 1e-3}, plot=False)
+    assert (tmp_path / JSON).is_file() and (tmp_path / CSV).is_file()
+    assert not (tmp_path / PNG).exists()
