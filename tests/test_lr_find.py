@@ -148,6 +148,16 @@ def test_a_schedule_and_two_optimizers_are_refused(make_cfg, tmp_path):
         _find(r, Sweep())
 
 
+def test_the_schema_defaults_are_the_sweep_defaults():
+    import dataclasses
+
+    from trainer.driver.schemas import LrFindOptions
+
+    options = LrFindOptions()
+    for f in dataclasses.fields(Sweep):
+        assert getattr(options, f.name) == f.default, f.name
+
+
 def _lr_find_cfg(*overrides):
     GlobalHydra.instance().clear()
     with initialize_config_module("trainer.configs", version_base="1.3"):
