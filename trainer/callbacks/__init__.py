@@ -1,4 +1,5 @@
-"""Callbacks: TensorBoard, checkpoints, progress, early stopping, profiling, Keras callbacks."""
+"""Callbacks: TensorBoard, checkpoints, progress, early stopping, profiling, sharpness, Keras
+callbacks."""
 
 from trainer.callbacks.base import Callback
 from trainer.callbacks.checkpoint import CheckpointCallback
@@ -7,6 +8,7 @@ from trainer.callbacks.freeze_schedule import FreezeSchedule
 from trainer.callbacks.keras_adapter import KerasCallbacks
 from trainer.callbacks.profile import ProfileCallback
 from trainer.callbacks.progress import ProgressCallback
+from trainer.callbacks.sharpness import SharpnessCallback
 from trainer.callbacks.tensorboard import TensorBoardCallback
 
 __all__ = [
@@ -17,5 +19,6 @@ __all__ = [
     "KerasCallbacks",
     "ProfileCallback",
     "ProgressCallback",
+    "SharpnessCallback",
     "TensorBoardCallback",
 ]

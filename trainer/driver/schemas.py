@@ -269,6 +269,22 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class SharpnessConfig:
+    _target_: str = "trainer.SharpnessCallback"
+    # Measured at the start and every n steps (0: at the start only).
+    every_n_steps: int = 100
+    # The fixed training examples the loss is averaged over.
+    num_examples: int = 256
+    # Power iterations at most, stopped once the estimate moves by <= tolerance (relative).
+    iterations: int = 20
+    tolerance: float = 1e-3
+    # Hutchinson probes for the trace (0: no trace).
+    trace_probes: int = 10
+    seed: int = 0
+    log_dir: str = "tb"
+
+
+@dataclass
 class NoDistributionConfig:
     _target_: str = "trainer.distribute.strategies.NoDistribution"
 
@@ -346,6 +362,7 @@ SCHEMAS = {
     ("schema/callbacks", "progress"): ProgressConfig,
     ("schema/callbacks", "profile"): ProfileConfig,
     ("schema/callbacks", "early_stopping"): EarlyStoppingConfig,
+    ("schema/callbacks", "sharpness"): SharpnessConfig,
 }
 
 

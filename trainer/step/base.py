@@ -174,6 +174,16 @@ class Step:
         batch = next_batch()
         return float_logs(train_step(batch), batch)
 
+    def inference_loss(self, batch):
+        """The loss of ``batch`` as the training objective computes it, in inference mode
+        (``training=False``: no dropout), without regularizers, updates or metric updates:
+        what sharpness is measured on (``trainer.callbacks.SharpnessCallback``).
+
+        Default: none; a step whose loss has a Hessian worth measuring overrides this.
+        """
+        raise UserError(f"{type(self).__name__} defines no inference_loss(batch), which "
+                        "callbacks.sharpness measures; remove callbacks.sharpness or define it")
+
     def gradients_by_path(self, batch, info: StepInfo | None = None) -> dict:
         """Gradients of the training objective by variable path, no update (for histograms).
 

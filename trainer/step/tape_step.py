@@ -356,6 +356,13 @@ class TapeStep(Step):
         self.update_metrics("val", y, y_pred, w)
         return {"loss": loss, **self._batch_metrics(y, y_pred, w)}
 
+    def inference_loss(self, batch):
+        """``compute_loss`` of ``batch`` with ``training=False``, sample weights included;
+        the regularizers are left out (lazy ones are not a fixed part of the objective,
+        and a penalty on gradients would need third derivatives)."""
+        x, y, w = unpack(batch)
+        return self._forward(x, y, False, w)[0]
+
     def gradients_by_path(self, batch, info: StepInfo | None = None) -> dict:
         """Gradients of the training objective keyed by variable path (no update)."""
         x, y, w = unpack(batch)

@@ -287,6 +287,16 @@ class Trainer:
             v.assign(value)
         return grads
 
+    @property
+    def trainable_variables(self) -> list:
+        """The step's trainable variables, read fresh (freezing is honoured)."""
+        return self.step.trainable_variables
+
+    def inference_loss(self, batch):
+        """The step's loss of ``batch`` in inference mode, no update
+        (``Step.inference_loss``); call it in a ``tf.function`` of one's own."""
+        return self.step.inference_loss(batch)
+
     # --- building the compiled functions ------------------------------------------------
     def _count_trace(self):
         self.trace_count += 1
