@@ -12,7 +12,7 @@ from tests import tb_reader
 from trainer import SharpnessCallback, TapeStep
 from trainer.common.errors import UserError
 from trainer.driver.run import build
-from trainer.step.sharpness import SharpnessOptions, hutchinson_trace, sharpness, top_eigenvalue
+from trainer.step.hessian import SharpnessOptions, hutchinson_trace, sharpness, top_eigenvalue
 
 SEED = tf.constant([3, 7], tf.int64)
 

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from trainer.callbacks.base import Callback, resolve
 from trainer.common.errors import UserError
-from trainer.step.sharpness import SharpnessOptions, sharpness
+from trainer.step.hessian import SharpnessOptions, sharpness
 from trainer.training.periodic import Periodic
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Sharpness: the top Hessian eigenvalue and the Hessian trace of a loss. Pure TensorFlow.
+"""The Hessian of a loss: its top eigenvalue and its trace (sharpness). Pure TensorFlow.
 
 Both are measured from Hessian-vector products (``hvp``) taken with nested
 ``tf.GradientTape``s, never forming the Hessian: the top eigenvalue by power
