@@ -80,7 +80,8 @@ def test_every_option_of_the_other_groups_builds(make_cfg, tmp_path, group):
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", _options("experiment"))
 def test_every_experiment_runs_a_few_steps(make_cfg, tmp_path, experiment):
-    cfg = make_cfg(f"+experiment={experiment}", "trainer.epochs=1", "trainer.max_steps=3",
+    # Three epochs: a full-batch experiment (edge_of_stability) has one step per epoch.
+    cfg = make_cfg(f"+experiment={experiment}", "trainer.epochs=3", "trainer.max_steps=3",
                    "callbacks.progress.mode=log", "callbacks.tensorboard.histogram_every_n_steps=0")
     metrics = run(cfg, run_dir=tmp_path)
     assert metrics["step"] == 3
