@@ -145,7 +145,7 @@ def _measured(make_cfg, tmp_path, name, *overrides):
 
 
 @pytest.mark.slow
-def test_the_callback_compiled_eager_and_mirrored_agree_and_is_logged(make_cfg, tmp_path):
+def test_the_callback_agrees_compiled_eager_mirrored_and_accumulated(make_cfg, tmp_path):
     r, compiled = _measured(make_cfg, tmp_path, "compiled")
     steps = [h["step"] for h in compiled]
     assert steps == [0, 8, 16, 24]  # the start, then the boundaries at multiples of 8
@@ -164,7 +164,9 @@ def test_the_callback_compiled_eager_and_mirrored_agree_and_is_logged(make_cfg, 
     _, eager = _measured(make_cfg, tmp_path, "eager", "trainer.run_eagerly=true")
     _, mirrored = _measured(make_cfg, tmp_path, "mirrored", "distribute=mirrored",
                             "distribute.cpu_replicas=2")
-    for other in (eager, mirrored):
+    # Accumulated updates equal the whole batch's: so do the weights measured after them.
+    _, accumulated = _measured(make_cfg, tmp_path, "accumulated", "trainer.accumulate_steps=2")
+    for other in (eager, mirrored, accumulated):
         assert [h["step"] for h in other] == steps
         for a, b in zip(compiled, other):
             for key in ("top_eigenvalue", "trace"):
