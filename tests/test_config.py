@@ -164,6 +164,7 @@ DELIBERATE = {
     ("keras.optimizers.SGD", "momentum"): "optimizer=sgd is SGD with momentum 0.9",
     ("trainer.Trainer", "ema"): "a node; the Trainer's None reads as its defaults (no average)",
     ("trainer.Trainer", "swa"): "a node; the Trainer's None reads as its defaults (no average)",
+    ("trainer.Trainer", "recovery"): "a Recovery node, off; recovery=None is off as well",
 }
 #: Keys the driver reads itself: optimizer.groups (it wraps the optimizer in groups), and the
 #: trainer node's resume, deterministic and checkpoint_dir (how to start, not how to train).

@@ -71,6 +71,11 @@ class Callback:
     def on_execution_end(self, trainer, global_step: int, logs: dict) -> None:
         """After each execution; ``logs`` are means over its steps (``train/...``)."""
 
+    def on_rollback(self, trainer, global_step: int, line: str) -> None:
+        """After the trainer rolled the training state back on a blow-up
+        (``trainer.recovery``): ``global_step`` is where it blew up, ``line`` says why and
+        to where; ``trainer.current_step`` is the step it went back to."""
+
     def on_epoch_end(self, trainer, epoch: int, logs: dict) -> None:
         """After evaluation; ``logs`` hold ``train/...``, ``val/...``, ``epoch``, ``step``."""
 

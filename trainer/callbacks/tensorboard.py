@@ -201,6 +201,14 @@ class TensorBoardCallback(Callback):
         self._scalars(self._write_rates(global_step, logs), global_step)
         self._write_histograms(trainer, global_step)
 
+    def on_rollback(self, trainer, global_step, line):
+        """The rollback's line as text ``recovery/rollback`` at the step that blew up; the
+        scheduled rates go on from the step gone back to."""
+        with self._writer("").as_default(step=global_step):
+            tf.summary.text("recovery/rollback", line)
+        self._writer("").flush()
+        self._start_rates(trainer, trainer.current_step)
+
     def on_epoch_end(self, trainer, epoch, logs):
         # val_ema/, val_swa/ (weight averages): runs of their own (tb/val_ema, tb/val_swa) on
         # the same charts as val/.

@@ -27,6 +27,7 @@ from trainer.driver.validation import locate, target_error, validate
 from trainer.step.freezing import param_counts, require_trainable, set_trainable
 from trainer.training.lock import run_dir_lock, worker_index_from_env
 from trainer.training.preemption import EXIT_PREEMPTED, Preempted, raise_if_signalled
+from trainer.training.recovery import EXIT_DIVERGED, Diverged
 
 log = logging.getLogger(__name__)
 
@@ -470,7 +471,9 @@ def run_or_exit(cfg: DictConfig):
     """Run and return the sweep objective.
 
     A user error exits 2 with one line on stderr; a run preempted by SIGTERM or SIGINT
-    exits ``EXIT_PREEMPTED`` (75) after saving, with one line saying how to resume.
+    exits ``EXIT_PREEMPTED`` (75) after saving, with one line saying how to resume; one
+    that kept blowing up after ``trainer.recovery.max_attempts`` rollbacks exits
+    ``EXIT_DIVERGED`` (3) with one line saying why.
     In a sweep (``-m``), a job that fails that way (a diverging trial, a bad value of a
     swept key) prints its line and returns NaN instead, so the sweep goes on and Optuna
     records a failed trial. A non-finite objective is NaN too: neither the best nor a
@@ -486,6 +489,11 @@ def run_or_exit(cfg: DictConfig):
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
+    except Diverged as e:
+        print(f"diverged: {e}", file=sys.stderr)
+        if _in_sweep():
+            return math.nan
+        sys.exit(EXIT_DIVERGED)
     except Exception as e:
         # A bad record met while streaming shards fails inside the compiled step.
         from trainer.data.tfrecord import data_error_line

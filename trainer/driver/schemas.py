@@ -35,6 +35,22 @@ class SwaConfig:
 
 
 @dataclass
+class RecoveryConfig:
+    """Rollback on blow-up (``trainer.training.recovery.Recovery``); off by default."""
+
+    _target_: str = "trainer.training.recovery.Recovery"
+    enabled: bool = False
+    # An in-memory snapshot every this many steps; 0: roll back to the newest checkpoint.
+    every_n_steps: int = 100
+    # A blow-up: the loss not finite, or above factor x its running mean (null: not finite only).
+    factor: Optional[float] = 10.0
+    window: int = 20
+    lr_scale: float = 0.5
+    max_attempts: int = 3
+    monitor: str = "loss"
+
+
+@dataclass
 class TrainerConfig:
     _target_: str = "trainer.Trainer"
     _partial_: bool = True
@@ -62,6 +78,7 @@ class TrainerConfig:
     # Stochastic weight averaging from start_epoch (null: none), with its own rate (lr; a
     # cycle down to lr_min over cycle_epochs), batch-norm statistics recomputed.
     swa: SwaConfig = field(default_factory=SwaConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 @dataclass

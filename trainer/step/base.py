@@ -233,6 +233,10 @@ class Step:
     def check_state(self, state: dict) -> None:
         """Host side, after each execution, with ``state_logs()``'s values: raise to stop."""
 
+    def after_rollback(self) -> None:
+        """After the trainer rolled the training state back (``trainer.recovery``): clear
+        host-visible alarms that are not part of the state (a failed reset streak)."""
+
     def final_metrics(self, data) -> dict:
         """Results measured once after training, added to ``metrics.json``. Default: none."""
         return {}

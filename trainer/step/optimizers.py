@@ -29,10 +29,23 @@ class _Scaled(keras.optimizers.schedules.LearningRateSchedule):
                 "scale": self.scale}
 
 
+class _RateScaled(_Scaled):
+    """A schedule times a variable (rollback's cumulative scale): installed on the optimizers
+    in use, never serialized (clones are made from the schedule inside)."""
+
+
 def _clone(template, lr_scale: float = 1.0):
-    config = template.get_config()
+    lr = template._learning_rate
+    if isinstance(lr, _RateScaled):  # the template is the base group's optimizer in use
+        template._learning_rate = lr.schedule
+    try:
+        config = template.get_config()
+    finally:
+        template._learning_rate = lr
     if lr_scale != 1.0:
         lr = template._learning_rate
+        if isinstance(lr, _RateScaled):
+            lr = lr.schedule
         if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
             config["learning_rate"] = _Scaled(lr, lr_scale)
         else:
@@ -138,6 +151,9 @@ class GroupedOptimizer(tf.Module):
         self.accumulate_steps = 1
         # Zero between updates, so never checkpointed: held where tf.Module does not look.
         self._accumulation = _Accumulators()
+        # A variable multiplying every scheduled rate (rollbacks lower it), or None; in a
+        # closure: its value belongs to the trainer's progress, not to the optimizer's state.
+        self._rate_scale = lambda: None
 
     def _group_of(self, variable) -> str:
         for i, (patterns, _) in enumerate(self.groups):
@@ -167,6 +183,24 @@ class GroupedOptimizer(tf.Module):
         self._assignment = {id(v): i for i, vs in members.items() for v in vs}
         if self.accumulate_steps > 1:
             self._accumulation.build(variables)
+        self._scale_schedules()
+
+    def scale_schedules_by(self, variable) -> None:
+        """Multiply every group's scheduled rate by ``variable`` from now on (before the step
+        is traced: a compiled step keeps the rate it was traced with). A constant rate is
+        scaled through ``learning_rate`` instead, since it is a variable of the state."""
+        self._rate_scale = lambda: variable
+        self._scale_schedules()
+
+    def _scale_schedules(self) -> None:
+        variable = self._rate_scale()
+        if variable is None:
+            return
+        for opt in self.optimizers.values():
+            rate = opt._learning_rate
+            if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) and not \
+                    isinstance(rate, _RateScaled):
+                opt._learning_rate = _RateScaled(rate, variable)
 
     def apply_gradients(self, grads_and_vars, *, skip=None) -> None:
         """Apply ``(gradient, variable)`` pairs, each through its group's optimizer.
@@ -263,7 +297,7 @@ class GroupedOptimizer(tf.Module):
         constant rate."""
         rate = self._base()._learning_rate
         if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-            return rate
+            return rate  # with a rollback's scale, the rate applied
         return None
 
     @property

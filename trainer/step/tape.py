@@ -199,6 +199,10 @@ class ResetPolicy:
         return {"resets": self.resets, "streak": self.streak, "last_reset": self.last_reset,
                 "window": self.window, "seen": self.seen}
 
+    def rearm(self) -> None:
+        """Forget a failure (``failed_at``): after a rollback the run goes on."""
+        self.failed_at.assign(-1)
+
     def state_logs(self) -> dict:
         """Logged after each execution: resets so far, and the step that failed (or -1)."""
         return {"tape/resets": self.resets, "tape/failed_at_step": self.failed_at}

@@ -141,6 +141,11 @@ class TapeStep(Step):
         if self.reset is not None:
             self.reset.raise_if_failed(state)
 
+    def after_rollback(self) -> None:
+        """Arm the reset policy again: its streak came back with the rolled-back state."""
+        if self.reset is not None:
+            self.reset.rearm()
+
     # --- hooks -----------------------------------------------------------------------------
     def compute_loss(self, x, y, training: bool, sample_weight=None):
         """Return ``(loss, y_pred)`` for one batch. Runs inside the tape.

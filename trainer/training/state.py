@@ -162,6 +162,8 @@ class Progress(tf.train.experimental.PythonState):
         train_seconds, fit_seconds: time spent so far, across restarts.
         plan: the compile plan the run was compiled by (``CompilePlan.to_json``; a resumed
             run keeps it), or None before the first fit.
+        rollbacks, lr_scale: rollbacks on blow-up so far and the learning-rate scale they
+            left (``trainer.training.recovery``): a resumed run goes on with both.
     """
 
     def __init__(self):
@@ -175,9 +177,11 @@ class Progress(tf.train.experimental.PythonState):
         self.train_seconds = 0.0
         self.fit_seconds = 0.0
         self.plan: dict | None = None
+        self.rollbacks = 0
+        self.lr_scale = 1.0
 
     _FIELDS = ("history", "open_epoch", "sums", "examples", "state", "stopped",
-               "steps_per_epoch", "train_seconds", "fit_seconds", "plan")
+               "steps_per_epoch", "train_seconds", "fit_seconds", "plan", "rollbacks", "lr_scale")
 
     def serialize(self) -> str:
         return json.dumps({k: getattr(self, k) for k in self._FIELDS})

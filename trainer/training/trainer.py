@@ -31,7 +31,9 @@ from trainer.step.averaging import (
 )
 from trainer.step.base import Step
 from trainer.step.freezing import variable_table
+from trainer.step.tape import TapeResetError
 from trainer.training.preemption import Preemption
+from trainer.training.recovery import Diverged, Recovery
 from trainer.training.resume import candidates, check_resume, readable
 from trainer.training.state import Progress, TrainingState
 
@@ -81,6 +83,11 @@ class Trainer:
             step on every replica, and under several workers makes every decision
             that changes what runs (steps per execution, stopping on a signal, the
             clock of timed callbacks) the same on all of them.
+        recovery: a ``trainer.training.recovery.Recovery`` or its keyword arguments (the
+            ``trainer.recovery`` node): when an execution's loss blows up, roll the whole
+            training state back to the last good snapshot, lower the learning rate and go
+            on; ``fit`` raises ``Diverged`` once ``max_attempts`` rollbacks did not help.
+            Off by default.
     """
 
     def __init__(
@@ -97,6 +104,7 @@ class Trainer:
         callbacks=(),
         run_dir: str = ".",
         distribution: Distribution | None = None,
+        recovery=None,
     ):
         if epochs < 1:
             raise UserError(f"trainer.epochs={epochs} must be at least 1")
@@ -136,6 +144,8 @@ class Trainer:
         #: ``ema``, ``StochasticWeightAverage`` with ``swa``), from ``prepare`` on; or None.
         self.averages: Average | None = None
         self.distribution = distribution if distribution is not None else NoDistribution()
+        #: Rollback on blow-up (``trainer.training.recovery.Recovery``; ``enabled`` False: off).
+        self.recovery = Recovery.of(recovery)
         self._clock_start, self._clock = time.monotonic(), 0.0
         self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
         self.epoch_variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -330,6 +340,8 @@ class Trainer:
         self._check_scope()
         for opt in self.step.optimizers.values():
             opt.accumulate_steps = self.accumulate_steps
+            if self.recovery.enabled:  # a scheduled rate follows the rollbacks' scale
+                opt.scale_schedules_by(self.recovery.scale_variable(self.distribution))
         try:
             with self.distribution.scope():
                 self.step.build()
@@ -513,7 +525,10 @@ class Trainer:
         start = time.perf_counter()
         with self._preemption.watch():
             self._callback("on_fit_start")
-            train_seconds = self._train()
+            try:
+                train_seconds = self._train()
+            finally:
+                self.recovery.forget()
             # Optimizer state for the variables trainable now (an unfreeze at an epoch start
             # that a preemption cut short), so the final checkpoint matches a resumed run.
             self.recompile_if_needed()
@@ -560,6 +575,7 @@ class Trainer:
         global_step = self.current_step
         epoch = progress.open_epoch if progress.open_epoch is not None else (
             global_step // self.steps_per_epoch)
+        self._start_recovery(global_step)
         while epoch < self.epochs and not self.stop_training:
             if self._agree()[1]:
                 self._cut_short = True  # before opening an epoch: its start is not half done
@@ -573,7 +589,16 @@ class Trainer:
             self.epoch = epoch
             self.epoch_variable.assign(epoch)
             self._callback("on_epoch_start", epoch)
-            global_step, ran, signalled, spent = self._run_epoch(epoch, global_step)
+            try:
+                global_step, ran, signalled, spent = self._run_epoch(epoch, global_step)
+            except _RolledBack as back:
+                # From the restored state on, as a resumed run goes on (perhaps in an
+                # earlier epoch: its data order is drawn again when it opens).
+                seconds += back.seconds
+                global_step = self.current_step
+                epoch = progress.open_epoch if progress.open_epoch is not None else (
+                    global_step // self.steps_per_epoch)
+                continue
             seconds += spent
             finished = global_step - epoch * self.steps_per_epoch >= self.steps_per_epoch
             if signalled and not finished:
@@ -610,13 +635,16 @@ class Trainer:
             elapsed = time.perf_counter() - t0
             self._pace.observe(n, elapsed, traced=self.trace_count != traces)
             seconds += elapsed
-            global_step = int(state.pop("global_step"))
+            start, global_step = global_step, int(state.pop("global_step"))
             weight = out.pop(EXAMPLES)
+            snapshot = self._check_blow_up(out, state, start, global_step, seconds)
             progress.examples += weight
             for k, v in out.items():
                 progress.sums[k] = progress.sums.get(k, 0.0) + v * weight
             progress.state = state
             self._check_step_state(state)
+            if snapshot:  # the state after this execution, its sums included
+                self.recovery.take(self.checkpoint, global_step)
             logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
             logs["time/steps_per_second"] = n / elapsed
             self._callback("on_execution_end", global_step, logs)
@@ -659,6 +687,95 @@ class Trainer:
         except UserError:
             self._callback("on_fit_end", self.logs)
             raise
+
+    # --- rollback on blow-up (trainer.recovery) ---------------------------------------------
+    def _start_recovery(self, global_step: int) -> None:
+        """The rate scale the run reached (restored with the progress), and the state it
+        starts from as the first good snapshot."""
+        recovery = self.recovery
+        if not recovery.enabled:
+            return
+        recovery.scale_variable(self.distribution).assign(self.progress.lr_scale)
+        recovery.good_step = global_step
+        if recovery.every_n_steps:
+            recovery.take(self.checkpoint, global_step, confirmed=True)
+
+    def _check_blow_up(self, out: dict, state: dict, start: int, end: int,
+                       seconds: float) -> bool:
+        """After the execution from global step ``start`` to ``end``: roll back if it blew up
+        (raises ``_RolledBack``); else whether a snapshot is due at ``end``. Reads only the
+        logs the execution returned: no device read."""
+        recovery = self.recovery
+        if not recovery.enabled:
+            return False
+        reason = recovery.blow_up(out)
+        if reason is None:
+            try:  # the reset policy gave up (too many resets in a row): roll back instead
+                self.step.check_state(state)
+            except TapeResetError as e:
+                reason = str(e).split(";")[0]
+            except UserError:
+                pass  # not a blow-up: _check_step_state saves and raises it again
+        if reason is None:
+            return recovery.passed(out, start, end)
+        self._roll_back(reason, end)
+        raise _RolledBack(seconds)
+
+    def _roll_back(self, reason: str, global_step: int) -> None:
+        """Put the training state back as it was at the last good snapshot (or checkpoint),
+        scale the learning rates down and tell the callbacks; or, after ``max_attempts``
+        rollbacks, save that good state and raise ``Diverged``."""
+        recovery, progress = self.recovery, self.progress
+        attempts, scale = progress.rollbacks, progress.lr_scale
+        exhausted = attempts >= recovery.max_attempts
+        source = self._restore_good_state()
+        if source is None and not exhausted:
+            reason += " and no good state to roll back to (no snapshot, no checkpoint)"
+            exhausted = True
+        back_to = self.current_step
+        new_scale = scale if exhausted or source is None else scale * recovery.lr_scale
+        if source is not None:
+            # The restored rates are the snapshot's: scale them to the run's new scale.
+            ratio = new_scale / progress.lr_scale
+            for opt in self.step.optimizers.values():
+                if opt.schedule is None and ratio != 1.0:
+                    opt.learning_rate = float(tf.convert_to_tensor(opt.learning_rate)) * ratio
+            progress.rollbacks, progress.lr_scale = attempts + (not exhausted), new_scale
+            recovery.scale_variable(self.distribution).assign(new_scale)
+            self.step.after_rollback()
+            history = progress.history
+            self.logs = dict(history[-1]) if history else {}
+        if exhausted:
+            saved = f"the last good state (step {back_to}) is saved" if source else "nothing saved"
+            message = (f"{reason} at step {global_step} after {attempts} rollbacks "
+                       f"(trainer.recovery.max_attempts={recovery.max_attempts}); {saved}: "
+                       "lower optimizer.learning_rate (or raise trainer.recovery.max_attempts) "
+                       "and resume")
+            log.error("diverged: %s", message)
+            if source is not None:
+                self._callback("on_fit_end", self.logs)
+            raise Diverged(message)
+        line = (f"rollback {attempts + 1}/{recovery.max_attempts} at step {global_step}: "
+                f"{reason}; back to step {back_to} ({source}), learning rate scale "
+                f"{scale:g} -> {new_scale:g}")
+        log.warning("%s", line)
+        self._callback("on_rollback", global_step, line)
+
+    def _restore_good_state(self) -> str | None:
+        """Restore the newest good state: the in-memory snapshot, else the newest checkpoint
+        on disk at or before the last step known good. Returns what was restored, or None."""
+        recovery = self.recovery
+        if recovery.snapshot is not None:
+            recovery.restore(self.checkpoint)
+            return "snapshot in memory"
+        good = recovery.good_step if recovery.good_step is not None else -1
+        found = [p for p in candidates("auto", Path(self.run_dir), self.checkpoint_dir)
+                 if int(p.rsplit("-", 1)[1]) <= good]
+        if not found:
+            return None
+        path = readable(found)
+        self.training_state.restore(path)
+        return f"checkpoint {path}"
 
     def _after_restore(self) -> None:
         """Host state that follows from a restored checkpoint."""
@@ -707,6 +824,14 @@ class Trainer:
         callbacks = reversed(self.callbacks) if hook == "on_fit_end" else self.callbacks
         for cb in callbacks:
             getattr(cb, hook)(self, *args)
+
+
+class _RolledBack(Exception):
+    """The training state was rolled back: the epoch loop starts again from it."""
+
+    def __init__(self, seconds: float):
+        super().__init__("rolled back")
+        self.seconds = seconds  # spent in the epoch's executions until then
 
 
 def _check_step(step) -> None:
