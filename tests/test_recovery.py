@@ -134,19 +134,23 @@ def test_a_spike_rolls_back_replays_its_batches_and_ends_as_a_lowered_straight_r
     assert logs["val/loss"] == ref_logs["val/loss"]
 
 
-def test_the_scale_multiplies_a_schedule_and_persists_in_the_progress():
-    class Spiky(keras.optimizers.schedules.LearningRateSchedule):
-        """LR, but 1e4 at the optimizer iterations 10 and 11."""
+class Spiky(keras.optimizers.schedules.LearningRateSchedule):
+    """LR, but 1e4 at the optimizer iterations 10 and 11."""
 
-        def __call__(self, step):
-            spike = tf.logical_and(step >= SPIKE_AT, step < SPIKE_AT + 2)
-            return tf.where(spike, 1e4, LR)
+    def __call__(self, step):
+        spike = tf.logical_and(step >= SPIKE_AT, step < SPIKE_AT + 2)
+        return tf.where(spike, 1e4, LR)
 
-        def get_config(self):
-            return {}
+    def get_config(self):
+        return {}
+
+
+def test_the_scale_multiplies_a_schedule_and_persists_across_a_resume(tmp_path):
+    from trainer.callbacks import CheckpointCallback
 
     seen = Rollbacks()
-    trainer, _, logs = _fit(callbacks=[seen], optimizer=keras.optimizers.SGD(Spiky()),
+    trainer, _, logs = _fit(callbacks=[seen, CheckpointCallback()], run_dir=str(tmp_path),
+                            optimizer=keras.optimizers.SGD(Spiky()),
                             recovery={**RECOVERY, "lr_scale": 1e-5})
     assert [(s, back) for s, back, _ in seen.lines] == [(12, 8)]
     assert math.isfinite(logs["val/loss"]) and trainer.current_step == 24
@@ -156,6 +160,12 @@ def test_the_scale_multiplies_a_schedule_and_persists_in_the_progress():
     assert trainer.progress.lr_scale == pytest.approx(1e-5)
     with pytest.raises(UserError, match="follows a schedule"):
         opt.learning_rate = 0.1
+    # A new process's trainer resumes with the scale (it is not in the schedule's config).
+    resumed, _, logs = _fit(callbacks=[CheckpointCallback()], run_dir=str(tmp_path),
+                            optimizer=keras.optimizers.SGD(Spiky()), epochs=5,
+                            recovery={**RECOVERY, "lr_scale": 1e-5})
+    assert resumed.restored_from and resumed.current_step == 30
+    assert float(resumed.optimizers["optimizer"].learning_rate) == pytest.approx(LR * 1e-5)
 
 
 def test_max_attempts_exhausted_raises_diverged_after_saving_the_good_state():
