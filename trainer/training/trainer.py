@@ -573,8 +573,7 @@ class Trainer:
         # The global step is the one count of progress: the epoch and the position in it
         # are derived from it (an execution never crosses an epoch boundary).
         global_step = self.current_step
-        epoch = progress.open_epoch if progress.open_epoch is not None else (
-            global_step // self.steps_per_epoch)
+        epoch = self._epoch_at(global_step)
         self._start_recovery(global_step)
         while epoch < self.epochs and not self.stop_training:
             if self._agree()[1]:
@@ -596,8 +595,7 @@ class Trainer:
                 # earlier epoch: its data order is drawn again when it opens).
                 seconds += back.seconds
                 global_step = self.current_step
-                epoch = progress.open_epoch if progress.open_epoch is not None else (
-                    global_step // self.steps_per_epoch)
+                epoch = self._epoch_at(global_step)
                 continue
             seconds += spent
             finished = global_step - epoch * self.steps_per_epoch >= self.steps_per_epoch
@@ -612,6 +610,11 @@ class Trainer:
                 break
             epoch += 1
         return seconds
+
+    def _epoch_at(self, global_step: int) -> int:
+        """The epoch to run from ``global_step``: the open one, else the one it starts."""
+        open_epoch = self.progress.open_epoch
+        return open_epoch if open_epoch is not None else global_step // self.steps_per_epoch
 
     def _run_epoch(self, epoch: int, global_step: int) -> tuple[int, bool, bool, float]:
         """The executions of ``epoch`` from ``global_step`` on, until the epoch ends, the
