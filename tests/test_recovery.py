@@ -229,6 +229,7 @@ def _driver_fit(make_cfg, tmp_path, name, *overrides):
     return r, logs, weights, seen.lines
 
 
+@pytest.mark.slow  # three runs through the driver
 def test_mirrored_and_accumulated_runs_roll_back_as_one_device_does(make_cfg, tmp_path):
     one, one_logs, one_w, one_lines = _driver_fit(make_cfg, tmp_path, "one")
     assert [(s, back) for s, back, _ in one_lines] == [(12, 8)]
