@@ -168,6 +168,24 @@ def test_the_scale_multiplies_a_schedule_and_persists_across_a_resume(tmp_path):
     assert float(resumed.optimizers["optimizer"].learning_rate) == pytest.approx(LR * 1e-5)
 
 
+def test_a_reset_policy_that_gives_up_is_rolled_back_and_armed_again():
+    from trainer.step.tape import ResetPolicy
+
+    seen = Rollbacks()
+    model = linear_model(D)
+    # After the spike every loss is above the threshold (finite): the policy skips two
+    # steps in a row and gives up; recovery, counting only non-finite losses, rolls back.
+    step = IdStep(model=model, optimizer=keras.optimizers.SGD(LR), task="regression",
+                  reset=ResetPolicy(when=["threshold"], threshold=1e3, max_consecutive=2))
+    trainer = Trainer(epochs=4, steps_per_execution=2, jit_compile=False,
+                      callbacks=[Spike(), seen], recovery={**RECOVERY, "factor": None})
+    logs = trainer.fit(step, id_data())
+    assert [(s, back) for s, back, _ in seen.lines] == [(14, 8)]
+    assert "the tape was reset 2 times in a row" in seen.lines[0][2]
+    assert trainer.current_step == 24 and math.isfinite(logs["val/loss"])
+    assert logs["train/tape/failed_at_step"] == -1  # armed again
+
+
 def test_max_attempts_exhausted_raises_diverged_after_saving_the_good_state():
     ends = []
 
