@@ -9,7 +9,7 @@ Markdown report (``benchmarks/RESULTS.md``) with the ratios against the targets.
 Cases: A overhead-bound MLP 32-64-64-1 (steps_per_execution 1, 32, 256);
 B compute-bound MLP 784-1024-1024-10 and the machine's matmul peak; C the
 input-gradient penalty on A and B, every step and every 16; D overheads
-(TensorBoard, checkpoints, eager, time to first step); E endurance (resident
+(TensorBoard, checkpoints, per-layer health, eager, time to first step); E endurance (resident
 memory and open file handles over 5,000 steps of nested- and persistent-tape
 steps with TensorBoard and checkpoints on, in a child process:
 ``benchmarks/endurance.py``); F scale (mixed precision, TFRecord shards, gradient
@@ -66,7 +66,7 @@ def plan(quick: bool) -> dict:
     steps_per_execution=32 only, and the XLA kinds elsewhere.
     """
     from benchmarks.variants import MatmulPeak, TrainerVariant
-    from trainer import CheckpointCallback, TensorBoardCallback
+    from trainer import CheckpointCallback, HealthCallback, TensorBoardCallback
 
     w = workloads(quick)
     xla_only = (("memory", True),)
@@ -95,6 +95,8 @@ def plan(quick: bool) -> dict:
                        callbacks=[TensorBoardCallback]),
         TrainerVariant("D/trainer-default+checkpoint", d, "auto", run_dir=str(run_dir / "ck"),
                        callbacks=[CheckpointCallback]),
+        TrainerVariant("D/trainer-default+health", d, "auto", run_dir=str(run_dir / "health"),
+                       callbacks=[HealthCallback]),
         TrainerVariant("D/trainer-spe32", w["D-eager"], 32),
         TrainerVariant("D/trainer-spe32-eager", w["D-eager"], 32, eager=True),
     ]
@@ -148,6 +150,9 @@ def main(argv=None) -> dict:
                         help="seconds per window (0.7; quick 0.1)")
     parser.add_argument("--groups", default="A,B,D,E,F,S", help="groups to run (default "
                         "A,B,D,E,F,S; C is timed within A and B)")
+    parser.add_argument("--only", help="comma-separated variant names: time only these "
+                        "(side by side, as in a full run), e.g. D/trainer-default,"
+                        "D/trainer-default+health; with --out and --markdown elsewhere")
     parser.add_argument("--merge", action="store_true", help="keep the other groups' results "
                         "from the existing JSON output (and report all of them)")
     parser.add_argument("--out", type=Path, help="JSON output (benchmarks/results.json; quick: "
@@ -178,10 +183,13 @@ def main(argv=None) -> dict:
               "first_step": {}, "groups": {}}
     log(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; "
         f"{result['load_before']}")
-    if "D" in args.groups:
+    if "D" in args.groups and not args.only:
         for jit in (False, True):
             result["first_step"]["xla" if jit else "compiled"] = time_to_first_step(jit)
     groups = plan(args.quick)
+    if args.only:
+        names = set(args.only.split(","))
+        groups = {k: [v for v in vs if v.name in names] for k, vs in groups.items()}
     for name in args.groups.split(","):
         if name == "E":  # not timed windows: one long run per step, measured as it goes
             from benchmarks.endurance import run_in_subprocess

@@ -140,16 +140,19 @@ def summarize(result: dict) -> tuple[dict, list]:
         cases["C"] = c
     d = groups.get("D")
     if d:
-        none, tb, ck = (d.get(f"D/trainer-default{s}") for s in ("", "+tensorboard",
-                                                                   "+checkpoint"))
+        none, tb, ck, health = (d.get(f"D/trainer-default{s}") for s in (
+            "", "+tensorboard", "+checkpoint", "+health"))
         case = {"first_step": result.get("first_step", {})}
         # Also from each variant's best window: other processes only ever slow a window
         # down, so on a busy machine the best windows compare the undisturbed speeds.
-        for what, with_it, goal in (("tensorboard", tb, 0.03), ("checkpoint", ck, 0.02)):
+        labels = {"tensorboard": "TensorBoard", "checkpoint": "checkpoints",
+                  "health": "per-layer health"}
+        for what, with_it, goal in (("tensorboard", tb, 0.03), ("checkpoint", ck, 0.02),
+                                    ("health", health, 0.05)):
             if none and with_it:
                 case[f"{what}_cost"] = 1 - ratio(with_it, none)
                 case[f"{what}_cost_best_windows"] = 1 - with_it["max"] / none["max"]
-                label = "TensorBoard" if what == "tensorboard" else "checkpoints"
+                label = labels[what]
                 target("D", f"{label} at defaults: cost", case[f"{what}_cost"], "<=", goal)
         comp, eager = d.get("D/trainer-spe32"), d.get("D/trainer-spe32-eager")
         if comp and eager:
@@ -312,7 +315,8 @@ def markdown_report(result: dict) -> str:
     d = result["cases"].get("D", {})
     if d:
         out += ["", "## D: overheads", ""]
-        for what, label in (("tensorboard", "TensorBoard"), ("checkpoint", "Checkpointing")):
+        for what, label in (("tensorboard", "TensorBoard"), ("checkpoint", "Checkpointing"),
+                            ("health", "Per-layer health (callbacks.health)")):
             if f"{what}_cost" in d:
                 out.append(f"- {label} at defaults costs "
                            f"{100 * d[f'{what}_cost']:+.1f}% of the steps/s (paired windows), "

@@ -1,10 +1,11 @@
-"""Callbacks: TensorBoard, checkpoints, progress, early stopping, profiling, sharpness, Keras
-callbacks."""
+"""Callbacks: TensorBoard, per-layer health, checkpoints, progress, early stopping, profiling,
+sharpness, Keras callbacks."""
 
 from trainer.callbacks.base import Callback
 from trainer.callbacks.checkpoint import CheckpointCallback
 from trainer.callbacks.early_stopping import EarlyStopping
 from trainer.callbacks.freeze_schedule import FreezeSchedule
+from trainer.callbacks.health import HealthCallback
 from trainer.callbacks.keras_adapter import KerasCallbacks
 from trainer.callbacks.profile import ProfileCallback
 from trainer.callbacks.progress import ProgressCallback
@@ -16,6 +17,7 @@ __all__ = [
     "CheckpointCallback",
     "EarlyStopping",
     "FreezeSchedule",
+    "HealthCallback",
     "KerasCallbacks",
     "ProfileCallback",
     "ProgressCallback",

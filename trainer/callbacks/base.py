@@ -47,6 +47,10 @@ class Callback:
     #: when ``state()`` is not empty.
     state_key: str | None = None
 
+    #: Whether this callback reads the layers' health (``trainer.health``): the trainer then
+    #: compiles its computation into the step, off until a callback requests it.
+    uses_health: bool = False
+
     def state(self, trainer) -> dict:
         """The trackable state (``tf.Variable``s or trackables) to checkpoint, by name.
 

@@ -20,6 +20,7 @@ from trainer.distribute.replicas import (
     weighted_vector,
 )
 from trainer.step.base import StepInfo
+from trainer.step.layer_health import PREFIX as HEALTH
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ StepFunctions = Callable[[Callable, bool], dict]
 
 def train_step_functions(step, global_step: tf.Variable, strategy=None,
                          accumulate_steps: int = 1, forward_xla: bool = False,
-                         after_update: Callable | None = None) -> StepFunctions:
+                         after_update: Callable | None = None,
+                         health=None) -> StepFunctions:
     """Step functions that run ``step.run_step`` and advance ``global_step`` once per step.
 
     With a ``tf.distribute`` strategy, ``step.train_step`` runs on every replica with
@@ -44,20 +46,27 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
     (``accumulated``). ``forward_xla`` (the plan's) asks the step to compile its forward
     pass and gradients with XLA (``StepInfo.jit_gradients``). ``after_update(global_step)``
     runs after each update, before the global step advances, outside the replicas (the
-    weight average's update).
+    weight average's update). ``health`` (a ``trainer.step.layer_health.LayerHealth``)
+    reaches the sampled step (``StepInfo.health``), or, with accumulation, measures the
+    summed update after the micro-batches.
     """
 
     def make(next_batch, jit: bool) -> dict:
         def bound(sampled: bool):
+            watch = health if sampled else None
+            per_update = watch if accumulate_steps == 1 else None
+
             def train_step(batch):
                 # The variable itself, read where a step uses it: a read made here for every
                 # step would be a stateful op the graph keeps even when nothing uses it.
                 return step.train_step(batch, StepInfo(global_step=global_step, sampled=sampled,
-                                                       jit_gradients=forward_xla))
+                                                       jit_gradients=forward_xla,
+                                                       health=per_update))
 
             if accumulate_steps > 1:
                 train_step = accumulated(train_step, accumulate_steps,
-                                         list(step.optimizers.values()), norm=step.grad_norm)
+                                         list(step.optimizers.values()), norm=step.grad_norm,
+                                         health=watch)
             if jit:
                 # One jit-compiled function per sampling mode: a tf.function's cache does not
                 # know the flag, so a single one would serve the sampled trace to every step.
@@ -80,7 +89,7 @@ def train_step_functions(step, global_step: tf.Variable, strategy=None,
 
 
 def accumulated(train_step: Callable, count: int, optimizers,
-                norm: Callable | None = None) -> Callable:
+                norm: Callable | None = None, health=None) -> Callable:
     """``train_step`` as one update from ``count`` micro-batches of the batch it is given.
 
     The batch (a replica's rows of it under a strategy) is split into ``count``
@@ -90,7 +99,9 @@ def accumulated(train_step: Callable, count: int, optimizers,
     then apply the sum once: the update the whole batch would give, at the memory of
     one micro-batch. The logs are the example-weighted means over the micro-batches, but
     for the sampled ``grad_norm``: ``norm`` (``Step.grad_norm``) of the summed gradient, the
-    update's, as one device logs it for the whole batch.
+    update's, as one device logs it for the whole batch. ``health`` (a
+    ``trainer.step.layer_health.LayerHealth``) adds the layers' health of that summed update
+    (the sums are unscaled already: the optimizers divide the loss scale out first).
     """
 
     def run(batch):
@@ -108,11 +119,17 @@ def accumulated(train_step: Callable, count: int, optimizers,
         grad_norm = None
         if norm is not None and "grad_norm" in skeys:
             grad_norm = norm([g for opt in optimizers for g in opt.accumulated_gradients()])
+        if health is not None:
+            pairs = [p for opt in optimizers for p in opt.accumulated_pairs()]
+            variables = [v for _, v in pairs]
+            before = health.weights(variables)
         for optimizer in optimizers:
             optimizer.finish_accumulation()
         logs = from_weighted_vector(total, keys, skeys)
         if grad_norm is not None:
             logs[SAMPLED]["grad_norm"] = grad_norm
+        if health is not None:
+            logs[SAMPLED].update(health.logs([g for g, _ in pairs], variables, before))
         return logs
 
     return run
@@ -267,8 +284,10 @@ def make_execution(step_functions: StepFunctions, next_batch: Callable, plan: Co
 
 def merge_executions(first: tuple[dict, dict], second: tuple[dict, dict]) -> tuple[dict, dict]:
     """Two consecutive executions' ``(means, state)`` as one: example-weighted means,
-    the later state."""
-    (a, _), (b, state) = first, second
+    the later state, but the first one's layer health (of the merged execution's first
+    step, as when it runs as one)."""
+    (a, first_state), (b, state) = first, second
+    state = {**state, **{k: v for k, v in first_state.items() if k.startswith(HEALTH)}}
     ea, eb = a[EXAMPLES], b[EXAMPLES]
     total = ea + eb
     means = {k: (a[k] * ea + b[k] * eb) / total if total else 0.0 for k in a if k != EXAMPLES}
@@ -337,18 +356,19 @@ class Executions:
 def build_executions(step, data, plan: CompilePlan, *, global_step: tf.Variable,
                      strategy=None, state_logs: Callable, on_trace: Callable | None = None,
                      evaluation: Callable | None = None,
-                     after_update: Callable | None = None) -> Executions:
+                     after_update: Callable | None = None, health=None) -> Executions:
     """Compile ``step`` over ``data`` (a ``trainer.data.dataplan.DataPlan``) as ``plan`` says.
 
     ``state_logs()`` gives the training execution's end-of-execution logs (learning
     rates, the step's state, the Keras metrics, the global step); ``evaluation``, when
     given, the evaluation's (the validation metrics), and asks for the evaluation
     function too (a recompile after an unfreeze rebuilds the training one only).
-    ``after_update`` is ``train_step_functions``'.
+    ``after_update`` and ``health`` are ``train_step_functions``'.
     """
     train = make_source_execution(
         train_step_functions(step, global_step, strategy, plan.accumulate_steps,
-                             forward_xla=plan.forward_xla, after_update=after_update),
+                             forward_xla=plan.forward_xla, after_update=after_update,
+                             health=health),
         data.train, plan, state_logs=state_logs, on_trace=on_trace)
     evaluate = None if evaluation is None else make_source_execution(
         eval_step_functions(step, strategy), data.val, plan, state_logs=evaluation,

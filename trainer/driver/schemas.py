@@ -275,6 +275,24 @@ class ProfileConfig:
 
 
 @dataclass
+class HealthConfig:
+    _target_: str = "trainer.HealthCallback"
+    # Per-layer health on the first step at or past every multiple of this.
+    every_n_steps: int = 100
+    # A due measurement is held back this soon after the last one (0: exactly every n steps).
+    min_interval_seconds: float = 1.0
+    log_dir: str = "tb"
+    # Alerts: a layer's gradient norm below / above these, a dead fraction at or above
+    # dead_fraction, an update ratio this many decades from the layer's running mean
+    # (once update_ratio_history measurements were seen).
+    vanishing_grad_norm: float = 1e-7
+    exploding_grad_norm: float = 1000.0
+    dead_fraction: float = 1.0
+    update_ratio_decades: float = 2.0
+    update_ratio_history: int = 5
+
+
+@dataclass
 class EarlyStoppingConfig:
     _target_: str = "trainer.EarlyStopping"
     monitor: str = "val/loss"
@@ -378,6 +396,7 @@ SCHEMAS = {
     ("schema/callbacks", "checkpoint"): CheckpointConfig,
     ("schema/callbacks", "progress"): ProgressConfig,
     ("schema/callbacks", "profile"): ProfileConfig,
+    ("schema/callbacks", "health"): HealthConfig,
     ("schema/callbacks", "early_stopping"): EarlyStoppingConfig,
     ("schema/callbacks", "sharpness"): SharpnessConfig,
 }

@@ -38,11 +38,15 @@ class StepInfo:
             strategy, where a compiled update cannot reach the other replicas'
             variables. Set only when the compile plan chose it, which it does only for
             steps whose ``split_xla_blockers()`` is empty.
+        health: on the sampled step of a run that watches its layers' health, a
+            ``trainer.step.layer_health.LayerHealth`` for the model of ``Step.health_model()``;
+            the step adds its ``logs(...)`` to its ``SAMPLED`` logs. None otherwise.
     """
 
     global_step: Any
     sampled: bool = True
     jit_gradients: bool = False
+    health: Any = None
 
     @staticmethod
     def at(global_step: int = 0, sampled: bool = True) -> StepInfo:
@@ -183,6 +187,11 @@ class Step:
         """
         raise UserError(f"{type(self).__name__} defines no inference_loss(batch), which "
                         "callbacks.sharpness measures; remove callbacks.sharpness or define it")
+
+    def health_model(self):
+        """The model whose per-layer health this step reports (``StepInfo.health``), or
+        None (the default: a step reports none, and the health callback says so once)."""
+        return None
 
     def gradients_by_path(self, batch, info: StepInfo | None = None) -> dict:
         """Gradients of the training objective by variable path, no update (for histograms).

@@ -239,6 +239,10 @@ class GroupedOptimizer(tf.Module):
         applies them); under a strategy, this replica's sums. Empty without accumulation."""
         return self._accumulation.gradients() if self.accumulate_steps > 1 else []
 
+    def accumulated_pairs(self) -> list:
+        """``(summed gradient, variable)`` pairs of ``accumulated_gradients``."""
+        return self._accumulation.pairs() if self.accumulate_steps > 1 else []
+
     def _guarded(self, pairs, skip) -> None:
         if skip is None:
             self._apply(pairs)
@@ -352,6 +356,10 @@ class _Accumulators:
     def gradients(self) -> list:
         """The float32 sums of the variables that got gradients (a read, nothing else)."""
         return [self.sums[i][0].read_value() for i in self.touched]
+
+    def pairs(self) -> list:
+        """``gradients()`` with their variables."""
+        return [(self.sums[i][0].read_value(), self.sums[i][1]) for i in self.touched]
 
     def take(self):
         # Only the variables that got gradients: one the loss never reached stays untouched,

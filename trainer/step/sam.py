@@ -142,11 +142,13 @@ class SharpnessAware:
         if self.reset is not None:
             return self._guarded_update(None, total, variables, logs, bad, batch, info,
                                         grads=sam_grads, y_pred=ctx.y_pred)
+        before = self._health_before(info, variables)  # at w again, after the probe at w+eps
         self.optimizer.apply_gradients(
             [(g, v) for g, v in zip(sam_grads, variables) if g is not None])
         self.update_metrics("train", y, ctx.y_pred, w)
         if info.sampled:
-            logs[SAMPLED] = {"grad_norm": self.grad_norm(sam_grads)}
+            logs[SAMPLED] = {"grad_norm": self.grad_norm(sam_grads),
+                             **self._health_logs(info, sam_grads, variables, before)}
         return logs
 
 

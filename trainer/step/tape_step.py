@@ -263,13 +263,35 @@ class TapeStep(Step):
             if bad is not None and tf.executing_eagerly() and bool(bad):
                 tape.reset()  # the seed's literal reset: nothing recorded so far counts
         if self.reset is None:
+            before = self._health_before(info, variables)
             grads = self.apply(tape, total, variables, self.optimizer)
             self.update_metrics("train", y, ctx.y_pred, w)
             if info.sampled:
-                logs[SAMPLED] = {"grad_norm": self.grad_norm(grads)}
+                logs[SAMPLED] = {"grad_norm": self.grad_norm(grads),
+                                 **self._health_logs(info, grads, variables, before)}
             return logs
         return self._guarded_update(tape, total, variables, logs, bad, batch, info,
                                     y_pred=ctx.y_pred)
+
+    def health_model(self):
+        """The model, when this class's update is TapeStep's own; None when a subclass
+        replaces ``train_step`` (its update is its own to report)."""
+        return self.model if type(self).train_step is TapeStep.train_step else None
+
+    def _health_before(self, info, variables):
+        """The weights before the update, and the loss scale of its gradients, when this
+        step computes the layers' health (``StepInfo.health``); else None."""
+        if info.health is None:
+            return None
+        scale = None if self.loss_scale is None else tf.identity(self.loss_scale.value)
+        return info.health.weights(variables), scale
+
+    @staticmethod
+    def _health_logs(info, grads, variables, before) -> dict:
+        if before is None:
+            return {}
+        weights, scale = before
+        return info.health.logs(grads, variables, weights, scale=scale)
 
     def split_xla_blockers(self) -> list[str]:
         # A lazy regularizer writes its last value, a write other replicas must see: it
@@ -299,11 +321,13 @@ class TapeStep(Step):
         total, logs, y_pred, grads = compiled(x, y, w, tf.convert_to_tensor(info.global_step))
         # The Keras metrics' updates run outside XLA, with the update.
         if self.reset is None:
+            before = self._health_before(info, variables)
             self.optimizer.apply_gradients(
                 [(g, v) for g, v in zip(grads, variables) if g is not None])
             self.update_metrics("train", y, y_pred, w)
             if info.sampled:
-                logs[SAMPLED] = {"grad_norm": self.grad_norm(grads)}
+                logs[SAMPLED] = {"grad_norm": self.grad_norm(grads),
+                                 **self._health_logs(info, grads, variables, before)}
             return logs
         bad = self.reset.check_loss(global_mean(total))
         batch = (x, y) if w is None else (x, y, w)
@@ -320,6 +344,7 @@ class TapeStep(Step):
             grads = self.gradients(tape, total, variables)
             bad = tf.logical_or(bad, any_replica(self.reset.check_gradients(grads)))
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        before = self._health_before(info, [v for _, v in pairs])
         self.optimizer.apply_gradients(pairs, skip=bad)
         self.reset.record(global_mean(total), bad, info.global_step + 1)
         ok = tf.logical_not(bad)
@@ -338,7 +363,10 @@ class TapeStep(Step):
         logs = {k: tf.where(ok, tf.cast(v, tf.float32), 0.0) for k, v in logs.items()}
         if info.sampled:
             logs[SAMPLED] = {"grad_norm": tf.where(ok, self.grad_norm([g for g, _ in pairs]),
-                                                   0.0)}
+                                                   0.0),
+                             # Of the discarded update too: its gradients are the news.
+                             **self._health_logs(info, [g for g, _ in pairs],
+                                                 [v for _, v in pairs], before)}
         logs[WEIGHT] = tf.cast(ok, tf.float32) * batch_size(batch)
         return logs
 

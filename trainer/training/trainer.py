@@ -31,6 +31,8 @@ from trainer.step.averaging import (
 )
 from trainer.step.base import Step
 from trainer.step.freezing import variable_table
+from trainer.step.layer_health import PREFIX as HEALTH
+from trainer.step.layer_health import LayerHealth
 from trainer.step.tape import TapeResetError
 from trainer.training.preemption import Preemption
 from trainer.training.recovery import Diverged, Recovery
@@ -166,6 +168,15 @@ class Trainer:
         #: ``prepare`` on: read once, passed down.
         self.data_plan: DataPlan | None = None
         self._executions: Executions | None = None
+        #: The ``trainer.step.layer_health.LayerHealth`` of the step's model, from ``prepare`` on,
+        #: when a callback watches it (``Callback.uses_health``) and the step reports it
+        #: (``Step.health_model()``); else None. ``health.request(True)`` asks the next
+        #: execution's sampled step for the layers' health.
+        self.health: LayerHealth | None = None
+        #: The layers' health measured by the last execution (``health/<layer>/<stat>``),
+        #: empty when it measured none, and the global step of the update it describes.
+        self.health_logs: dict = {}
+        self.health_step: int | None = None
         self.checkpoint: tf.train.Checkpoint | None = None
         self.training_state: TrainingState | None = None  # from prepare on
         self.variable_table = ""
@@ -367,7 +378,8 @@ class Trainer:
             state_logs=self._state_logs, on_trace=self._count_trace,
             evaluation=(lambda: self.step.metric_results("val")) if evaluation else None,
             after_update=self.averages.update if self.averages is not None
-            and self.averages.in_step else None)
+            and self.averages.in_step else None,
+            health=self.health)
         if not evaluation:  # the evaluation function stays: it reads no trainable list
             built = dataclasses.replace(built, evaluate=self._executions.evaluate)
         self._executions = built
@@ -421,6 +433,7 @@ class Trainer:
                                                callbacks=self.callbacks)
         self.checkpoint = self.training_state.checkpoint
         self.progress.steps_per_epoch = self.steps_per_epoch
+        self.health = self._layer_health(step, data_plan)
         paths = candidates(self.resume, Path(self.run_dir), self.checkpoint_dir)
         path = readable(paths) if paths else None
         if path:
@@ -443,6 +456,16 @@ class Trainer:
             self._choose_xla_by_timing()
         self.progress.plan = json.loads(self.plan.to_json())  # saved with the checkpoint
         log.info(self.plan.describe())
+
+    def _layer_health(self, step, data_plan) -> LayerHealth | None:
+        """The health probe of the step's model, if a callback watches it."""
+        model = step.health_model()
+        if model is None or not any(cb.uses_health for cb in self.callbacks):
+            return None
+        probe = data_plan.probe
+        with self.distribution.scope():
+            return LayerHealth(model, probe_x=probe[0] if isinstance(probe, (tuple, list))
+                               else None)
 
     def _plan(self, measured: bool | None = None, stored: dict | None = None) -> CompilePlan:
         """The compile plan for the step and data of this fit (``trainer.compile.plan``)."""
@@ -639,6 +662,7 @@ class Trainer:
             self._pace.observe(n, elapsed, traced=self.trace_count != traces)
             seconds += elapsed
             start, global_step = global_step, int(state.pop("global_step"))
+            self._take_health(state, start)
             weight = out.pop(EXAMPLES)
             snapshot = self._check_blow_up(out, state, start, global_step, seconds)
             progress.examples += weight
@@ -652,6 +676,15 @@ class Trainer:
             logs["time/steps_per_second"] = n / elapsed
             self._callback("on_execution_end", global_step, logs)
         return global_step, ran, signalled, seconds
+
+    def _take_health(self, state: dict, first_step: int) -> None:
+        """Move the layers' health out of an execution's state (it is not the step's
+        state, and is logged only by whoever asked for it): into ``health_logs`` when
+        the execution was asked for it, at its first update's step."""
+        health = {k: state.pop(k) for k in [k for k in state if k.startswith(HEALTH)]}
+        measured = self.health is not None and self.health.requested and health
+        self.health_logs = health if measured else {}
+        self.health_step = first_step + 1 if measured else None
 
     def _end_epoch(self, epoch: int, global_step: int, finished: bool) -> None:
         """The epoch's logs (the example-weighted means of its executions, the step's state
