@@ -78,6 +78,7 @@ class FakeTrainer:
 
         self.models = models
         self.optimizers = {}
+        self.averages = None  # no trainer.ema / trainer.swa
         self.global_step = tf.Variable(0, dtype=tf.int64)
         self.epoch, self.epochs, self.steps_per_epoch = 0, epochs, steps_per_epoch
         self.stop_training = False

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import StepInfo, TapeStep, UserError
+from trainer.common.keys import SAMPLED
 from trainer.step.optimizers import LossScale
 
 
@@ -94,6 +95,25 @@ def test_the_loss_scale_is_divided_out_exactly():
         weights[scaled] = [w.numpy() for w in model.weights]
     for a, b in zip(weights[False], weights[True]):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_the_logged_gradient_norm_has_the_loss_scale_divided_out(compiled):
+    # Also at the update that grows the scale (growth_interval 1): the norm divides out the
+    # scale its gradients were multiplied by, not the grown one.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.01), task="regression")
+    step.use_loss_scale(LossScale(initial_scale=2.0**10, growth_interval=1))
+    step.build()
+    x, y = tf.reshape(tf.range(12, dtype=tf.float32), [4, 3]) / 10, tf.ones([4, 2])
+    expected = float(tf.linalg.global_norm(list(step.gradients_by_path((x, y)).values())))
+    def run(batch):
+        return step.train_step(batch, StepInfo.at(0))
+
+    logs = (tf.function(run) if compiled else run)((x, y))
+    assert float(step.loss_scale.value.numpy()) == 2.0**11  # grown by this update
+    assert float(logs[SAMPLED]["grad_norm"]) == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_scale_grows_after_growth_interval_good_steps():

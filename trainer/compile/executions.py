@@ -118,7 +118,9 @@ def accumulated(train_step: Callable, count: int, optimizers,
         # adds (program order of the same variables), the update for the last of them.
         grad_norm = None
         if norm is not None and "grad_norm" in skeys:
-            grad_norm = norm([g for opt in optimizers for g in opt.accumulated_gradients()])
+            # The sums hold unscaled gradients (the optimizers divide the loss scale out).
+            grad_norm = norm([g for opt in optimizers for g in opt.accumulated_gradients()],
+                             loss_scaled=False)
         if health is not None:
             pairs = [p for opt in optimizers for p in opt.accumulated_pairs()]
             variables = [v for _, v in pairs]

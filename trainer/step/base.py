@@ -293,16 +293,22 @@ class Step:
                         "=zero gives them zeros)", ", ".join(new))
         return grads
 
-    def grad_norm(self, grads):
+    def grad_norm(self, grads, *, loss_scaled: bool = True):
         """The global norm of ``grads`` (``None`` skipped) as one device would report it:
-        under a strategy, of the replicas' summed gradients."""
+        under a strategy, of the replicas' summed gradients; with a loss scale (mixed
+        float16), of the gradients it is divided out of (``loss_scaled``: ``grads`` come
+        from ``gradients``, multiplied by it; the accumulated sums are not)."""
         grads = [g for g in grads if g is not None]
         if not in_replicas():
-            return global_norm(grads)
-        # One flat vector, one all-reduce (a list would be packed differently per replica
-        # when run eagerly, and the collective would not match).
-        flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
-        return tf.norm(sum_over_replicas(flat))
+            norm = global_norm(grads)
+        else:
+            # One flat vector, one all-reduce (a list would be packed differently per replica
+            # when run eagerly, and the collective would not match).
+            flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
+            norm = tf.norm(sum_over_replicas(flat))
+        if loss_scaled and self.loss_scale is not None:
+            norm = norm / tf.cast(self.loss_scale.applied(), norm.dtype)
+        return norm
 
     def apply(self, tape, loss, variables, optimizer):
         """Differentiate ``loss`` on ``tape`` and apply the gradients; return them."""

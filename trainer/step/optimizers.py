@@ -75,6 +75,11 @@ class LossScale(tf.Module):
         self.value = step_variable(float(initial_scale), name="loss_scale")
         self.good_steps = step_variable(0, dtype=tf.int64, name="loss_scale_good_steps")
         self.overflows = step_variable(0, dtype=tf.int64, name="loss_scale_overflows")
+        # The scale the last gradients were multiplied by (``value`` may have moved on since,
+        # in the same update): what a gradient norm logged after the update divides out.
+        # Assigned by every update before any norm of its gradients is read: not saved.
+        applied = step_variable(float(initial_scale), name="loss_scale_applied")
+        self.applied = lambda: applied
 
     def state(self) -> dict:
         return {"value": self.value, "good_steps": self.good_steps, "overflows": self.overflows}
@@ -85,6 +90,7 @@ class LossScale(tf.Module):
 
     def unscale(self, grads) -> tuple[list, tf.Tensor]:
         """``(grads / scale, finite)``; ``finite`` agreed across replicas."""
+        self.applied().assign(self.value)
         grads = [None if g is None else g / tf.cast(self.value, g.dtype) for g in grads]
         flags = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
         finite = tf.reduce_all(flags) if flags else tf.constant(True)
