@@ -18,7 +18,9 @@
      (per epoch) on one chart each;
    - ``docs/images/tensorboard_hparams.png``: the sweep in the HParams table, with the
      two swept hyperparameters ticked (the dashboard ticks the first five by name) and
-     the validation and training metrics.
+     the validation and training metrics;
+   - ``docs/images/tensorboard_health.png``: the dense run in the Custom Scalars page,
+     the health callback's first category (each statistic with every layer on one chart).
 
 The PNGs are reduced to 256 colours (Pillow, when installed) to stay small. Playwright's
 own browser download (``playwright install``) is not needed: any Chromium works
@@ -158,6 +160,21 @@ def hparams(browser, base: str, out: Path) -> None:
     page.close()
 
 
+def health(browser, base: str, out: Path) -> None:
+    """The Custom Scalars page: the health callback's layout, its first category (every
+    layer's gradient norm, update ratio, ... on one chart each)."""
+    page = _open(browser, f"{base}/#custom_scalars", width=1200, height=1000)
+    charts = page.locator("tf-custom-scalar-margin-chart-card, "
+                          "tf-custom-scalar-multi-line-chart-card")
+    charts.first.wait_for()
+    _settle(page)
+    bottom = max(_bottom(charts.nth(i)) for i in range(min(charts.count(), 6))
+                 if charts.nth(i).is_visible())
+    page.screenshot(path=str(out), clip={"x": 0, "y": 0, "width": 1200,
+                                         "height": min(bottom + 16, 1000)})
+    page.close()
+
+
 def _bottom(locator) -> float:
     box = locator.bounding_box()
     return box["y"] + box["height"]
@@ -198,12 +215,14 @@ def main(argv=None) -> None:
                 # The run's tb/ as the log dir: its runs are named train and val.
                 with tensorboard(dense / "tb", "val", _last_step(dense)) as base:
                     scalars(browser, base, args.out / "tensorboard_scalars.png")
+                    health(browser, base, args.out / "tensorboard_health.png")
                 jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
                 with tensorboard(sweep, f"{jobs[-1].name}/tb/val", _last_step(jobs[-1])) as base:
                     hparams(browser, base, args.out / "tensorboard_hparams.png")
             finally:
                 browser.close()
-        for name in ("tensorboard_scalars.png", "tensorboard_hparams.png"):
+        for name in ("tensorboard_scalars.png", "tensorboard_hparams.png",
+                     "tensorboard_health.png"):
             shrink(args.out / name)
             print(args.out / name, f"{(args.out / name).stat().st_size // 1024} KiB")
     finally:

@@ -71,10 +71,11 @@ def lr_find(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     run_dir = _run_dir(run_dir)
     r = build(run_cfg, run_dir)
     accept(run_dir, cfg)
-    t = r.trainer
+    # The run's compile settings, from its config, passed on to the sweep's trainer.
+    compiling = {k: r.cfg["trainer"][k] for k in ("run_eagerly", "jit_compile",
+                                                   "accumulate_steps")}
     curve = find_learning_rate(r.step, r.data, sweep=sweep, monitor=node.monitor,
-                               run_eagerly=t.run_eagerly, jit_compile=t.jit_compile,
-                               accumulate_steps=t.accumulate_steps, distribution=t.distribution)
+                               distribution=r.trainer.distribution, **compiling)
     if not math.isfinite(curve.suggestion):
         raise UserError(f"lr_find: the loss diverged after {len(curve.rates)} updates, too soon "
                         f"to suggest a rate; lower lr_find.min_lr (now {sweep.min_lr:g})")
