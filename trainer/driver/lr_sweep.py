@@ -82,7 +82,7 @@ def lr_find(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     result = {"suggestion": curve.suggestion, "override": override(curve.suggestion),
               "diverged": curve.diverged, "monitor": node.monitor,
               "sweep": OmegaConf.to_container(node, resolve=True), "curve": curve.rows()}
-    if t.is_chief:
+    if r.trainer.is_chief:
         write_outputs(run_dir, result, plot=node.plot)
     return result
 
