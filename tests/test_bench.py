@@ -24,11 +24,12 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["cases"]) == {"A", "B", "C", "D", "E", "F"}
+    assert set(result["cases"]) == {"A", "B", "C", "D", "E", "F", "S"}
     assert {"cpu", "cores", "tensorflow", "keras"} <= set(result["machine"])
     assert set(result["first_step"]) == {"compiled", "xla"}
-    assert {"tensorboard_cost", "checkpoint_cost", "compiled_vs_eager"} <= set(
+    assert {"tensorboard_cost", "checkpoint_cost", "health_cost", "compiled_vs_eager"} <= set(
         result["cases"]["D"])
+    assert result["cases"]["S"]["sam_step_time_vs_plain"] > 1  # two passes per update
     assert result["cases"]["B"]["peak_gflops"] > 0
     assert {"A+gp", "A+gp/16", "B+gp", "B+gp/16"} <= set(result["cases"]["C"])
     for name, group in result["groups"].items():
@@ -43,7 +44,7 @@ def test_quick_benchmark_reports_every_case(tmp_path):
         assert r["start"]["rss_mb"] > 0 and r["end"]["open_files"] > 0
         assert isinstance(r["open_files_growth"], int)
     cases = {t["case"] for t in result["targets"]}
-    assert cases == {"A", "B", "C", "D", "E", "F"}
+    assert cases == {"A", "B", "C", "D", "E", "F", "S"}
     assert set(result["cases"]["F"]["auto"]) == {"dense", "dense-nodropout", "B-bf16"}
     assert result["cases"]["F"]["mirrored2_vs_one_device"] > 0  # the child process's pair
     assert all(isinstance(t["met"], bool) for t in result["targets"])
