@@ -100,6 +100,26 @@ def sum_over_replicas(values):
     return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
+def flat(tensors, dtype=tf.float32):
+    """``tensors`` as one vector of ``dtype`` (the inverse of ``unflat``)."""
+    return tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], 0)
+
+
+def unflat(vector, like) -> list:
+    """``vector`` cut into tensors shaped as those of ``like`` (the inverse of ``flat``)."""
+    sizes = tf.stack([tf.size(t) for t in like])
+    return [tf.reshape(part, tf.shape(t)) for part, t in zip(tf.split(vector, sizes), like)]
+
+
+def summed_flat(tensors, dtype=tf.float32):
+    """``tensors`` as one vector of ``dtype``, summed over the replicas (itself on one device).
+
+    One flat vector makes one all-reduce: a list would be packed differently per replica
+    when run eagerly, and the collectives would not match.
+    """
+    return sum_over_replicas(flat(tensors, dtype))
+
+
 def global_mean(value):
     """A per-replica batch mean as the global batch's mean, on every replica."""
     if not in_replicas():

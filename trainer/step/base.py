@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from trainer.common.errors import UserError
 from trainer.common.keys import float_logs
-from trainer.distribute.replicas import in_replicas, share, sum_over_replicas
+from trainer.distribute.replicas import in_replicas, share, summed_flat
 from trainer.step.metrics import MetricSet
 from trainer.step.optimizers import GroupedOptimizer
 from trainer.step.tape import check_unconnected, global_norm, gradients
@@ -299,13 +299,7 @@ class Step:
         float16), of the gradients it is divided out of (``loss_scaled``: ``grads`` come
         from ``gradients``, multiplied by it; the accumulated sums are not)."""
         grads = [g for g in grads if g is not None]
-        if not in_replicas():
-            norm = global_norm(grads)
-        else:
-            # One flat vector, one all-reduce (a list would be packed differently per replica
-            # when run eagerly, and the collective would not match).
-            flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
-            norm = tf.norm(sum_over_replicas(flat))
+        norm = tf.norm(summed_flat(grads)) if in_replicas() else global_norm(grads)
         if loss_scaled and self.loss_scale is not None:
             norm = norm / tf.cast(self.loss_scale.applied(), norm.dtype)
         return norm

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from trainer.distribute.replicas import step_variable
+from trainer.distribute.replicas import flat, step_variable, unflat
 
 #: The Keras optimizer arguments, in the order Keras checks them (it allows only one).
 KINDS = ("clipnorm", "global_clipnorm", "clipvalue")
@@ -65,12 +65,7 @@ class GradientClipping(tf.Module):
         context = tf.distribute.get_replica_context()
         replicas = 1 if context is None else context.num_replicas_in_sync
         if replicas > 1:
-            # One flat vector, one all-reduce (as Step.grad_norm does).
-            flat = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], 0)
-            flat = context.all_reduce(tf.distribute.ReduceOp.SUM, flat)
-            sizes = [g.shape.num_elements() for g in grads]
-            total = [tf.reshape(part, g.shape)
-                     for part, g in zip(tf.split(flat, sizes), grads)]
+            total = unflat(context.all_reduce(tf.distribute.ReduceOp.SUM, flat(grads)), grads)
         else:
             total = [tf.cast(g, tf.float32) for g in grads]
         clipped, active, factors = self._clip(total)

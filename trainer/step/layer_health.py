@@ -18,7 +18,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from trainer.distribute.replicas import in_replicas, sum_over_replicas
+from trainer.distribute.replicas import flat, in_replicas, sum_over_replicas
 
 log = logging.getLogger(__name__)
 
@@ -139,9 +139,6 @@ class LayerHealth:
         pairs = [(g, v, b) for g, v, b in zip(grads, variables, before) if g is not None]
         if not pairs:
             return {}
-
-        def flat(tensors):
-            return tf.concat([tf.reshape(tf.cast(t, tf.float32), [-1]) for t in tensors], 0)
 
         def flat_grads():
             grads = flat([g for g, _, _ in pairs])

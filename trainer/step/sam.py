@@ -23,7 +23,11 @@ import tensorflow as tf
 
 from trainer.common.errors import UserError
 from trainer.common.keys import SAMPLED
-from trainer.distribute.replicas import global_mean, in_replicas, sum_over_replicas
+from trainer.distribute.replicas import (
+    in_replicas,
+    summed_flat,
+    unflat,
+)
 from trainer.step.tape import gradients
 from trainer.step.tape_step import TapeStep, unpack
 
@@ -83,10 +87,7 @@ class SharpnessAware:
         dtype = tf.float64 if any(v.dtype == tf.float64 for _, v in present) else tf.float32
         gs = [tf.cast(g, dtype) for g, _ in present]
         if self.perturbation == "global" and in_replicas():
-            # One flat vector, one all-reduce (as Step.grad_norm).
-            flat = sum_over_replicas(tf.concat([tf.reshape(g, [-1]) for g in gs], 0))
-            sizes = tf.stack([tf.size(g) for g in gs])
-            gs = [tf.reshape(part, tf.shape(g)) for part, g in zip(tf.split(flat, sizes), gs)]
+            gs = unflat(summed_flat(gs, dtype), gs)
         if self.adaptive:
             ts = [tf.abs(tf.cast(v, dtype)) + self.eta for _, v in present]
             scaled = [t * g for t, g in zip(ts, gs)]
@@ -126,12 +127,7 @@ class SharpnessAware:
         x, y, w = unpack(batch)
         variables = self.trainable_variables
         seeds = self._seed_states()  # read before the first pass advances them
-        with tf.GradientTape() as tape:
-            total, ctx, reg_logs = self.record(x, y, tape, info, regularizers, w)
-            with tape.stop_recording():
-                logs = {"loss": ctx.loss, **self._batch_metrics(y, ctx.y_pred, w), **reg_logs}
-                bad = (self.reset.check_loss(global_mean(total)) if self.reset is not None
-                       else None)
+        tape, total, ctx, logs, bad = self.forward(x, y, w, info, regularizers)
         grads = self.gradients(tape, total, variables)
         del tape
         eps = self.epsilon(grads, variables)

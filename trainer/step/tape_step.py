@@ -253,15 +253,8 @@ class TapeStep(Step):
         variables = self.trainable_variables
         if info.jit_gradients:  # the compile plan's choice (split_xla_blockers)
             return self._jit_gradients_step(x, y, w, info, regularizers, variables)
-        with tf.GradientTape() as tape:
-            total, ctx, reg_logs = self.record(x, y, tape, info, regularizers, w)
-            with tape.stop_recording():
-                logs = {"loss": ctx.loss, **self._batch_metrics(y, ctx.y_pred, w), **reg_logs}
-                # Decided on the global batch's loss, so every replica decides alike.
-                bad = (self.reset.check_loss(global_mean(total)) if self.reset is not None
-                       else None)
-            if bad is not None and tf.executing_eagerly() and bool(bad):
-                tape.reset()  # the seed's literal reset: nothing recorded so far counts
+        tape, total, ctx, logs, bad = self.forward(x, y, w, info, regularizers,
+                                                   literal_reset=True)
         if self.reset is None:
             before = self._health_before(info, variables)
             grads = self.apply(tape, total, variables, self.optimizer)
@@ -272,6 +265,25 @@ class TapeStep(Step):
             return logs
         return self._guarded_update(tape, total, variables, logs, bad, batch, info,
                                     y_pred=ctx.y_pred)
+
+    def forward(self, x, y, w, info, regularizers, *, literal_reset: bool = False):
+        """Record the forward pass on a new tape: ``(tape, total loss, context, logs,
+        bad)``, where ``logs`` has the loss, the batch metrics and ``reg/*``, and ``bad``
+        is the reset policy's verdict on the global batch's loss (None without a policy).
+
+        ``literal_reset``: when run eagerly and the batch is bad, reset the tape inside
+        its context (the seed's literal reset: nothing recorded so far counts).
+        """
+        with tf.GradientTape() as tape:
+            total, ctx, reg_logs = self.record(x, y, tape, info, regularizers, w)
+            with tape.stop_recording():
+                logs = {"loss": ctx.loss, **self._batch_metrics(y, ctx.y_pred, w), **reg_logs}
+                # Decided on the global batch's loss, so every replica decides alike.
+                bad = (self.reset.check_loss(global_mean(total)) if self.reset is not None
+                       else None)
+            if literal_reset and bad is not None and tf.executing_eagerly() and bool(bad):
+                tape.reset()
+        return tape, total, ctx, logs, bad
 
     def health_model(self):
         """The model, when this class's update is TapeStep's own; None when a subclass
