@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from tests.helpers import fit_linear, regression_data
-from trainer import Callback
+from trainer import Callback, TapeStep, Trainer
 from trainer.common.errors import UserError
 from trainer.step.averaging import EmaSettings, WeightAverage
 
@@ -84,6 +84,36 @@ def test_the_average_leaves_training_alone_and_validation_reports_both():
     # decay 0: the average is the weights.
     _, _, same = fit_linear(ema={"decay": 0.0})
     assert same["val_ema/loss"] == pytest.approx(same["val/loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["compiled", "eager"])
+def test_a_mixed_float16_run_averages_every_step_skipped_overflows_included(mode):
+    # A loss scale of 2**20 overflows float16 in the backward pass: the first updates are
+    # skipped (the weights stay) and the scale halves until it fits. The average moves
+    # towards the weights after every step, skipped or not, in float32.
+    from trainer.step.optimizers import LossScale
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        record = Record()
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.Dense(1)])
+        step = TapeStep(model=model, optimizer=keras.optimizers.SGD(0.05), task="regression")
+        step.use_loss_scale(LossScale(initial_scale=2.0**20))
+        trainer = Trainer(epochs=2, steps_per_execution=1, callbacks=[record],
+                          run_eagerly=mode == "eager", ema={"decay": 0.8})
+        trainer.fit(step, regression_data())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    overflows = int(step.loss_scale.overflows.numpy())
+    assert 0 < overflows < 14  # some steps skipped, some applied
+    unchanged = sum(all(np.array_equal(a, b) for a, b in zip(w0, w1))
+                    for w0, w1 in zip(record.weights, record.weights[1:]))
+    assert unchanged == overflows
+    expected = _expected(record.weights, 0.8, False)
+    assert {v.dtype for v in trainer.averages.averages["model"]} == {tf.float32}
+    for got, want in zip(_averages(trainer), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_the_average_is_float32_whatever_the_weights():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import StepInfo, TapeStep, UserError
+from tests.helpers import regression_data
+from trainer import StepInfo, TapeStep, Trainer, UserError
 from trainer.common.keys import SAMPLED
 from trainer.step.optimizers import LossScale
 
@@ -203,3 +206,22 @@ def test_a_resumed_mixed_float16_run_ends_bit_identical_with_the_same_loss_scale
     for a, b in zip(weights(straight), weights(resumed), strict=True):
         assert np.array_equal(a, b)
     assert resumed.trainer.history == straight.trainer.history
+
+
+def test_an_epoch_ending_on_an_overflowing_step_goes_on():
+    # Every step of the first epoch overflows float16 at a scale of 2**40, the last one
+    # (the sampled step of the epoch's last execution) too: its gradient norm is infinite,
+    # which under a loss scale is no divergence (the update is skipped, the scale halves).
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        step, model = _half_step(scale=2.0**40)
+        before = [w.numpy() for w in model.weights]
+        trainer = Trainer(epochs=2, steps_per_execution=1)
+        trainer.fit(step, regression_data(n=64, batch_size=16))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    first, second = trainer.history
+    assert first["train/precision/overflows"] == 4, first
+    assert not math.isfinite(first["train/grad_norm"]), first
+    assert second["train/precision/overflows"] == 8 and math.isfinite(second["train/loss"])
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, model.weights))

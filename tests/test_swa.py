@@ -155,3 +155,31 @@ def test_a_resumed_run_ends_with_the_average_of_an_uninterrupted_one(make_cfg, t
     rate = rest.step.optimizer.learning_rate
     assert float(rate) == pytest.approx(0.05 - 0.04 / 23, rel=1e-5)  # next: a cycle's first
     assert rest.trainer.history[0]["train/learning_rate"] == pytest.approx(0.05 - 0.04 / 23)
+
+
+
+def test_the_batch_norm_pass_under_a_strategy_equals_one_device():
+    # Under a strategy the trainer runs the pass in the strategy's scope, after fit, on whole
+    # global batches: the statistics must be those of one device.
+    from trainer.distribute import Mirrored
+
+    x = np.random.default_rng(1).normal(1.0, 3.0, size=(96, 2)).astype("float32")
+    data = DataModule(train=(x, x[:, :1]), val=(x[:8], x[:8, :1]), task="regression",
+                      batching=Batching(batch_size=32, shuffle=False))
+
+    def make():
+        keras.utils.set_random_seed(3)
+        return keras.Sequential([keras.Input((2,)), keras.layers.Dense(3),
+                                 keras.layers.BatchNormalization(momentum=0.9)])
+
+    one = make()
+    recompute_batch_norm([one], data)
+    with Mirrored(cpu_replicas=2).scope():
+        two = make()
+        recompute_batch_norm([two], data)
+    bn_one, bn_two = one.layers[1], two.layers[1]
+    assert not np.allclose(bn_one.moving_mean.numpy(), 0.0)  # the pass changed them
+    np.testing.assert_allclose(bn_two.moving_mean.numpy(), bn_one.moving_mean.numpy(),
+                               rtol=1e-5)
+    np.testing.assert_allclose(bn_two.moving_variance.numpy(),
+                               bn_one.moving_variance.numpy(), rtol=1e-5)
