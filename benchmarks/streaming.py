@@ -37,7 +37,7 @@ class ShardVariant(TrainerVariant):
 
         from trainer import TapeStep, Trainer
         from trainer.data import Batching, tfrecord
-        from trainer.driver.export import write_shards
+        from trainer.driver.shards import write_shards
 
         w = self.workload
         x, y = w.arrays()

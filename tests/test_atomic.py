@@ -79,7 +79,7 @@ def test_an_export_directory_has_the_mode_mkdir_would(modes, make_cfg, tmp_path)
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.driver.export import export
+    from trainer.driver.shards import export
 
     file_mode, dir_mode = modes
     out = tmp_path / "shards"

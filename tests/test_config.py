@@ -17,9 +17,9 @@ from omegaconf.errors import ValidationError
 
 from tests.conftest import FAST
 from trainer.common.errors import UserError
-from trainer.driver.export import write_shards
 from trainer.driver.run import build, instantiate_node, option_keys, run, validate
 from trainer.driver.schemas import SCHEMAS
+from trainer.driver.shards import write_shards
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

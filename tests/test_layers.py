@@ -28,11 +28,11 @@ LAYERS = [
     ("training", ["trainer.training", "trainer.callbacks"]),
     ("driver", ["trainer.driver", "trainer.experiments"]),
     ("commands", ["trainer.__main__", "trainer.evaluate", "trainer.predict", "trainer.summary",
-                  "trainer.export_data", "trainer.launch", "trainer.lr_find"]),
+                  "trainer.export_data", "trainer.export", "trainer.launch", "trainer.lr_find"]),
 ]
 #: The top of trainer/: the package face and one small module per command.
 COMMANDS = {"__init__.py", "__main__.py", "evaluate.py", "predict.py", "summary.py",
-            "export_data.py", "launch.py", "lr_find.py"}
+            "export_data.py", "export.py", "launch.py", "lr_find.py"}
 
 
 def _layer(module: str) -> int:

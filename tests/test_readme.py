@@ -91,6 +91,7 @@ CHECKED_BY = {
         "test_shards_from_another_tool_example_writes_...",
     ("json", '"format": "trainer.tfrecord"'): "test_shards_from_another_tool_example_writes_...",
     ("", "configs/\n  config.yaml"): "test_the_config_tree_names_every_config",
+    ("python", 'tf.saved_model.load("served/dense")'): "test_the_docs_serving_example_*",
 }
 
 #: Blocks shown but not run, with the reason.
@@ -103,6 +104,8 @@ NOT_RUN = {
         "the last line of python -m trainer.lr_find (tests/test_lr_find.py runs the command)",
     ("", "driver            trainer/driver/"):
         "the design page's picture of the levels (tests/test_layers.py enforces them)",
+    ("", "wrote dense.tflite (tflite); on 360"):
+        "the line python -m trainer.export prints (tests/test_export.py checks it)",
     ("bash", "tensorboard --logdir outputs"):
         "starts a server (tests/test_tensorboard_server.py runs one on a finished run)",
 }

@@ -19,8 +19,8 @@ from tests.helpers import Crash
 from trainer.common.errors import UserError
 from trainer.data import Batching, DataModule, digits, tfrecord
 from trainer.data.tfrecord import META, TFRecordData, data_error_line, shard_name
-from trainer.driver.export import export, write_shards
 from trainer.driver.run import build, run
+from trainer.driver.shards import export, write_shards
 
 QUIET = ["callbacks.progress.mode=log", "callbacks.tensorboard.histogram_every_n_steps=0"]
 
@@ -285,7 +285,7 @@ def test_export_is_atomic_and_overwrites_only_an_export(export_cfg, tmp_path, mo
         (directory / "train-00000-of-00002.tfrecord").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr("trainer.driver.export.write_shards", half_written)
+    monkeypatch.setattr("trainer.driver.shards.write_shards", half_written)
     with pytest.raises(OSError, match="disk full"):
         export(export_cfg(f"out={out}", "shards=2"))
     assert os.listdir(tmp_path) == []  # neither out nor a temporary directory is left
@@ -486,7 +486,7 @@ def test_the_preparation_survives_reading_into_memory_and_exporting_again(export
 
 def test_an_export_refuses_a_preparation_meta_json_cannot_hold(tmp_path):
     from trainer.data import Scaling
-    from trainer.driver.export import _preparation
+    from trainer.driver.shards import _preparation
 
     x, y = np.ones((8, 2)), np.arange(8) % 2
     data = DataModule(train=(x, y), val=(x, y), batching=Batching(batch_size=4), name="mine",

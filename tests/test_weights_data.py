@@ -328,7 +328,7 @@ def test_weighted_data_is_not_exported_without_its_weights(make_cfg, tmp_path):
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from trainer.driver.export import export
+    from trainer.driver.shards import export
 
     # make_cfg (unused) clears Hydra's global state after the test.
     GlobalHydra.instance().clear()

@@ -6,7 +6,7 @@ or index shards another tool wrote.
     python -m trainer data=tfrecord data.path='DIR/*.tfrecord' ...
 
 The config is the training run's (``configs/export_data.yaml`` composes ``config.yaml``
-and adds ``out``, ``shards`` and ``overwrite``); ``trainer.driver.export`` writes the
+and adds ``out``, ``shards`` and ``overwrite``); ``trainer.driver.shards`` writes the
 shards and their ``meta.json``, never half a directory. ``--index DIR`` reads the shards
 in ``DIR`` and writes their ``meta.json`` (``trainer.data.tfrecord_index``); no config is
 composed.
@@ -28,8 +28,8 @@ from omegaconf import DictConfig
 
 from trainer.common.errors import UserError
 from trainer.data.tfrecord_meta import META
-from trainer.driver.export import export
 from trainer.driver.schemas import register_configs
+from trainer.driver.shards import export
 
 register_configs()
 

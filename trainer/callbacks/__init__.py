@@ -1,9 +1,10 @@
 """Callbacks: TensorBoard, per-layer health, checkpoints, progress, early stopping, profiling,
-sharpness, Keras callbacks."""
+sharpness, the serving export of the best epoch, Keras callbacks."""
 
 from trainer.callbacks.base import Callback
 from trainer.callbacks.checkpoint import CheckpointCallback
 from trainer.callbacks.early_stopping import EarlyStopping
+from trainer.callbacks.export_best import ExportCallback
 from trainer.callbacks.freeze_schedule import FreezeSchedule
 from trainer.callbacks.health import HealthCallback
 from trainer.callbacks.keras_adapter import KerasCallbacks
@@ -16,6 +17,7 @@ __all__ = [
     "Callback",
     "CheckpointCallback",
     "EarlyStopping",
+    "ExportCallback",
     "FreezeSchedule",
     "HealthCallback",
     "KerasCallbacks",

@@ -59,3 +59,37 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_directory(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp)`` on a new temporary directory beside ``path``, then rename it to
+    ``path``, replacing a directory there.
+
+    A write that fails midway leaves ``path`` as it was and nothing behind. Replacing takes
+    two renames (the old directory aside, the new one in), so a reader in that instant finds
+    no directory at ``path``, but never part of one. The new directory gets the mode
+    ``mkdir`` would give it.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-")
+    old = None
+    try:
+        write(tmp)
+        os.chmod(tmp, default_mode(directory=True))
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        old = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-old-")
+        os.replace(path, Path(old) / path.name)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(Path(old) / path.name, path)  # the old one back
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

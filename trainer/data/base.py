@@ -80,6 +80,17 @@ class Data:
         ``python -m trainer.predict`` on new inputs. Default: unchanged."""
         return x
 
+    @property
+    def preparation(self):
+        """What ``prepare`` does, as an object a serving signature can hold: None (nothing),
+        a ``trainer.data.Scaling``, or any callable with an ``in_graph(x)`` method of
+        TensorFlow ops (``python -m trainer.export`` puts it in the exported graph). A data
+        set that overrides ``prepare`` overrides this too."""
+        if type(self).prepare is not Data.prepare:
+            raise NotImplementedError(f"{type(self).__name__} overrides prepare but not "
+                                      "preparation")
+        return None
+
     def steps_per_epoch(self, split: str = "train") -> int:
         """Batches in one pass over ``split`` (``"train"`` or ``"val"``)."""
         raise NotImplementedError
@@ -134,7 +145,8 @@ class DataModule(Data):
         preprocess: what the builder did to the raw features (``Scaling(divide_by=16)``
             for the digits), applied by ``prepare`` to new inputs at prediction time. A
             ``trainer.data.Scaling`` is recorded by ``python -m trainer.export_data`` in
-            the shards' ``meta.json``; a plain function cannot be exported.
+            the shards' ``meta.json`` and held in the graph of an exported model
+            (``python -m trainer.export``); a plain function can be neither.
 
     Given sample weights or a class weight, the data is ``weighted``: ``w_train`` and
     ``w_val`` hold every example's weight (ones where none was given) and every batch
@@ -244,6 +256,11 @@ class DataModule(Data):
     @property
     def preprocess(self):
         """What the builder did to the raw features (a ``Scaling``, a function, or None)."""
+        return self._preprocess
+
+    @property
+    def preparation(self):
+        """``preprocess``: what ``prepare`` applies after reshaping rows."""
         return self._preprocess
 
     def prepare(self, x):

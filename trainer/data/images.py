@@ -232,6 +232,13 @@ class ImageFolderData(Data):
 
         return np.asarray(x, np.float32) / 255.0
 
+    @property
+    def preparation(self):
+        """``prepare`` as a ``Scaling``: pixels divided by 255."""
+        from trainer.data.preparation import Scaling
+
+        return Scaling(divide_by=255)
+
     def __init__(self, *, directory: Path, sources: dict, classes: dict[str, list[str]],
                  image_size, color_mode: str, interpolation: str,
                  batching: Batching = Batching(), split: Split = Split()):

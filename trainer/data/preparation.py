@@ -40,6 +40,20 @@ class Scaling:
         x = np.asarray(x, np.float32)
         return ((x - np.float32(self.subtract)) / np.float32(self.divide_by)).astype(np.float32)
 
+    def in_graph(self, x):
+        """The same on a float32 tensor, as TensorFlow ops: what a serving signature holds
+        (``python -m trainer.export``), so served inputs are prepared as ``prepare`` does."""
+        import tensorflow as tf
+
+        return (x - tf.constant(self.subtract, tf.float32)) / tf.constant(self.divide_by,
+                                                                          tf.float32)
+
+    def undo(self, x) -> np.ndarray:
+        """Prepared features back to raw ones (``raw * divide_by + subtract``), to feed the
+        validation data to a model that prepares its own inputs."""
+        x = np.asarray(x, np.float32)
+        return (x * np.float32(self.divide_by) + np.float32(self.subtract)).astype(np.float32)
+
     def to_json(self) -> dict:
         """The record ``meta.json`` holds: ``{"subtract": ..., "divide_by": ...}``."""
         return {"subtract": float(self.subtract), "divide_by": float(self.divide_by)}

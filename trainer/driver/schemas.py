@@ -304,6 +304,16 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class ExportConfig:
+    _target_: str = "trainer.ExportCallback"
+    # The serving SavedModel, replaced whenever monitor improves (min or max, by > min_delta).
+    directory: str = "export/saved_model"
+    monitor: str = "val/loss"
+    mode: str = "min"
+    min_delta: float = 0.0
+
+
+@dataclass
 class SharpnessConfig:
     _target_: str = "trainer.SharpnessCallback"
     # Measured at the start and every n steps (0: at the start only).
@@ -399,6 +409,7 @@ SCHEMAS = {
     ("schema/callbacks", "health"): HealthConfig,
     ("schema/callbacks", "early_stopping"): EarlyStoppingConfig,
     ("schema/callbacks", "sharpness"): SharpnessConfig,
+    ("schema/callbacks", "export"): ExportConfig,
 }
 
 
