@@ -22,7 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import sys
 
-from trainer.common.errors import UserError
+from trainer.common.errors import UserError, one_line_usage_errors
 
 
 def parser():
@@ -34,12 +34,8 @@ def parser():
     p.add_argument("--out", required=True, help="where to write the exported model")
     p.add_argument("--quantize", help="dynamic: int8 weights (tflite and onnx only)")
 
-    def error(message):
-        print(f"error: {message}; usage: python -m trainer.export RUN_DIR --format "
-              "saved_model|tflite|onnx --out PATH", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = error
+    one_line_usage_errors(p, "python -m trainer.export RUN_DIR --format saved_model|tflite|onnx "
+                             "--out PATH")
     return p
 
 

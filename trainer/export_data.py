@@ -26,7 +26,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from trainer.common.errors import UserError
+from trainer.common.errors import UserError, one_line_usage_errors
 from trainer.data.tfrecord_meta import META
 from trainer.driver.schemas import register_configs
 from trainer.driver.shards import export
@@ -62,12 +62,8 @@ def index_main(argv) -> int:
                                    "inferred)")
     p.add_argument("--y-key", help="the target's name (default: inferred)")
 
-    def error(message):
-        print(f"error: {message}; usage: python -m trainer.export_data --index DIR "
-              "[--x-key NAME --y-key NAME]", file=sys.stderr)
-        sys.exit(2)
-
-    p.error = error
+    one_line_usage_errors(p, "python -m trainer.export_data --index DIR [--x-key NAME --y-key "
+                             "NAME]")
     args = p.parse_args(argv)
     try:
         meta = index_shards(args.index, x_key=args.x_key, y_key=args.y_key)

@@ -17,3 +17,15 @@ class UserError(Exception):
     """
 
     ag_pass_through = True
+
+
+def one_line_usage_errors(parser, usage: str) -> None:
+    """Make ``parser`` (an ``argparse.ArgumentParser``) report a bad command line as one line,
+    ``error: MESSAGE; usage: USAGE``, and exit with status 2, as a ``UserError`` is reported."""
+    import sys
+
+    def error(message):
+        print(f"error: {message}; usage: {usage}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error

@@ -113,18 +113,20 @@ def _onnx(saved: Path, out: str, quantize: str | None) -> None:
     spec = signature.structured_input_signature[1][INPUT]
     # Keyword call: a concrete signature function takes its input by name only.
     function = tf.function(lambda inputs: loaded.signatures[SIGNATURE](**{INPUT: inputs}))
-    float_path = out if not quantize else str(Path(out).with_suffix(".float.onnx"))
-    tf2onnx.convert.from_function(function, input_signature=[spec], output_path=float_path)
-    if quantize == "dynamic":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    if not quantize:
+        tf2onnx.convert.from_function(function, input_signature=[spec], output_path=out)
+        return
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    with tempfile.TemporaryDirectory(prefix="trainer-onnx-") as scratch:
+        float_path = str(Path(scratch) / "float.onnx")
+        tf2onnx.convert.from_function(function, input_signature=[spec], output_path=float_path)
         # Its advice to pre-process the model first goes to the root logger: not for a user.
         logging.disable(logging.WARNING)
         try:
             quantize_dynamic(float_path, out, weight_type=QuantType.QInt8)
         finally:
             logging.disable(logging.NOTSET)
-        Path(float_path).unlink()
 
 
 def runner(fmt: str, path: str):
