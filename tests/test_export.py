@@ -191,6 +191,35 @@ def test_a_missing_run_or_extra_is_one_line(tmp_path, capsys, monkeypatch):
         "error: --format tflite needs ai_edge_litert: pip install 'tape-trainer[tflite]'")
 
 
+@pytest.mark.slow
+def test_the_command_in_a_subprocess(finished, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "trainer.export", str(finished.dir),
+                               *args], env=env, capture_output=True, text=True, timeout=300)
+
+    start = time.perf_counter()
+    bad = export("--format", "onnx", "--quantize", "dynamic", "--out", str(tmp_path / "m"),
+                 "--checkpoint", "latest", "--format", "saved_model")
+    # Refused before TensorFlow starts: one line, nothing else on stderr.
+    assert bad.returncode == 2 and time.perf_counter() - start < 20
+    assert bad.stderr == ("error: --quantize applies to --format tflite and onnx; a SavedModel "
+                          "keeps float32 weights (drop --quantize)\n")
+    out = tmp_path / "m.tflite"
+    good = export("--format", "tflite", "--out", str(out), "--quantize", "dynamic")
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert good.stdout.startswith(f"wrote {out} (tflite, dynamic-range quantized); on 360 "
+                                  "validation examples: max |exported - predict| ")
+    np.testing.assert_allclose(serve("tflite", str(out), finished.raw), finished.probabilities,
+                               atol=0.05, rtol=0)
+
+
 # --- the preparation in the graph ------------------------------------------------------------
 def test_a_scaling_in_the_graph_is_prepare_and_undo_inverts_it():
     import tensorflow as tf
@@ -267,23 +296,28 @@ def test_the_callback_exports_on_a_new_best_only(tmp_path):
         ExportCallback(monitor="val/acc").on_epoch_end(trainer, 0, {"val/loss": 1.0})
 
 
-@pytest.mark.parametrize("overrides", [
-    [], pytest.param(["trainer.run_eagerly=true"], marks=pytest.mark.slow),
-    pytest.param([*MIRRORED, "trainer.accumulate_steps=2"], marks=pytest.mark.slow)],
-    ids=["compiled", "eager", "mirrored-accumulated"])
-def test_the_callback_in_a_run_serves_the_best_epochs_model(make_cfg, tmp_path, overrides):
+@pytest.mark.parametrize(("monitor", "overrides"), [
+    ("val/accuracy", []),
+    pytest.param("val/accuracy", ["trainer.run_eagerly=true"], marks=pytest.mark.slow),
+    pytest.param("val/accuracy", [*MIRRORED, "trainer.accumulate_steps=2"],
+                 marks=pytest.mark.slow),
+    # The average's evaluation: the export holds the averaged weights.
+    pytest.param("val_ema/accuracy", ["trainer.ema.decay=0.8"], marks=pytest.mark.slow)],
+    ids=["compiled", "eager", "mirrored-accumulated", "ema"])
+def test_the_callback_in_a_run_serves_the_best_epochs_model(make_cfg, tmp_path, monitor,
+                                                            overrides):
     import tensorflow as tf
 
     cfg = make_cfg("+experiment=dense", "trainer.epochs=3", "trainer.max_steps=24",
                    "data.batch_size=32", "callbacks=none", "+callbacks/export=default",
-                   "callbacks.export.monitor=val/accuracy", "callbacks.export.mode=max",
+                   f"callbacks.export.monitor={monitor}", "callbacks.export.mode=max",
                    *overrides)
     r = build(cfg, tmp_path)
     r.trainer.fit(r.step, r.data)
     from trainer.callbacks import ExportCallback
 
     (cb,) = [c for c in r.trainer.callbacks if isinstance(c, ExportCallback)]
-    accuracies = [h["val/accuracy"] for h in r.trainer.history]
+    accuracies = [h[monitor] for h in r.trainer.history]
     assert cb.exported == [i + 1 for i, a in enumerate(accuracies) if a > max(accuracies[:i],
                                                                              default=-1)]
     best = cb.exported[-1]
