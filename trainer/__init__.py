@@ -12,6 +12,7 @@ from importlib.util import spec_from_loader
 __all__ = [
     "Callback",
     "CheckpointCallback",
+    "CsvLogger",
     "Data",
     "DataModule",
     "EarlyStopping",
@@ -20,6 +21,7 @@ __all__ = [
     "GroupedOptimizer",
     "HealthCallback",
     "KerasCallbacks",
+    "MlflowLogger",
     "Objective",
     "ProfileCallback",
     "ProgressCallback",
@@ -38,6 +40,8 @@ __all__ = [
 _LOCATIONS = {
     "Callback": "trainer.callbacks",
     "CheckpointCallback": "trainer.callbacks",
+    "CsvLogger": "trainer.callbacks",
+    "MlflowLogger": "trainer.callbacks",
     "EarlyStopping": "trainer.callbacks",
     "ExportCallback": "trainer.callbacks",
     "FreezeSchedule": "trainer.callbacks",

@@ -23,6 +23,7 @@ from trainer.common.atomic import atomic_write as _atomic_write
 from trainer.common.errors import UserError
 from trainer.driver.rundir import accept
 from trainer.driver.schemas import TapeConfig
+from trainer.driver.tracking import configure_mlflow, log_outputs, logger_callbacks
 from trainer.driver.validation import locate, target_error, validate
 from trainer.step.freezing import param_counts, require_trainable, set_trainable
 from trainer.training.lock import run_dir_lock, worker_index_from_env
@@ -339,7 +340,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
 
     import keras
 
-    from trainer.callbacks import FreezeSchedule, TensorBoardCallback
+    from trainer.callbacks import FreezeSchedule, MlflowLogger, TensorBoardCallback
     from trainer.training.resume import check_resume
 
     # TensorFlow's own INFO lines (checkpoint sharding, ...) drown the run's log.
@@ -373,14 +374,19 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
         set_trainable(step.models.values(), list(cfg.freeze.patterns), False)
         require_trainable(step.models.values(), list(cfg.freeze.patterns))
     callbacks = [instantiate_node(c) for c in cfg.callbacks.values() if c is not None]
+    callbacks = logger_callbacks(cfg, callbacks, build=instantiate_node)
     if not distribution.is_chief:  # the chief alone writes the run's files
         callbacks = [cb for cb in callbacks if not cb.chief_only]
     if cfg.freeze.unfreeze:
         callbacks.insert(0, FreezeSchedule(unfreeze=container["freeze"]["unfreeze"]))
-    for cb in callbacks:  # what only the driver knows: the run's config
+    # What only the driver knows: the run's config.
+    params = {**flat_hparams(container), **_choices()}
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
+    for cb in callbacks:
         if isinstance(cb, TensorBoardCallback):
-            cb.hparams = {**flat_hparams(container), **_choices()}
-            cb.config_text = OmegaConf.to_yaml(cfg, resolve=True)
+            cb.hparams, cb.config_text = params, config_text
+        elif isinstance(cb, MlflowLogger):
+            configure_mlflow(cb, params=params, config_text=config_text)
     # The trainer node's driver keys: how to start (resume, op determinism), not how to train.
     node = dict(container["trainer"])
     resume, deterministic = node.pop("resume"), node.pop("deterministic")
@@ -421,6 +427,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         accept(run_dir, cfg if r.trainer.is_chief else None)
         r.trainer.fit(r.step, r.data)
         metrics = write_outputs(r) if r.trainer.is_chief else r.trainer.final_logs
+        log_outputs(r.trainer.callbacks, run_dir)
     if r.trainer.preempted:
         from trainer.callbacks import CheckpointCallback
 

@@ -330,6 +330,23 @@ class SharpnessConfig:
 
 
 @dataclass
+class MlflowLoggerConfig:
+    _target_: str = "trainer.MlflowLogger"
+    # null: an sqlite store in the run directory (a sweep's: in the sweep directory);
+    # http://host:port for a tracking server.
+    tracking_uri: Optional[str] = None
+    experiment_name: str = II("task_name")
+    # null: the run directory's name (a sweep's job: its number).
+    run_name: Optional[str] = None
+
+
+@dataclass
+class CsvLoggerConfig:
+    _target_: str = "trainer.CsvLogger"
+    path: str = "metrics.csv"
+
+
+@dataclass
 class NoDistributionConfig:
     _target_: str = "trainer.distribute.strategies.NoDistribution"
 
@@ -372,6 +389,8 @@ class Config:
     distribute: Any = MISSING
     schedule: Any = None
     callbacks: Dict[str, Any] = field(default_factory=dict)
+    # The experiment trackers, by name (logger=[tensorboard,mlflow,csv]; docs/tracking.md).
+    logger: Dict[str, Any] = field(default_factory=dict)
     regularizer: Dict[str, Any] = field(default_factory=dict)
     # keras.metrics objects by _target_, besides the task's accuracy or mae: kept over each
     # epoch, logged as train/<name> and val/<name>.
@@ -410,6 +429,8 @@ SCHEMAS = {
     ("schema/callbacks", "early_stopping"): EarlyStoppingConfig,
     ("schema/callbacks", "sharpness"): SharpnessConfig,
     ("schema/callbacks", "export"): ExportConfig,
+    ("schema/logger", "mlflow"): MlflowLoggerConfig,
+    ("schema/logger", "csv"): CsvLoggerConfig,
 }
 
 
