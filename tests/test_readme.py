@@ -106,6 +106,10 @@ NOT_RUN = {
         "the design page's picture of the levels (tests/test_layers.py enforces them)",
     ("", "wrote dense.tflite (tflite); on 360"):
         "the line python -m trainer.export prints (tests/test_export.py checks it)",
+    ("", "step,train/loss,train/mae"):
+        "the head of a metrics.csv (tests/test_tracking.py reads the file a run writes)",
+    ("bash", "mlflow ui --backend-store-uri"):
+        "starts MLflow's web page (tests/test_tracking.py reads the store it shows)",
     ("bash", "tensorboard --logdir outputs"):
         "starts a server (tests/test_tensorboard_server.py runs one on a finished run)",
 }
@@ -118,6 +122,8 @@ NOT_RUN_COMMANDS = {
     "pytest": "the test suite itself",
     "tensorboard --logdir": "starts a server (tests/test_tensorboard_server.py runs one on a "
                             "finished run)",
+    "mlflow server": "starts a server (tests/test_tracking.py runs one and logs a sweep to it)",
+    "mlflow ui": "starts MLflow's web page on a store (tests/test_tracking.py reads the store)",
     "export TF_CONFIG=": "one host's part of a multi-host cluster",
     "status=$?": "the SLURM batch script's shell (needs SLURM)",
     "if [": "the SLURM batch script's shell (needs SLURM)",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -169,7 +170,8 @@ def server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # its own process group: the server starts uvicorn workers
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -185,7 +187,7 @@ def server(tmp_path):
             time.sleep(0.5)
         yield url
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server and its workers, nothing else
         proc.wait(timeout=30)
 
 

@@ -6,7 +6,7 @@ import csv
 from pathlib import Path
 
 from trainer.callbacks.base import resolve
-from trainer.callbacks.tracking import MetricLogger
+from trainer.callbacks.metric_logger import MetricLogger
 from trainer.common.atomic import atomic_write
 
 STEP = "step"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.callbacks.tracking import MetricLogger
+from trainer.callbacks.metric_logger import MetricLogger
 from trainer.common.errors import UserError
 
 log = logging.getLogger(__name__)
