@@ -29,7 +29,8 @@ class MetricLogger(Callback):
     ``loss`` of run ``train``; ``epoch/train/loss`` is tag ``epoch/train/loss`` of the log
     dir's root; a key without a ``train/`` or ``val/`` prefix is a tag of run ``train``).
     Not written here: the per-variable ``grad_norm/<path>`` of TensorBoard's histogram
-    sets, and a scheduled learning rate's points between execution ends.
+    sets; a scheduled learning rate is the execution's logged value, where TensorBoard
+    writes the rate of every step.
     """
 
     chief_only = True
