@@ -76,7 +76,7 @@ class MlflowLogger(MetricLogger):
     The run is created at the first ``on_fit_start`` and its id saved in the training state
     (``callbacks/mlflow``): a run resumed from a checkpoint continues the same MLflow run
     (status ``RUNNING`` again). ``on_fit_end`` marks it ``FINISHED``, or ``KILLED`` when
-    training was preempted; a run that never reaches it stays ``RUNNING``.
+    training was preempted; the driver marks it ``FAILED`` when training raises.
 
     Args:
         tracking_uri: where to log; None: ``sqlite:///<run_dir>/mlflow.db`` (``store_uri``).
@@ -153,7 +153,11 @@ class MlflowLogger(MetricLogger):
             self._client.log_batch(self.run_id, metrics=points[i:i + _MAX_METRICS])
 
     def on_fit_end(self, trainer, logs):
-        self._client.set_terminated(self.run_id, "KILLED" if trainer.preempted else "FINISHED")
+        self.end("KILLED" if trainer.preempted else "FINISHED")
+
+    def end(self, status: str) -> None:
+        """End the run with ``status`` (``FINISHED``, ``KILLED``, ``FAILED``)."""
+        self._client.set_terminated(self.run_id, status)
 
     def log_artifacts(self, paths) -> None:
         """Each existing file of ``paths`` as an artifact of the run (at its top level)."""

@@ -23,7 +23,7 @@ from trainer.common.atomic import atomic_write as _atomic_write
 from trainer.common.errors import UserError
 from trainer.driver.rundir import accept
 from trainer.driver.schemas import TapeConfig
-from trainer.driver.tracking import configure_mlflow, log_outputs, logger_callbacks
+from trainer.driver.tracking import configure_mlflow, fail_runs, log_outputs, logger_callbacks
 from trainer.driver.validation import locate, target_error, validate
 from trainer.step.freezing import param_counts, require_trainable, set_trainable
 from trainer.training.lock import run_dir_lock, worker_index_from_env
@@ -425,7 +425,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         r.trainer.prepare(r.step, r.data)
         raise_if_signalled(run_dir)
         accept(run_dir, cfg if r.trainer.is_chief else None)
-        r.trainer.fit(r.step, r.data)
+        try:
+            r.trainer.fit(r.step, r.data)
+        except Exception:
+            fail_runs(r.trainer.callbacks)
+            raise
         metrics = write_outputs(r) if r.trainer.is_chief else r.trainer.final_logs
         log_outputs(r.trainer.callbacks, run_dir)
     if r.trainer.preempted:

@@ -127,6 +127,19 @@ def log_outputs(callbacks, run_dir) -> None:
             cb.log_artifacts(files)
 
 
+def fail_runs(callbacks) -> None:
+    """Mark each ``MlflowLogger``'s run ``FAILED``: training raised (a crash, a blow-up that
+    rollbacks did not cure). Best effort: the training error is the one to report."""
+    from trainer.callbacks import MlflowLogger
+
+    for cb in callbacks:
+        if isinstance(cb, MlflowLogger) and cb.run_id:
+            try:
+                cb.end("FAILED")
+            except Exception as e:  # the tracking server gone as well
+                log.warning("mlflow: could not mark run %s failed: %s", cb.run_id, e)
+
+
 def git_commit(directory) -> str | None:
     """The commit checked out in ``directory``'s git work tree, if it is in one."""
     try:
