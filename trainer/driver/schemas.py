@@ -263,7 +263,12 @@ class CheckpointConfig:
 @dataclass
 class ProgressConfig:
     _target_: str = "trainer.ProgressCallback"
+    # auto: a live line on a terminal, log lines otherwise; or bar, log.
     mode: str = "auto"
+    # The least time between two redraws of the line (a terminal write per redraw).
+    min_interval_seconds: float = 0.1
+    # Without a terminal, a progress log line this often inside an epoch (0: epoch ends only).
+    log_every_seconds: float = 60.0
 
 
 @dataclass
