@@ -9,9 +9,9 @@ Markdown report (``benchmarks/RESULTS.md``) with the ratios against the targets.
 Cases: A overhead-bound MLP 32-64-64-1 (steps_per_execution 1, 32, 256);
 B compute-bound MLP 784-1024-1024-10 and the machine's matmul peak; C the
 input-gradient penalty on A and B, every step and every 16; D overheads
-(TensorBoard, checkpoints, per-layer health, eager, time to first step); E endurance (resident
-memory and open file handles over 5,000 steps of nested- and persistent-tape
-steps with TensorBoard and checkpoints on, in a child process:
+(TensorBoard, checkpoints, per-layer health, the progress line, eager, time to first
+step); E endurance (resident memory and open file handles over 5,000 steps of nested- and
+persistent-tape steps with TensorBoard and checkpoints on, in a child process:
 ``benchmarks/endurance.py``); F scale (mixed precision, TFRecord shards, gradient
 accumulation, a mirrored strategy in a child process, jit_compile=auto's choice:
 ``benchmarks/scale.py``); S SAM's step (``step=sam``) against the plain step on B.
@@ -65,6 +65,7 @@ def plan(quick: bool) -> dict:
     ``quick`` keeps every case but fewer variants: the full contest at
     steps_per_execution=32 only, and the XLA kinds elsewhere.
     """
+    from benchmarks.progress import progress_on_a_pty
     from benchmarks.variants import MatmulPeak, TrainerVariant
     from trainer import CheckpointCallback, HealthCallback, TensorBoardCallback
 
@@ -97,6 +98,10 @@ def plan(quick: bool) -> dict:
                        callbacks=[CheckpointCallback]),
         TrainerVariant("D/trainer-default+health", d, "auto", run_dir=str(run_dir / "health"),
                        callbacks=[HealthCallback]),
+        TrainerVariant("D/trainer-default+progress", d, "auto", callbacks=[progress_on_a_pty]),
+        # One step per execution: the line's cost per execution, where redraws are throttled.
+        TrainerVariant("D/trainer-spe1", d, 1),
+        TrainerVariant("D/trainer-spe1+progress", d, 1, callbacks=[progress_on_a_pty]),
         TrainerVariant("D/trainer-spe32", w["D-eager"], 32),
         TrainerVariant("D/trainer-spe32-eager", w["D-eager"], 32, eager=True),
     ]

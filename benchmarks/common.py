@@ -4,12 +4,14 @@
 The bottom of benchmarks/. Each module imports only the ones after its arrow (at the
 top or inside functions), and ``tests/test_bench.py`` fails on any import circle:
 
-    bench         the entry point: groups A-D, E, F -> report, scale, endurance, common, variants
+    bench         the entry point: groups A-D, E, F -> report, scale, endurance, progress, common,
+                                                       variants
     report        targets, table and RESULTS.md     -> scale_report, common
     scale         group F's variants and timing     -> scale_report, streaming, common, variants
     scale_report  group F's case and section        -> common
     streaming     TFRecord shards against memory    -> common, variants
     endurance     group E, in a child process       -> (none)
+    progress      the progress line's cost per call -> (none)
     common        this module                       -> variants (in ``workloads``)
     variants      the contestants                   -> (none)
 """

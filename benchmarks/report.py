@@ -140,20 +140,25 @@ def summarize(result: dict) -> tuple[dict, list]:
         cases["C"] = c
     d = groups.get("D")
     if d:
-        none, tb, ck, health = (d.get(f"D/trainer-default{s}") for s in (
-            "", "+tensorboard", "+checkpoint", "+health"))
+        none, tb, ck, health, progress = (d.get(f"D/trainer-default{s}") for s in (
+            "", "+tensorboard", "+checkpoint", "+health", "+progress"))
         case = {"first_step": result.get("first_step", {})}
         # Also from each variant's best window: other processes only ever slow a window
         # down, so on a busy machine the best windows compare the undisturbed speeds.
         labels = {"tensorboard": "TensorBoard", "checkpoint": "checkpoints",
-                  "health": "per-layer health"}
-        for what, with_it, goal in (("tensorboard", tb, 0.03), ("checkpoint", ck, 0.02),
-                                    ("health", health, 0.05)):
-            if none and with_it:
-                case[f"{what}_cost"] = 1 - ratio(with_it, none)
-                case[f"{what}_cost_best_windows"] = 1 - with_it["max"] / none["max"]
+                  "health": "per-layer health", "progress": "progress line on a terminal",
+                  "progress_spe1": "progress line on a terminal, one step per execution"}
+        spe1, spe1_progress = d.get("D/trainer-spe1"), d.get("D/trainer-spe1+progress")
+        for what, with_it, base, goal in (
+                ("tensorboard", tb, none, 0.03), ("checkpoint", ck, none, 0.02),
+                ("health", health, none, 0.05), ("progress", progress, none, 0.02),
+                ("progress_spe1", spe1_progress, spe1, 0.03)):
+            if base and with_it:
+                case[f"{what}_cost"] = 1 - ratio(with_it, base)
+                case[f"{what}_cost_best_windows"] = 1 - with_it["max"] / base["max"]
                 label = labels[what]
-                target("D", f"{label} at defaults: cost", case[f"{what}_cost"], "<=", goal)
+                at = "" if what.endswith("spe1") else " at defaults"
+                target("D", f"{label}{at}: cost", case[f"{what}_cost"], "<=", goal)
         comp, eager = d.get("D/trainer-spe32"), d.get("D/trainer-spe32-eager")
         if comp and eager:
             case["compiled_vs_eager"] = ratio(comp, eager)
@@ -316,7 +321,9 @@ def markdown_report(result: dict) -> str:
     if d:
         out += ["", "## D: overheads", ""]
         for what, label in (("tensorboard", "TensorBoard"), ("checkpoint", "Checkpointing"),
-                            ("health", "Per-layer health (callbacks.health)")):
+                            ("health", "Per-layer health (callbacks.health)"),
+                            ("progress", "The progress line on a terminal (callbacks.progress)"),
+                            ("progress_spe1", "The progress line, steps_per_execution=1,")):
             if f"{what}_cost" in d:
                 out.append(f"- {label} at defaults costs "
                            f"{100 * d[f'{what}_cost']:+.1f}% of the steps/s (paired windows), "

@@ -27,8 +27,8 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     assert set(result["cases"]) == {"A", "B", "C", "D", "E", "F", "S"}
     assert {"cpu", "cores", "tensorflow", "keras"} <= set(result["machine"])
     assert set(result["first_step"]) == {"compiled", "xla"}
-    assert {"tensorboard_cost", "checkpoint_cost", "health_cost", "compiled_vs_eager"} <= set(
-        result["cases"]["D"])
+    assert {"tensorboard_cost", "checkpoint_cost", "health_cost", "progress_cost",
+            "progress_spe1_cost", "compiled_vs_eager"} <= set(result["cases"]["D"])
     assert result["cases"]["S"]["sam_step_time_vs_plain"] > 1  # two passes per update
     assert result["cases"]["B"]["peak_gflops"] > 0
     assert {"A+gp", "A+gp/16", "B+gp", "B+gp/16"} <= set(result["cases"]["C"])

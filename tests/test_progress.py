@@ -268,11 +268,12 @@ def _under_pty(args, cwd, columns=100):
 
 @pytest.mark.slow
 def test_the_cli_draws_the_line_on_a_pseudo_terminal(tmp_path):
-    """Two replicas and two micro-batches per update: the line counts updates."""
+    """Two replicas and two micro-batches per update: the line counts updates. At 80
+    columns the bar shrinks to fit beside the run's ETA."""
     out, code = _under_pty([*RUN, "distribute=mirrored", "distribute.cpu_replicas=2",
                             "trainer.accumulate_steps=2",
                             "callbacks.progress.min_interval_seconds=0",
-                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, columns=80)
     assert code == 0, out[-2000:]
     # One terminal line per epoch (the terminal turns "\n" into "\r\n"): the line drawn
     # again and again after "\r", then the epoch's final line.
@@ -282,9 +283,9 @@ def test_the_cli_draws_the_line_on_a_pseudo_terminal(tmp_path):
         *live, final = draws
         # The dense experiment's digits: 23 updates an epoch, each its own execution.
         assert [d.split("  ")[1] for d in live] == [f"{n:>2}/23" for n in range(24)]
-        assert all(d.startswith(f"Epoch {i}/2  ") and len(d) <= 99 for d in live)  # a column free
+        assert all(d.startswith(f"Epoch {i}/2  ") and len(d) <= 79 for d in live)  # a column free
         mid = live[12]
-        assert "steps/s  ETA " in mid and "  loss " in mid
+        assert "steps/s  ETA " in mid and "  loss " in mid and "=>" in mid
         assert ("(run " in mid) == (i == 1)
         assert final.startswith(f"Epoch {i}/2  23/23  [===") and "val/accuracy=" in final
         assert "steps/s" in final

@@ -112,6 +112,7 @@ NOT_RUN = {
         "starts MLflow's web page (tests/test_tracking.py reads the store it shows)",
     ("bash", "tensorboard --logdir outputs"):
         "starts a server (tests/test_tensorboard_server.py runs one on a finished run)",
+    ("", "Epoch 2/3  "): "the progress line on a terminal (tests/test_progress.py draws it)",
 }
 
 #: Commands of bash blocks that are not run, by their first word(s), with the reason.
