@@ -18,6 +18,7 @@ from trainer.callbacks.progress_line import (
     terminal_width,
 )
 from trainer.common.errors import UserError
+from trainer.training.periodic import Periodic
 
 log = logging.getLogger("trainer")
 
@@ -95,7 +96,11 @@ class ProgressCallback(Callback):
         self.rate = Rate()
         self._open = 0  # the characters of the line on screen, 0: none open
         self._values: tuple = ()
-        self._last_draw = self._last_log = 0.0
+        self._now = self._last_draw = 0.0
+        # The log lines are a time trigger. The redraws are a throttle of their own: the line
+        # is drawn again at a step it was drawn at (an epoch's start, after a log record),
+        # which a Periodic never does.
+        self._log_when = Periodic(every_seconds=self.log_every_seconds, clock=lambda: self._now)
         self._filters: list = []
 
     @property
@@ -123,17 +128,19 @@ class ProgressCallback(Callback):
     def on_epoch_start(self, trainer, epoch):
         if not self.active:
             return
-        now, step = self.clock(), trainer.current_step
+        self._now = now = self.clock()
+        step = trainer.current_step
         self._epoch_start, self._last_execution, self._values = (now, step), None, ()
         self.rate.reset(now, step)
-        self._last_draw = self._last_log = now
+        self._last_draw = now
+        self._log_when.reset(step)
         if self.bar:
             self._draw(self._snapshot(trainer, epoch, step))
 
     def on_execution_end(self, trainer, global_step, logs):
         if not self.active:
             return
-        now = self.clock()
+        self._now = now = self.clock()
         if self._first:
             self._first = False
             self.rate.reset(now, global_step)
@@ -145,8 +152,7 @@ class ProgressCallback(Callback):
             if now - self._last_draw >= self.min_interval_seconds:
                 self._last_draw = now
                 self._draw(self._snapshot(trainer, trainer.epoch, global_step))
-        elif self.log_every_seconds and now - self._last_log >= self.log_every_seconds:
-            self._last_log = now
+        elif self._log_when.due(global_step):
             log.info(line(self._snapshot(trainer, trainer.epoch, global_step), None,
                           graphic=False))
 
@@ -158,9 +164,10 @@ class ProgressCallback(Callback):
         t1, s1 = self._last_execution or (now, s0)
         self._eval_seconds.append(now - t1)  # evaluation and the epoch's end
         seconds = t1 - t0
-        timing = ""
+        timing = ""  # the epoch's training time and mean rate, when this fit ran steps of it
         if s1 > s0:
-            timing = f"{seconds:.1f} s, {rate_text((s1 - s0) / seconds if seconds > 0 else None)}"
+            timing = f"{seconds:.1f} s" + (f", {rate_text((s1 - s0) / seconds)}"
+                                           if seconds > 0 else "")
         if self.bar:
             done, total = logs["step"] - epoch * trainer.steps_per_epoch, trainer.steps_per_epoch
             parts = [self._label(trainer, epoch), f"{done}/{total}", bar(done, total, MAX_BAR),
