@@ -2,12 +2,61 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.common.errors import UserError
 from trainer.data.base import Data
-from trainer.data.sources import Source
+from trainer.data.sources import FixedBatches, IteratorSource, Source
+
+_KEYS = {"train": "trainer.limit_train_batches", "val": "trainer.limit_val_batches",
+         "overfit": "trainer.overfit_batches"}
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """How much of a data set each epoch runs: ``trainer.limit_train_batches``,
+    ``trainer.limit_val_batches`` and ``trainer.overfit_batches``.
+
+    Each is None (the whole split; ``overfit`` also takes 0), an int >= 1 (that many
+    batches, at most the split's) or a float in (0, 1] (that fraction of the split's
+    batches, rounded down, at least one). ``overfit`` trains on the same first batches
+    of the training split every epoch and validates on them; it excludes the two limits.
+    """
+
+    train: int | float | None = None
+    val: int | float | None = None
+    overfit: int | float | None = 0
+
+    def __post_init__(self):
+        for name in ("train", "val", "overfit"):
+            value = getattr(self, name)
+            ok = value is None or (name == "overfit" and value == 0 and value is not False)
+            ok = ok or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+            ok = ok or (isinstance(value, float) and 0.0 < value <= 1.0)
+            if not ok:
+                off = "0 or null" if name == "overfit" else "null"
+                raise UserError(f"{_KEYS[name]}={value!r} must be an integer >= 1 (batches), a "
+                                f"fraction in (0, 1] of the split's batches, or {off} (all)")
+        if self.overfit and (self.train is not None or self.val is not None):
+            raise UserError("trainer.overfit_batches is set with trainer.limit_train_batches or "
+                            "trainer.limit_val_batches; overfitting runs the same batches for "
+                            "both: drop the limits")
+
+    def steps(self, name: str, available: int) -> int:
+        """The batches an epoch of ``name`` (``train``, ``val``, ``overfit``) runs, of the
+        ``available`` ones."""
+        value = getattr(self, name)
+        if not value:
+            return available
+        if isinstance(value, float):
+            return max(1, math.floor(value * available))
+        return min(value, available)
+
+    def train_steps(self, available: int) -> int:
+        """Training steps per epoch, of the ``available`` batches of one pass."""
+        return self.steps("overfit" if self.overfit else "train", available)
 
 
 @dataclass(frozen=True)
@@ -36,6 +85,10 @@ class DataPlan:
     num_outputs: int | None
     #: Whether every batch carries per-example weights: ``(x, y, w)``.
     weighted: bool
+    #: The limits it was read with (``BatchLimits``), and the steps of a whole pass over
+    #: each split (the limits cut ``steps_per_epoch`` and ``val_steps`` from them).
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    available: tuple = (0, 0)
 
     @property
     def fused(self) -> bool:
@@ -43,9 +96,10 @@ class DataPlan:
         return self.train.xla_loop
 
     @classmethod
-    def read(cls, data) -> DataPlan:
+    def read(cls, data, limits: BatchLimits = BatchLimits()) -> DataPlan:
         """Read ``data`` (a ``trainer.data.Data``) once: build its sources and probe
-        batch, count its steps. Raises ``UserError`` for anything else."""
+        batch, count its steps, cut as ``limits`` say. Raises ``UserError`` for anything
+        else."""
         if not isinstance(data, Data):
             raise UserError(f"the data {type(data).__name__} is not a trainer.data.Data; use "
                             "trainer.DataModule or subclass trainer.data.Data")
@@ -53,7 +107,39 @@ class DataPlan:
             outputs = data.num_outputs
         except NotImplementedError:  # a Data of one's own may leave it out
             outputs = None
-        return cls(data=data, train=data.train_source(), val=data.val_source(),
-                   probe=data.probe_batch(), steps_per_epoch=data.steps_per_epoch("train"),
-                   val_steps=data.steps_per_epoch("val"), num_outputs=outputs or None,
-                   weighted=bool(data.weighted))
+        available = (data.steps_per_epoch("train"), data.steps_per_epoch("val"))
+        common = dict(data=data, num_outputs=outputs or None, weighted=bool(data.weighted),
+                      limits=limits, available=available)
+        if limits.overfit:
+            count = limits.steps("overfit", available[0])
+            train = FixedBatches.take(data.train_source(), count, _KEYS["overfit"])
+            return cls(train=train, val=train.again(), probe=train.batch(0),
+                       steps_per_epoch=count, val_steps=count, **common)
+        val, val_steps = data.val_source(), limits.steps("val", available[1])
+        if val_steps < available[1] and isinstance(val, IteratorSource):
+            # A stream of the validation set, endlessly repeated: every evaluation must
+            # start at its first batch, not where the last (cut) one stopped.
+            val = IteratorSource(val.dataset.take(val_steps).repeat())
+        return cls(train=data.train_source(), val=val, probe=data.probe_batch(),
+                   steps_per_epoch=limits.steps("train", available[0]), val_steps=val_steps,
+                   **common)
+
+    def describe(self) -> str | None:
+        """One log line on what the limits cut, or None when each epoch runs everything."""
+        train, val = self.available
+        if self.limits.overfit:
+            return (f"data: overfitting {self.steps_per_epoch} fixed training batches (of "
+                    f"{train}), validated on the same batches (trainer.overfit_batches)")
+        if (self.steps_per_epoch, self.val_steps) == self.available:
+            return None
+        return (f"data: {self.steps_per_epoch} of {train} training batches per epoch, "
+                f"{self.val_steps} of {val} validation batches (trainer.limit_train_batches, "
+                "trainer.limit_val_batches)")
+
+    def validation_batches(self) -> list:
+        """The batches an evaluation runs, once, as numpy batches in a fixed order: the
+        data set's ``validation_batches`` cut to ``val_steps`` (overfitting: the fixed
+        training batches)."""
+        if isinstance(self.val, FixedBatches):
+            return [self.val.batch(i) for i in range(self.val.count)]
+        return list(self.data.validation_batches())[: self.val_steps]

@@ -200,3 +200,60 @@ class TensorSource(Source):
         start = position * self.batch_size
         stop = tf.minimum(start + self.batch_size, self.num_examples)
         return self._gather(self.order[start:stop])
+
+
+class FixedBatches(Source):
+    """The same few batches, in the same order, every epoch (``trainer.overfit_batches``).
+
+    Holds ``count`` batches stacked into tensors of ``[count, batch, ...]`` (any nest of
+    tensors: ``(x, y)``, ``(x, y, w)``, dicts) and a position; ``next()`` gathers batch
+    ``position % count``, inside the compiled loop (under XLA too: static shapes, the
+    index by gather). ``start_epoch`` rewinds to the first batch: nothing is shuffled.
+    """
+
+    xla_loop = True
+
+    def __init__(self, batches: list):
+        if not batches:
+            raise ValueError("FixedBatches needs at least one batch")
+        self.count = len(batches)
+        self.steps_per_epoch = self.count
+        self.batches = tf.nest.map_structure(lambda *b: tf.stack(b), *batches)
+        self.position = tf.Variable(0, dtype=tf.int32, trainable=False, name="source_position")
+
+    @classmethod
+    def take(cls, source: Source, count: int, key: str) -> FixedBatches:
+        """The first ``count`` batches ``source`` yields; all must be of one shape (full
+        batches), or a ``UserError`` names ``key`` (the config key that asked for them)."""
+        # An in-memory source wraps around after its last full batch (next() never draws
+        # the short one): more would repeat batches silently.
+        full = getattr(source, "full_batches", count)
+        batches = [source.next() for _ in range(min(count, full))]
+        shape = [t.shape for t in tf.nest.flatten(batches[0])]
+        full = next((i for i, batch in enumerate(batches)
+                     if [t.shape for t in tf.nest.flatten(batch)] != shape), len(batches))
+        if full < count:
+            raise UserError(f"{key}={count}: the training set has {full} full batches; use "
+                            f"at most {full}")
+        return cls(batches)
+
+    def again(self) -> FixedBatches:
+        """The same batches with a position of its own (validation on the training batches)."""
+        return FixedBatches([self.batch(i) for i in range(self.count)])
+
+    def batch(self, index: int):
+        """Batch ``index`` as numpy arrays, on the host."""
+        return tf.nest.map_structure(lambda t: t[index].numpy(), self.batches)
+
+    def next(self):
+        index = self.position % self.count
+        self.position.assign_add(1)  # see TensorSource.next
+        return tf.nest.map_structure(lambda t: tf.gather(t, index), self.batches)
+
+    def start_epoch(self, epoch: int) -> None:
+        """Rewind to the first batch: every epoch runs the same batches in the same order."""
+        self.position.assign(0)
+
+    def state(self) -> dict:
+        """The position among the batches (the batches are the data set's first ones)."""
+        return {"position": self.position}

@@ -317,9 +317,19 @@ def _run_dir(run_dir: str | os.PathLike | None) -> Path:
     return run_dir
 
 
+def steps_per_epoch(cfg: DictConfig, data) -> int:
+    """Training steps per epoch: the data's, cut by trainer.limit_train_batches or
+    trainer.overfit_batches."""
+    from trainer.data.dataplan import BatchLimits
+
+    limits = BatchLimits(train=cfg.trainer.get("limit_train_batches"),
+                         overfit=cfg.trainer.get("overfit_batches") or 0)
+    return limits.train_steps(data.steps_per_epoch("train"))
+
+
 def planned_updates(cfg: DictConfig, data) -> int:
     """Optimizer updates the run plans: epochs x steps per epoch, capped by max_steps."""
-    planned = int(cfg.trainer.epochs) * data.steps_per_epoch("train")
+    planned = int(cfg.trainer.epochs) * steps_per_epoch(cfg, data)
     max_steps = cfg.trainer.get("max_steps")
     return min(planned, int(max_steps)) if max_steps else planned
 
@@ -362,7 +372,7 @@ def build(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> Run:
         schedule = instantiate_node(cfg.schedule) if cfg.get("schedule") else None
         optimizer = _optimizer(cfg.optimizer, schedule, planned_updates(cfg, data),
                                swa=container["trainer"].get("swa"),
-                               steps_per_epoch=data.steps_per_epoch("train"))
+                               steps_per_epoch=steps_per_epoch(cfg, data))
         factory = instantiate_node(cfg.step)
         offered = _offered_step_arguments(cfg, model, optimizer, data.task)
         step = _make_step(factory, step_kwargs(factory, offered))

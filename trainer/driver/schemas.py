@@ -79,6 +79,12 @@ class TrainerConfig:
     # cycle down to lr_min over cycle_epochs), batch-norm statistics recomputed.
     swa: SwaConfig = field(default_factory=SwaConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    # Debugging (docs/debug.md): each epoch's training batches and each evaluation's
+    # validation batches, an int (batches) or a fraction in (0, 1] (null: all); and
+    # overfit_batches: train and validate on the same first batches every epoch (0: off).
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    overfit_batches: Any = 0
 
 
 @dataclass

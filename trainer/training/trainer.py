@@ -20,7 +20,7 @@ from trainer.compile.pacing import Pacing, check_steps_per_execution
 from trainer.compile.plan import CompileOptions, CompilePlan, plan_compile
 from trainer.compile.xla import raise_if_xla_error
 from trainer.data.base import Data
-from trainer.data.dataplan import DataPlan
+from trainer.data.dataplan import BatchLimits, DataPlan
 from trainer.distribute.strategies import Distribution, NoDistribution
 from trainer.step.averaging import (
     Average,
@@ -90,6 +90,12 @@ class Trainer:
             training state back to the last good snapshot, lower the learning rate and go
             on; ``fit`` raises ``Diverged`` once ``max_attempts`` rollbacks did not help.
             Off by default.
+        limit_train_batches, limit_val_batches: the training steps of each epoch and the
+            batches each evaluation runs: an int (batches) or a float in (0, 1] (a
+            fraction of the split); None runs all (``trainer.data.dataplan.BatchLimits``).
+        overfit_batches: train on the same first batches of the training set every epoch,
+            in the same order, and validate on them (debugging: a model that cannot drive
+            their loss to zero has a bug); an int or a fraction, 0 turns it off.
     """
 
     def __init__(
@@ -107,6 +113,9 @@ class Trainer:
         run_dir: str = ".",
         distribution: Distribution | None = None,
         recovery=None,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        overfit_batches: int | float = 0,
     ):
         if epochs < 1:
             raise UserError(f"trainer.epochs={epochs} must be at least 1")
@@ -115,6 +124,9 @@ class Trainer:
             raise UserError(f"trainer.max_steps={max_steps} must be at least 1 (or null)")
         self.epochs = epochs
         self.max_steps = max_steps
+        #: What each epoch runs of the data (``trainer.data.dataplan.BatchLimits``).
+        self.limits = BatchLimits(train=limit_train_batches, val=limit_val_batches,
+                                  overfit=overfit_batches)
         self.steps_per_execution = steps_per_execution
         self.run_eagerly = run_eagerly
         self.jit_compile = jit_compile
@@ -287,8 +299,10 @@ class Trainer:
         return self.data_plan.steps_per_epoch
 
     def validation_batches(self) -> list:
-        """The validation set once, as ``(x, y)`` numpy batches in a fixed order."""
-        return self.data.validation_batches()
+        """The batches an evaluation runs, once, as ``(x, y)`` numpy batches in a fixed
+        order (cut by ``trainer.limit_val_batches``; with ``trainer.overfit_batches``, the
+        fixed training batches)."""
+        return self.data_plan.validation_batches()
 
     def gradients_by_path(self) -> dict:
         """Gradients on a fixed training batch, keyed by variable path (for histograms).
@@ -407,7 +421,7 @@ class Trainer:
 
     def _prepare(self, step, data) -> None:
         _check_step(step)
-        data_plan = DataPlan.read(data)
+        data_plan = DataPlan.read(data, self.limits)
         if data_plan.weighted and not step.takes_sample_weight:
             raise UserError(f"the step {type(step).__name__} takes no per-example weights, but "
                             "the data is weighted (data.class_weight, data.w_key or data.weight); "
@@ -419,6 +433,8 @@ class Trainer:
                             f"distribute={self.distribution.kind} steps run compiled (set "
                             "distribute=none to step through them eagerly)")
         self.step, self.data_plan = step, data_plan
+        if data_plan.describe():
+            log.info(data_plan.describe())
         self.plan = self._plan()
         if self.distribution.distributed:
             log.info("distribution: %s", self.distribution.describe())
@@ -820,7 +836,8 @@ class Trainer:
         if saved and saved != self.steps_per_epoch:
             raise UserError(
                 f"checkpoint {self.restored_from} was written with {saved} steps per epoch, this "
-                f"run has {self.steps_per_epoch} (another data.batch_size or data set): resume "
+                f"run has {self.steps_per_epoch} (another data.batch_size, data set or "
+                "trainer.limit_train_batches): resume "
                 "with the config it was trained with, or start fresh with trainer.resume=never")
         history = self.progress.history
         self.logs = dict(history[-1]) if history else {}

@@ -1,0 +1,131 @@
+"""Debugging and controlling the loop (docs/debug.md): overfitting a few fixed batches,
+limits on the batches of each epoch and of each evaluation."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+from tests.helpers import fit_linear, linear_model, regression_data
+from trainer import TapeStep, Trainer
+from trainer.callbacks import CheckpointCallback
+from trainer.common.errors import UserError
+from trainer.data import Batching, DataModule
+from trainer.driver.run import build
+
+# The dense experiment on the digits (its dropout of 0.1 stays on), batches of 64.
+DIGITS = ["+experiment=dense", "callbacks=none", "data.batch_size=64"]
+
+
+def _weights(model):
+    return [v.numpy() for v in model.weights]
+
+
+def _first(data: DataModule, n: int, **batching) -> DataModule:
+    """The first ``n`` training examples of ``data`` as a data set of their own."""
+    return DataModule(train=(data.x_train[:n], data.y_train[:n]),
+                      val=(data.x_val, data.y_val), task="regression",
+                      batching=Batching(batch_size=16, **batching))
+
+
+# --- trainer.overfit_batches ---------------------------------------------------------------
+@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
+def test_overfitting_two_fixed_batches_drives_the_loss_to_near_zero(make_cfg, tmp_path, eager):
+    r = build(make_cfg(*DIGITS, "debug=overfit", "trainer.epochs=40",
+                       "optimizer.learning_rate=3e-3", f"trainer.run_eagerly={eager}"), tmp_path)
+    logs = r.trainer.fit(r.step, r.data)
+    assert r.trainer.current_step == 80  # 2 steps an epoch
+    assert logs["train/loss"] < 0.05 and logs["val/loss"] < 0.05
+    # The batches: the first 128 training examples in their order, validated on as well.
+    batches = r.trainer.validation_batches()
+    assert len(batches) == 2
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), r.data.x_train[:128])
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), r.data.y_train[:128])
+
+
+def test_overfitting_on_two_replicas_equals_one_device(make_cfg, tmp_path):
+    overrides = [*DIGITS, "model.dropout=0.0", "trainer.overfit_batches=2", "trainer.epochs=3",
+                 "trainer.steps_per_execution=3"]
+    logs = {}
+    for name, extra in (("one", []), ("two", ["distribute=mirrored", "distribute.cpu_replicas=2"])):
+        r = build(make_cfg(*overrides, *extra), tmp_path / name)
+        logs[name] = r.trainer.fit(r.step, r.data)
+        assert r.trainer.current_step == 6
+    for key in ("train/loss", "val/loss", "val/accuracy"):
+        assert logs["two"][key] == pytest.approx(logs["one"][key], abs=1e-5), key
+
+
+def test_overfitting_more_batches_than_full_ones_names_the_key():
+    data = regression_data(n=40, batch_size=16)  # 2 full batches and one of 8
+    step = TapeStep(model=linear_model(), optimizer=keras.optimizers.SGD(0.05), task="regression")
+    with pytest.raises(UserError, match=r"overfit_batches=3: the training set has 2 full "
+                                        r"batches; use at most 2"):
+        Trainer(overfit_batches=3).fit(step, data)
+
+
+# --- trainer.limit_train_batches ---------------------------------------------------------------
+@pytest.mark.parametrize("flags, limit", [
+    ({}, 2), ({"jit_compile": True}, 0.3), ({"run_eagerly": True}, 2),
+    ({"accumulate_steps": 2}, 0.3), ({"spe": "auto"}, 2)],
+    ids=["compiled", "xla-fraction", "eager", "accumulate-fraction", "auto"])
+def test_limit_train_batches_runs_the_first_batches_of_each_epoch(limit, flags):
+    # 100 examples at 16: 6 full batches and one of 4, 7 steps; 0.3 of 7 rounds down to 2.
+    data = regression_data(shuffle=False)
+    _, model, _ = fit_linear(data=data, epochs=3, limit_train_batches=limit, **flags)
+    _, reference, _ = fit_linear(data=_first(data, 32, shuffle=False), epochs=3, **flags)
+    for a, b in zip(_weights(model), _weights(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_streamed_epoch_takes_the_next_batches_of_the_stream():
+    data = regression_data(shuffle=False, in_memory=False)
+    trainer, model, _ = fit_linear(data=data, epochs=3, limit_train_batches=2)
+    assert trainer.current_step == 6 and len(trainer.history) == 3
+    _, reference, _ = fit_linear(data=regression_data(shuffle=False, in_memory=False),
+                                 epochs=1, max_steps=6)
+    for a, b in zip(_weights(model), _weights(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["memory", "stream"])
+def test_limit_val_batches_evaluates_the_first_batches_every_time(in_memory):
+    # 20 validation examples at 16: batches of 16 and 4; one batch is the first 16.
+    data = regression_data(in_memory=in_memory)
+    trainer, model, logs = fit_linear(data=data, epochs=2, limit_val_batches=1)
+    kernel, bias = _weights(model)
+    x, y = data.x_val[:16], data.y_val[:16]
+    expected = float(np.mean((x @ kernel + bias - y) ** 2))
+    assert logs["val/loss"] == pytest.approx(expected, rel=1e-5)
+    assert trainer.evaluate()["val/loss"] == pytest.approx(expected, rel=1e-5)  # not batch 2
+    assert [b[0].shape[0] for b in trainer.validation_batches()] == [16]
+
+
+def test_a_limited_run_resumed_mid_epoch_ends_as_the_straight_run(tmp_path):
+    def run(run_dir, **kw):
+        checkpoint = CheckpointCallback(every_n_epochs=0, every_seconds=0,
+                                        min_interval_seconds=0)
+        return fit_linear(data=regression_data(), epochs=3, spe=1, limit_train_batches=3,
+                          callbacks=[checkpoint], run_dir=str(run_dir), **kw)
+
+    straight, model, logs = run(tmp_path / "straight")
+    run(tmp_path / "resumed", max_steps=4)  # killed in the second epoch, in effect
+    resumed, again, resumed_logs = run(tmp_path / "resumed")
+    assert resumed.restored_from and resumed.current_step == straight.current_step == 9
+    for a, b in zip(_weights(model), _weights(again)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed_logs["train/loss"] == logs["train/loss"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"limit_train_batches": 0}, r"trainer.limit_train_batches=0 must be an integer >= 1"),
+    ({"limit_val_batches": 1.5}, r"trainer.limit_val_batches=1.5 must be"),
+    ({"limit_train_batches": True}, r"trainer.limit_train_batches=True must be"),
+    ({"limit_val_batches": "half"}, r"trainer.limit_val_batches='half' must be"),
+    ({"overfit_batches": -2}, r"trainer.overfit_batches=-2 must be"),
+    ({"overfit_batches": 2, "limit_val_batches": 1}, r"drop the limits"),
+])
+def test_bad_limits_are_one_line_errors(kwargs, match):
+    with pytest.raises(UserError, match=match) as error:
+        Trainer(**kwargs)
+    assert "\n" not in str(error.value)
