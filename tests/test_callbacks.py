@@ -117,7 +117,9 @@ class FakeTrainer:
             while self.current_step < end:
                 self.global_step.assign(min(self.current_step + spe, end))
                 self._hook("on_execution_end", self.current_step, {"train/loss": 1.0})
-            self._hook("on_epoch_end", epoch, {**logs_for(epoch), "step": self.current_step})
+            logs = {**logs_for(epoch), "epoch": epoch + 1, "step": self.current_step}
+            self._hook("on_validation_end", self.current_step, logs)  # as the trainer does
+            self._hook("on_epoch_end", epoch, logs)
         self._hook("on_fit_end", {})
 
     def _hook(self, name, *args):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import fit_linear, linear_model, regression_data
 from trainer import TapeStep, Trainer
-from trainer.callbacks import CheckpointCallback
+from trainer.callbacks import Callback, CheckpointCallback, EarlyStopping, KerasCallbacks
 from trainer.common.errors import UserError
 from trainer.data import Batching, DataModule
 from trainer.driver.run import build
@@ -30,6 +30,7 @@ def _first(data: DataModule, n: int, **batching) -> DataModule:
 
 
 # --- trainer.overfit_batches ---------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
 def test_overfitting_two_fixed_batches_drives_the_loss_to_near_zero(make_cfg, tmp_path, eager):
     r = build(make_cfg(*DIGITS, "debug=overfit", "trainer.epochs=40",
@@ -44,6 +45,7 @@ def test_overfitting_two_fixed_batches_drives_the_loss_to_near_zero(make_cfg, tm
     np.testing.assert_array_equal(np.concatenate([b[1] for b in batches]), r.data.y_train[:128])
 
 
+@pytest.mark.slow
 def test_overfitting_on_two_replicas_equals_one_device(make_cfg, tmp_path):
     overrides = [*DIGITS, "model.dropout=0.0", "trainer.overfit_batches=2", "trainer.epochs=3",
                  "trainer.steps_per_execution=3"]
@@ -129,3 +131,95 @@ def test_bad_limits_are_one_line_errors(kwargs, match):
     with pytest.raises(UserError, match=match) as error:
         Trainer(**kwargs)
     assert "\n" not in str(error.value)
+
+
+# --- trainer.val_every_n_steps -----------------------------------------------------------------
+class Validations(Callback):
+    """Records each validation's step and logs, and the weights it judged."""
+
+    def __init__(self):
+        self.steps, self.logs, self.weights, self.executions = [], [], {}, []
+
+    def on_validation_end(self, trainer, global_step, logs):
+        self.steps.append(global_step)
+        self.logs.append(logs)
+        self.weights[global_step] = _weights(trainer.models["model"])
+
+    def on_execution_end(self, trainer, global_step, logs):
+        self.executions.append(global_step)
+
+
+def _val_loss(data, weights) -> float:
+    kernel, bias = weights
+    return float(np.mean((data.x_val @ kernel + bias - data.y_val) ** 2))
+
+
+@pytest.mark.parametrize("flags", [{"spe": 4}, {"spe": "auto", "jit_compile": True},
+                                   {"run_eagerly": True, "spe": 3}],
+                         ids=["fixed", "auto-xla", "eager"])
+def test_validation_every_n_steps_between_epoch_ends(flags):
+    data, seen = regression_data(), Validations()  # 7 steps an epoch
+    trainer, _, logs = fit_linear(data=data, epochs=3, val_every_n_steps=5, callbacks=[seen],
+                                  **flags)
+    # Multiples of 5 and the epoch ends (7, 14, 21); executions end at each.
+    assert seen.steps == [5, 7, 10, 14, 15, 20, 21]
+    assert set(seen.steps) <= set(seen.executions)
+    assert [v["step"] for v in trainer.validations] == [5, 10, 15, 20]
+    assert [v["epoch"] for v in trainer.validations] == [1, 2, 3, 3]
+    for step, logged in zip(seen.steps, seen.logs):  # each the weights of its step
+        assert logged["val/loss"] == pytest.approx(_val_loss(data, seen.weights[step]),
+                                                   rel=1e-5)
+    assert [h["step"] for h in trainer.history] == [7, 14, 21]
+    assert logs["step"] == 21
+
+
+def test_early_stopping_and_the_best_checkpoint_judge_each_validation(tmp_path):
+    # mode=max on a falling loss: the first validation (step 5, mid-epoch) stays the best,
+    # and the second and third without improvement (steps 7, 10) stop the run at 10.
+    data, seen = regression_data(), Validations()
+    stop = EarlyStopping(monitor="val/loss", mode="max", patience=2)
+    best = CheckpointCallback(monitor="val/loss", mode="max", every_seconds=0)
+    trainer, model, _ = fit_linear(data=data, epochs=3, spe=1, val_every_n_steps=5,
+                                   callbacks=[seen, stop, best], run_dir=str(tmp_path))
+    assert trainer.current_step == 10 and seen.steps == [5, 7, 10]
+    assert stop.wait == 2 and stop.stopped_epoch == 1  # in the second epoch
+    # The open epoch ends at the stop with the validation of its step, not a second one.
+    assert [h["step"] for h in trainer.history] == [7, 10]
+    assert trainer.history[-1]["val/loss"] == seen.logs[-1]["val/loss"]
+    # The models hold the best validation's weights (step 5), and the logs say so.
+    for a, b in zip(_weights(model), seen.weights[5]):
+        np.testing.assert_array_equal(a, b)
+    assert trainer.weights_step == 5 and trainer.weights_epoch == 1
+    final = trainer.final_logs
+    assert final["step"] == 5 and final["val/loss"] == seen.logs[0]["val/loss"]
+    assert final["last/step"] == 10
+
+
+def test_reduce_lr_on_plateau_sees_each_validation():
+    # Keras' ReduceLROnPlateau, patience 1: halves the rate at every validation after the
+    # first (mode=max on a falling loss never improves): validations at 5, 7 and 10.
+    reduce = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", mode="max", patience=1,
+                                               factor=0.5, cooldown=0)
+    trainer, _, _ = fit_linear(epochs=3, spe=1, max_steps=10, val_every_n_steps=5,
+                               callbacks=[KerasCallbacks(callbacks=[reduce])])
+    rate = float(next(iter(trainer.optimizers.values())).learning_rate.numpy())
+    assert rate == pytest.approx(0.05 * 0.5 * 0.5)
+
+
+@pytest.mark.slow
+def test_tensorboard_draws_each_validation_at_its_step(make_cfg, tmp_path):
+    from tests.tb_reader import load, scalars
+
+    r = build(make_cfg("data=synthetic", "trainer.epochs=2", "trainer.val_every_n_steps=4",
+                       "callbacks.progress.mode=log"), tmp_path)
+    r.trainer.fit(r.step, r.data)
+    per_epoch = r.trainer.steps_per_epoch
+    expected = sorted({*range(4, 2 * per_epoch + 1, 4), per_epoch, 2 * per_epoch})
+    assert [s for s, _ in scalars(load(tmp_path / "tb" / "val"), "loss")] == expected
+
+
+def test_a_bad_val_every_n_steps_is_a_one_line_error():
+    for value in (0, -3, 2.5, True):
+        with pytest.raises(UserError, match=rf"trainer.val_every_n_steps={value!r} must be "
+                                            r"an integer >= 1"):
+            Trainer(val_every_n_steps=value)

@@ -80,6 +80,13 @@ class Callback:
         (``trainer.recovery``): ``global_step`` is where it blew up, ``line`` says why and
         to where; ``trainer.current_step`` is the step it went back to."""
 
+    def on_validation_end(self, trainer, global_step: int, logs: dict) -> None:
+        """After every validation: at each epoch's end (before ``on_epoch_end``, with the
+        same logs) and, with ``trainer.val_every_n_steps``, at the steps between (an
+        execution ends there); ``logs`` hold the open epoch's ``train/...`` means so far,
+        ``val/...``, ``epoch`` (1-based, the epoch it falls in) and ``step``. Callbacks
+        that judge validations (early stopping, the best checkpoint) judge them here."""
+
     def on_epoch_end(self, trainer, epoch: int, logs: dict) -> None:
         """After evaluation; ``logs`` hold ``train/...``, ``val/...``, ``epoch``, ``step``."""
 
@@ -92,10 +99,17 @@ def improved(value: float, best: float, mode: str, min_delta: float = 0.0) -> bo
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def epoch_of_best(history: list[dict], monitor: str, best: float) -> int | None:
-    """The epoch (1-based) whose ``monitor`` log is ``best``: the first that reached it, since
-    a later one had to beat it to count; None if no epoch of ``history`` logged it."""
-    return next((logs["epoch"] for logs in history if logs.get(monitor) == best), None)
+def ship_best(trainer, monitor: str, best: float) -> None:
+    """Tell ``trainer`` whose weights the models now hold: the validation whose ``monitor``
+    log is ``best`` (the first that reached it, since a later one had to beat it), an
+    epoch's end (``weights_epoch``) or one between (``weights_step`` too); None when no
+    validation logged it."""
+    found = [logs for logs in (*trainer.history, *trainer.validations)
+             if logs.get(monitor) == best]
+    logs = min(found, key=lambda logs: logs["step"]) if found else None
+    trainer.weights_epoch = logs["epoch"] if logs else None
+    ended = logs is not None and any(h["step"] == logs["step"] for h in trainer.history)
+    trainer.weights_step = logs["step"] if logs and not ended else None
 
 
 def resolve(trainer, path: str) -> Path:

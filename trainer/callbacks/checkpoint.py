@@ -9,7 +9,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback, epoch_of_best, improved, resolve
+from trainer.callbacks.base import Callback, improved, resolve, ship_best
 from trainer.common.errors import UserError
 from trainer.training.periodic import Periodic
 
@@ -37,8 +37,9 @@ class CheckpointCallback(Callback):
     boundaries, after every other callback (``order``), so their state is of the
     same moment as the weights.
 
-    Best: with ``monitor`` (an epoch log such as ``val/accuracy``) and ``mode``, the
-    checkpoint of the best epoch so far is kept in ``<directory>/best``, and at the
+    Best: with ``monitor`` (a validation log such as ``val/accuracy``) and ``mode``, the
+    checkpoint of the best validation so far (an epoch's end, or a step of
+    ``trainer.val_every_n_steps``) is kept in ``<directory>/best``, and at the
     end of ``fit`` (unless preempted) the models are given the best weights, so
     ``model.keras`` holds them; the recent checkpoints keep the last state for
     resuming.
@@ -129,8 +130,7 @@ class CheckpointCallback(Callback):
         if self._when.due(global_step):
             self._save(trainer, global_step)
 
-    def on_epoch_end(self, trainer, epoch, logs):
-        global_step = trainer.current_step
+    def on_validation_end(self, trainer, global_step, logs):
         if self.monitor:
             if self.monitor not in logs:
                 raise UserError(f"callbacks.checkpoint.monitor={self.monitor!r} is not logged; "
@@ -140,6 +140,9 @@ class CheckpointCallback(Callback):
                 self._best.assign(value)
                 path = trainer.training_state.save(self.best_manager, global_step)
                 log.info("best %s=%.4g: saved %s", self.monitor, value, path)
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        global_step = trainer.current_step
         if self._when.due(global_step, epoch_end=epoch):
             self._save(trainer, global_step)
 
@@ -155,7 +158,7 @@ class CheckpointCallback(Callback):
             # keeps the last state.
             averages = {} if trainer.averages is None else {"averages": trainer.averages}
             tf.train.Checkpoint(models=trainer.models, **averages).read(best).expect_partial()
-            trainer.weights_epoch = epoch_of_best(trainer.history, self.monitor, self.best)
+            ship_best(trainer, self.monitor, self.best)
             log.info("the models hold the best weights (%s=%.4g, %s)", self.monitor,
                      self.best, best)
         if self._scratch:

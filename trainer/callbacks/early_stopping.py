@@ -7,23 +7,24 @@ import math
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback, epoch_of_best, improved
+from trainer.callbacks.base import Callback, improved, ship_best
 from trainer.common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 class EarlyStopping(Callback):
-    """Sets ``trainer.stop_training`` after ``patience`` epochs without improvement.
+    """Sets ``trainer.stop_training`` after ``patience`` validations without improvement
+    (epochs, or the validations every ``trainer.val_every_n_steps`` steps).
 
     The best value, the epochs waited and the stopped epoch live in ``tf.Variable``s
     (``state()``), so a resumed run keeps counting its patience where it stopped;
     ``best``, ``wait`` and ``stopped_epoch`` read them as Python numbers.
 
     Args:
-        monitor: a key of the epoch logs, such as ``val/loss``.
+        monitor: a key of the validation logs, such as ``val/loss``.
         mode: ``"min"`` or ``"max"``.
-        patience: epochs without improvement to tolerate.
+        patience: validations without improvement to tolerate.
         min_delta: the smallest change that counts as improvement.
         restore_best_weights: keep a copy of the weights of the best epoch (part of the
             checkpointed state, so it survives a restart) and give them back to the
@@ -65,7 +66,7 @@ class EarlyStopping(Callback):
 
     @property
     def wait(self) -> int:
-        """Epochs since the last improvement."""
+        """Validations since the last improvement."""
         return int(self._wait.numpy())
 
     @property
@@ -74,7 +75,7 @@ class EarlyStopping(Callback):
         epoch = int(self._stopped.numpy())
         return None if epoch < 0 else epoch
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_validation_end(self, trainer, global_step, logs):
         if self.monitor not in logs:
             raise UserError(
                 f"callbacks.early_stopping.monitor={self.monitor!r} is not logged; "
@@ -89,14 +90,14 @@ class EarlyStopping(Callback):
             return
         self._wait.assign_add(1)
         if self.wait >= self.patience:
-            self._stopped.assign(epoch)
+            self._stopped.assign(logs["epoch"] - 1)
             trainer.stop_training = True
-            log.info("early stopping at epoch %d: %s did not improve for %d epochs",
-                     epoch + 1, self.monitor, self.patience)
+            log.info("early stopping at epoch %d (step %d): %s did not improve for %d "
+                     "validations", logs["epoch"], global_step, self.monitor, self.patience)
 
     def on_fit_end(self, trainer, logs):
         if self._best_weights and math.isfinite(self.best) and not trainer.preempted:
             for copy, v in zip(self._best_weights, self._weights):
                 v.assign(copy)
-            trainer.weights_epoch = epoch_of_best(trainer.history, self.monitor, self.best)
+            ship_best(trainer, self.monitor, self.best)
             log.info("restored the weights of the best epoch (%s=%.4g)", self.monitor, self.best)

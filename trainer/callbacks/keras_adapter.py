@@ -199,7 +199,18 @@ class KerasCallbacks(Callback):
         for cb in self.callbacks:
             cb.on_train_batch_end(batch, dict(out))
 
+    def on_validation_end(self, trainer, global_step, logs):
+        # Keras knows validation at epoch ends only: with trainer.val_every_n_steps, each
+        # validation is an epoch end to its callbacks (ReduceLROnPlateau's patience counts
+        # validations, as the trainer's early stopping does).
+        if trainer.val_every_n_steps:
+            self._epoch_end(logs["epoch"] - 1, logs)
+
     def on_epoch_end(self, trainer, epoch, logs):
+        if not trainer.val_every_n_steps:
+            self._epoch_end(epoch, logs)
+
+    def _epoch_end(self, epoch, logs):
         out = keras_logs(logs)
         for cb in self.callbacks:
             cb.on_epoch_end(epoch, dict(out))

@@ -209,10 +209,13 @@ class TensorBoardCallback(Callback):
         self._writer("").flush()
         self._start_rates(trainer, trainer.current_step)
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_validation_end(self, trainer, global_step, logs):
         # val_ema/, val_swa/ (weight averages): runs of their own (tb/val_ema, tb/val_swa) on
-        # the same charts as val/.
-        self._scalars({k: v for k, v in logs.items() if k.startswith(VAL)}, logs["step"])
+        # the same charts as val/. Every validation, at its step: epoch ends and, with
+        # trainer.val_every_n_steps, the steps between.
+        self._scalars({k: v for k, v in logs.items() if k.startswith(VAL)}, global_step)
+
+    def on_epoch_end(self, trainer, epoch, logs):
         if self.hparams:  # the HParams session's metrics, the epoch's values
             self._scalars({k: v for k, v in logs.items() if k.startswith(("train/", *VAL))},
                           logs["step"], epoch=True)

@@ -85,6 +85,9 @@ class TrainerConfig:
     limit_train_batches: Any = None
     limit_val_batches: Any = None
     overfit_batches: Any = 0
+    # Validate also at every multiple of this many global steps (executions end there),
+    # between epoch ends; early stopping and the best checkpoint judge every validation.
+    val_every_n_steps: Optional[int] = None
 
 
 @dataclass

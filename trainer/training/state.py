@@ -164,6 +164,8 @@ class Progress(tf.train.experimental.PythonState):
             run keeps it), or None before the first fit.
         rollbacks, lr_scale: rollbacks on blow-up so far and the learning-rate scale they
             left (``trainer.training.recovery``): a resumed run goes on with both.
+        validations: the logs of the validations between epoch ends
+            (``trainer.val_every_n_steps``), in order.
     """
 
     def __init__(self):
@@ -179,9 +181,11 @@ class Progress(tf.train.experimental.PythonState):
         self.plan: dict | None = None
         self.rollbacks = 0
         self.lr_scale = 1.0
+        self.validations: list[dict] = []
 
     _FIELDS = ("history", "open_epoch", "sums", "examples", "state", "stopped",
-               "steps_per_epoch", "train_seconds", "fit_seconds", "plan", "rollbacks", "lr_scale")
+               "steps_per_epoch", "train_seconds", "fit_seconds", "plan", "rollbacks", "lr_scale",
+               "validations")
 
     def serialize(self) -> str:
         return json.dumps({k: getattr(self, k) for k in self._FIELDS})

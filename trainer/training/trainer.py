@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback
+from trainer.callbacks.base import VAL, Callback
 from trainer.common.errors import UserError
 from trainer.common.keys import EXAMPLES
 from trainer.compile.calibrate import choose_faster, describe, time_compilations
@@ -96,6 +96,10 @@ class Trainer:
         overfit_batches: train on the same first batches of the training set every epoch,
             in the same order, and validate on them (debugging: a model that cannot drive
             their loss to zero has a bug); an int or a fraction, 0 turns it off.
+        val_every_n_steps: also validate at every global step that is a multiple of this
+            (executions end there), between epoch ends; each validation feeds the
+            callbacks' ``on_validation_end`` (early stopping, the best checkpoint,
+            TensorBoard). None: at epoch ends only.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class Trainer:
         limit_train_batches: int | float | None = None,
         limit_val_batches: int | float | None = None,
         overfit_batches: int | float = 0,
+        val_every_n_steps: int | None = None,
     ):
         if epochs < 1:
             raise UserError(f"trainer.epochs={epochs} must be at least 1")
@@ -127,6 +132,12 @@ class Trainer:
         #: What each epoch runs of the data (``trainer.data.dataplan.BatchLimits``).
         self.limits = BatchLimits(train=limit_train_batches, val=limit_val_batches,
                                   overfit=overfit_batches)
+        if val_every_n_steps is not None and (isinstance(val_every_n_steps, bool) or not
+                                              isinstance(val_every_n_steps, int)
+                                              or val_every_n_steps < 1):
+            raise UserError(f"trainer.val_every_n_steps={val_every_n_steps!r} must be an "
+                            "integer >= 1 (or null: validate at epoch ends only)")
+        self.val_every_n_steps = val_every_n_steps
         self.steps_per_execution = steps_per_execution
         self.run_eagerly = run_eagerly
         self.jit_compile = jit_compile
@@ -173,6 +184,9 @@ class Trainer:
         #: The epoch (1-based) whose weights a callback gave the models at the end of
         #: ``fit`` (the best checkpoint's, early stopping's best); None: the last ones.
         self.weights_epoch: int | None = None
+        #: The global step of the validation whose weights a callback gave the models, when
+        #: it was not an epoch's end (``val_every_n_steps``); None otherwise.
+        self.weights_step: int | None = None
         self._preemption, self._cut_short = Preemption(), False
         self._stopped_when_restored = False
         self.step: Step | None = None
@@ -226,6 +240,13 @@ class Trainer:
         return self.progress.history
 
     @property
+    def validations(self) -> list[dict]:
+        """The logs of the validations between epoch ends (``val_every_n_steps``), in order:
+        the open epoch's training means so far, ``val/...``, ``epoch`` (1-based, the epoch
+        they fell in) and ``step`` (restored with the checkpoint on resume)."""
+        return self.progress.validations
+
+    @property
     def final_logs(self) -> dict:
         """The logs that describe the weights the models hold after ``fit``.
 
@@ -234,10 +255,15 @@ class Trainer:
         that epoch's logs, with the last epoch's under ``last/`` (``last/val/loss``), so
         what is reported (``metrics.json``, a sweep's objective) is what is shipped.
         """
-        logs, epoch = self.logs, self.weights_epoch
-        if epoch is None or epoch == logs.get("epoch"):
+        logs, epoch, step = self.logs, self.weights_epoch, self.weights_step
+        if step is not None:  # a validation's weights (``val_every_n_steps``)
+            if step == logs.get("step"):
+                return dict(logs)
+            shipped = next(h for h in [*self.history, *self.validations] if h["step"] == step)
+        elif epoch is None or epoch == logs.get("epoch"):
             return dict(logs)
-        shipped = next(h for h in self.history if h.get("epoch") == epoch)
+        else:
+            shipped = next(h for h in self.history if h.get("epoch") == epoch)
         timers = {k: v for k, v in logs.items() if k.startswith("time/")}
         last = {f"last/{k}": v for k, v in logs.items() if not k.startswith("time/")}
         return {**shipped, **last, **timers}
@@ -560,7 +586,7 @@ class Trainer:
         # A run that a callback stopped (early stopping) stays stopped when resumed.
         self.stop_training, self._stopped_when_restored = self._stopped_when_restored, False
         self._preemption, self._cut_short = Preemption(), False
-        self.weights_epoch = None
+        self.weights_epoch = self.weights_step = None
         start = time.perf_counter()
         with self._preemption.watch():
             self._callback("on_fit_start")
@@ -665,7 +691,8 @@ class Trainer:
         while (position := global_step - epoch * per_epoch) < per_epoch:
             if self._budget_left(global_step) <= 0 or self.stop_training:
                 break
-            n = self._pace.steps_for(min(per_epoch - position, self._budget_left(global_step)))
+            n = self._pace.steps_for(min(per_epoch - position, self._budget_left(global_step),
+                                         self._to_validation(global_step)))
             n, signalled = self._agree(n)
             if signalled:
                 break
@@ -690,6 +717,8 @@ class Trainer:
                 self.recovery.take(self.checkpoint, global_step)
             logs = {f"train/{k}": v for k, v in {**out, **state}.items()}
             logs["time/steps_per_second"] = n / elapsed
+            if self._validation_due(epoch, global_step):
+                self._validate(epoch, global_step)
             self._callback("on_execution_end", global_step, logs)
         return global_step, ran, signalled, seconds
 
@@ -702,18 +731,36 @@ class Trainer:
         self.health_logs = health if measured else {}
         self.health_step = first_step + 1 if measured else None
 
-    def _end_epoch(self, epoch: int, global_step: int, finished: bool) -> None:
-        """The epoch's logs (the example-weighted means of its executions, the step's state
-        at its end, the evaluation), in the history and to the callbacks."""
+    def _to_validation(self, global_step: int) -> float:
+        """Steps to the next step-level validation (``val_every_n_steps``): an execution
+        ends there."""
+        every = self.val_every_n_steps
+        return every - global_step % every if every else math.inf
+
+    def _validation_due(self, epoch: int, global_step: int) -> bool:
+        """A step-level validation at ``global_step``: a multiple of ``val_every_n_steps``
+        that is not where the epoch's end evaluates (its last step, the step budget)."""
+        every = self.val_every_n_steps
+        return bool(every) and global_step % every == 0 and self._budget_left(global_step) > 0 \
+            and global_step - epoch * self.steps_per_epoch < self.steps_per_epoch
+
+    def _validate(self, epoch: int, global_step: int) -> None:
+        """A validation between epoch ends: its logs (as an epoch's, with the open epoch's
+        training means so far) into ``validations`` and to ``on_validation_end``."""
+        logs = self._evaluated_logs(epoch, global_step)
+        self.progress.validations.append(logs)
+        log.info("validation at step %d: %s", global_step, " ".join(
+            f"{k}={v:.4g}" for k, v in logs.items() if k.startswith(VAL)))
+        self._callback("on_validation_end", global_step, logs)
+
+    def _evaluated_logs(self, epoch: int, global_step: int) -> dict:
+        """The open epoch's logs so far (the example-weighted means of its executions, the
+        step's state) with an evaluation of the weights (and of their average) now."""
         progress = self.progress
         examples = progress.examples
         logs = {f"train/{k}": v / examples if examples else 0.0
                 for k, v in progress.sums.items()}
         logs.update({f"train/{k}": v for k, v in progress.state.items()})
-        swa = self.swa
-        if swa.on and finished and epoch >= swa.start_epoch and \
-                (epoch + 1 - swa.start_epoch) % swa.cycle_epochs == 0:
-            self.averages.add()  # the end of a cycle
         logs.update(self.evaluate())
         if self._averaged():
             with self.averages.swapped(self.data):
@@ -721,6 +768,23 @@ class Trainer:
                 logs.update({f"{prefix}/{k[4:]}": v for k, v in self.evaluate().items()})
         logs.update(epoch=epoch + 1, step=global_step)
         _check_finite(logs, epoch, loss_scaled=self.step.loss_scale is not None)
+        return logs
+
+    def _end_epoch(self, epoch: int, global_step: int, finished: bool) -> None:
+        """The epoch's logs (the example-weighted means of its executions, the step's state
+        at its end, the evaluation), in the history and to the callbacks."""
+        progress = self.progress
+        swa = self.swa
+        if swa.on and finished and epoch >= swa.start_epoch and \
+                (epoch + 1 - swa.start_epoch) % swa.cycle_epochs == 0:
+            self.averages.add()  # the end of a cycle
+        validations = progress.validations
+        if validations and validations[-1]["step"] == global_step:
+            # Stopped (early stopping) right after a validation: it is the epoch's.
+            logs = dict(validations[-1])
+        else:
+            logs = self._evaluated_logs(epoch, global_step)
+            self._callback("on_validation_end", global_step, logs)
         self.logs = logs
         if progress.history and progress.history[-1]["epoch"] == epoch + 1:
             progress.history[-1] = logs  # the rest of an epoch a step budget had cut
