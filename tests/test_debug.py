@@ -195,6 +195,22 @@ def test_early_stopping_and_the_best_checkpoint_judge_each_validation(tmp_path):
     assert final["last/step"] == 10
 
 
+def test_a_resumed_run_ships_the_best_validation_of_the_run_it_resumes(tmp_path):
+    def run(**kw):
+        best = CheckpointCallback(monitor="val/loss", mode="max", every_seconds=0,
+                                  min_interval_seconds=0)
+        return fit_linear(epochs=3, spe=1, val_every_n_steps=5, callbacks=[best],
+                          run_dir=str(tmp_path), **kw)
+
+    first, _, _ = run(max_steps=9)  # the best (mode=max, a falling loss): step 5
+    best_logs = dict(first.validations[0])
+    trainer, _, _ = run()
+    assert trainer.restored_from and trainer.current_step == 21
+    assert [v["step"] for v in trainer.validations] == [5, 10, 15, 20]
+    final = trainer.final_logs
+    assert final["step"] == 5 and final["val/loss"] == best_logs["val/loss"]
+
+
 def test_reduce_lr_on_plateau_sees_each_validation():
     # Keras' ReduceLROnPlateau, patience 1: halves the rate at every validation after the
     # first (mode=max on a falling loss never improves): validations at 5, 7 and 10.
@@ -223,3 +239,44 @@ def test_a_bad_val_every_n_steps_is_a_one_line_error():
         with pytest.raises(UserError, match=rf"trainer.val_every_n_steps={value!r} must be "
                                             r"an integer >= 1"):
             Trainer(val_every_n_steps=value)
+
+
+@pytest.mark.slow
+def test_a_run_killed_between_validations_resumes_on_their_schedule(tmp_path):
+    import signal
+    import time
+
+    from tests.tb_reader import load, scalars
+    from tests.test_faults import TIMEOUT, _assert_same_run, _outputs, _run, _start
+
+    def validations(run_dir):
+        return scalars(load(run_dir / "tb" / "val"), "loss")
+
+    # tests.test_faults' run (12 steps an epoch, one step an execution, a checkpoint every
+    # 7 steps, early stopping), 4 epochs, validated every 5 steps as well.
+    every = ["trainer.val_every_n_steps=5", "trainer.epochs=4"]
+    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
+    p = _run(straight_dir, *every)
+    assert p.returncode == 0, p.stderr[-3000:]
+    straight = _outputs(straight_dir)
+    steps = [s for s, _ in validations(straight_dir)]
+    assert steps == sorted({*range(5, 49, 5), *range(12, 49, 12)})
+    proc = _start(run_dir, *every)
+    try:  # killed once the checkpoint of step 21 exists: between validations 20 and 24
+        end = time.monotonic() + TIMEOUT
+        while not (run_dir / "checkpoints" / "ckpt-21.index").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < end, "no checkpoint in time"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    p = _run(run_dir, *every)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    # Weights, per-step losses, history.jsonl, metrics.json:
+    _assert_same_run(straight, _outputs(run_dir), steps=48)
+    assert validations(run_dir) == validations(straight_dir)
