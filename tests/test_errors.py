@@ -133,6 +133,12 @@ def test_data_errors_name_the_file_and_the_fix(tmp_path, data, expected):
         pytest.param(["data.class_weight=balanced"],
                      "error: data.class_weight is set but synthetic regression is a regression "
                      "task", id="class-weight-regression"),
+        pytest.param(["trainer.limit_train_batches=0"],
+                     "error: trainer.limit_train_batches=0 must be an integer >= 1 (batches)",
+                     id="limit-train-batches"),
+        pytest.param(["trainer.val_every_n_steps=0"],
+                     "error: trainer.val_every_n_steps=0 must be an integer >= 1",
+                     id="val-every-n-steps"),
         pytest.param(["freeze.patterns=[*]"],
                      "error: freeze.patterns=['*'] freezes every variable, so nothing would "
                      "train", id="freeze-everything"),

@@ -112,7 +112,8 @@ class DataPlan:
                       limits=limits, available=available)
         if limits.overfit:
             count = limits.steps("overfit", available[0])
-            train = FixedBatches.take(data.train_source(), count, _KEYS["overfit"])
+            train = FixedBatches.take(data.train_source(), count,
+                                      f"{_KEYS['overfit']}={limits.overfit!r}")
             return cls(train=train, val=train.again(), probe=train.batch(0),
                        steps_per_epoch=count, val_steps=count, **common)
         val, val_steps = data.val_source(), limits.steps("val", available[1])

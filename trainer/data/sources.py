@@ -222,9 +222,10 @@ class FixedBatches(Source):
         self.position = tf.Variable(0, dtype=tf.int32, trainable=False, name="source_position")
 
     @classmethod
-    def take(cls, source: Source, count: int, key: str) -> FixedBatches:
+    def take(cls, source: Source, count: int, setting: str) -> FixedBatches:
         """The first ``count`` batches ``source`` yields; all must be of one shape (full
-        batches), or a ``UserError`` names ``key`` (the config key that asked for them)."""
+        batches), or a ``UserError`` names ``setting`` (the config key and value that asked
+        for them, ``trainer.overfit_batches=4``)."""
         # An in-memory source wraps around after its last full batch (next() never draws
         # the short one): more would repeat batches silently.
         full = getattr(source, "full_batches", count)
@@ -233,8 +234,8 @@ class FixedBatches(Source):
         full = next((i for i, batch in enumerate(batches)
                      if [t.shape for t in tf.nest.flatten(batch)] != shape), len(batches))
         if full < count:
-            raise UserError(f"{key}={count}: the training set has {full} full batches; use "
-                            f"at most {full}")
+            raise UserError(f"{setting}: the training set has {full} full batches; use at "
+                            f"most {full}")
         return cls(batches)
 
     def again(self) -> FixedBatches:
