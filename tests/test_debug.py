@@ -222,6 +222,21 @@ def test_reduce_lr_on_plateau_sees_each_validation():
     assert rate == pytest.approx(0.05 * 0.5 * 0.5)
 
 
+def test_keras_early_stopping_ships_its_best_validation():
+    # Keras' EarlyStopping, restoring its best weights: mode=max on a falling loss keeps the
+    # first validation (step 5, between epoch ends), and the final logs are its.
+    seen = Validations()
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", mode="max", patience=100,
+                                         restore_best_weights=True)
+    trainer, model, _ = fit_linear(epochs=2, spe=1, val_every_n_steps=5,
+                                   callbacks=[seen, KerasCallbacks(callbacks=[stop])])
+    assert seen.steps == [5, 7, 10, 14]
+    for a, b in zip(_weights(model), seen.weights[5]):
+        np.testing.assert_array_equal(a, b)
+    assert trainer.final_logs["step"] == 5
+    assert trainer.final_logs["val/loss"] == seen.logs[0]["val/loss"]
+
+
 @pytest.mark.slow
 def test_tensorboard_draws_each_validation_at_its_step(make_cfg, tmp_path):
     from tests.tb_reader import load, scalars

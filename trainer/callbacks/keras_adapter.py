@@ -7,7 +7,7 @@ import os
 
 import tensorflow as tf
 
-from trainer.callbacks.base import Callback, resolve
+from trainer.callbacks.base import Callback, resolve, ship_best
 from trainer.common.errors import UserError
 
 #: What a resumed run needs of Keras' stateful callbacks (subclasses too): the attributes
@@ -226,8 +226,12 @@ class KerasCallbacks(Callback):
         for cb in self.callbacks:
             cb.on_train_end(dict(out))
             if getattr(cb, "restore_best_weights", False) and cb.best_weights is not None:
-                # Keras' EarlyStopping gave the model the weights of its best epoch.
-                trainer.weights_epoch = cb.best_epoch + 1
+                # Keras' EarlyStopping gave the model the weights of its best epoch: with
+                # trainer.val_every_n_steps, of its best validation, found by its value.
+                if trainer.val_every_n_steps:
+                    ship_best(trainer, _trainer_key(cb.monitor), float(cb.best))
+                else:
+                    trainer.weights_epoch = cb.best_epoch + 1
 
 
 class _KerasState(tf.train.experimental.PythonState):
@@ -272,6 +276,14 @@ class _KerasState(tf.train.experimental.PythonState):
                 setattr(self.callback, attribute, restored[attribute])
         if restored.get("best_weights") and self.weights is not None:
             self.callback.best_weights = self._kept = [v.numpy() for v in self.weights]
+
+
+def _trainer_key(keras_key: str) -> str:
+    """The trainer's name of a Keras log name (``keras_logs`` backwards): ``val_loss`` ->
+    ``val/loss``, ``loss`` -> ``train/loss``."""
+    if keras_key.startswith("val_"):
+        return "val/" + keras_key[len("val_"):]
+    return "train/" + keras_key
 
 
 def _plain(value):
