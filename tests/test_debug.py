@@ -295,3 +295,43 @@ def test_a_run_killed_between_validations_resumes_on_their_schedule(tmp_path):
     # Weights, per-step losses, history.jsonl, metrics.json:
     _assert_same_run(straight, _outputs(run_dir), steps=48)
     assert validations(run_dir) == validations(straight_dir)
+
+
+@pytest.mark.slow
+def test_limits_on_tfrecord_shards_stream_on_and_resume(make_cfg, tmp_path):
+    from tests.helpers import Crash
+    from tests.test_tfrecord import _ids, _write
+
+    # 100 training examples whose first feature is their id, batches of 16: 7 an epoch.
+    shards = _write(tmp_path / "shards")
+    common = ["data=tfrecord", f"data.path={shards}/*.tfrecord", "data.batch_size=16",
+              "model.hidden_units=[8]", "callbacks.progress.mode=log",
+              "callbacks.tensorboard.histogram_every_n_steps=0",
+              "callbacks.checkpoint.every_n_steps=1", "callbacks.checkpoint.every_seconds=0",
+              "callbacks.checkpoint.min_interval_seconds=0"]
+    limited = [*common, "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+               "trainer.epochs=3"]
+
+    def weights(r):
+        return [v.numpy() for v in r.models["model"].weights]
+
+    straight = build(make_cfg(*limited), tmp_path / "straight")
+    straight.trainer.fit(straight.step, straight.data)
+    assert straight.trainer.current_step == 6 and len(straight.trainer.history) == 3
+    assert _ids(straight.trainer.validation_batches()) == list(range(100, 116))
+    # The epochs read on along the stream: its first 6 batches, as an uncut run's 6 steps.
+    uncut = build(make_cfg(*common, "trainer.max_steps=6"), tmp_path / "uncut")
+    uncut.trainer.fit(uncut.step, uncut.data)
+    for a, b in zip(weights(straight), weights(uncut)):
+        np.testing.assert_array_equal(a, b)
+    # Crashed in the second epoch and resumed: the same weights and history.
+    crashed = build(make_cfg(*limited), tmp_path / "resumed")
+    crashed.trainer.callbacks.append(Crash(at_step=3))
+    with pytest.raises(RuntimeError, match="crash at step"):
+        crashed.trainer.fit(crashed.step, crashed.data)
+    resumed = build(make_cfg(*limited), tmp_path / "resumed")
+    resumed.trainer.fit(resumed.step, resumed.data)
+    assert resumed.trainer.restored_from.endswith("ckpt-3")
+    for a, b in zip(weights(straight), weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.trainer.history == straight.trainer.history
