@@ -46,8 +46,11 @@ def test_overfitting_two_fixed_batches_drives_the_loss_to_near_zero(make_cfg, tm
 
 
 @pytest.mark.slow
-def test_overfitting_on_two_replicas_equals_one_device(make_cfg, tmp_path):
-    overrides = [*DIGITS, "model.dropout=0.0", "trainer.overfit_batches=2", "trainer.epochs=3",
+@pytest.mark.parametrize("cut", [
+    ["trainer.overfit_batches=2"],
+    ["trainer.limit_train_batches=2", "trainer.limit_val_batches=0.3"]], ids=["overfit", "limits"])
+def test_a_cut_run_on_two_replicas_equals_one_device(make_cfg, tmp_path, cut):
+    overrides = [*DIGITS, "model.dropout=0.0", *cut, "trainer.epochs=3",
                  "trainer.steps_per_execution=3"]
     logs = {}
     for name, extra in (("one", []), ("two", ["distribute=mirrored", "distribute.cpu_replicas=2"])):
