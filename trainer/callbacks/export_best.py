@@ -18,8 +18,9 @@ log = logging.getLogger(__name__)
 
 class ExportCallback(Callback):
     """Writes ``directory`` (a SavedModel, as ``python -m trainer.export --format saved_model``
-    writes it: raw inputs in, probabilities or values out) at the end of every epoch whose
-    ``monitor`` beats the best so far.
+    writes it: raw inputs in, probabilities or values out) at every validation (each epoch's
+    end, and the steps of ``trainer.val_every_n_steps``) whose ``monitor`` beats the best
+    so far.
 
     The directory is replaced whole (a temporary directory renamed into place), so a reader
     never finds half a model. The exported weights are the ones the monitored value measured:
@@ -47,7 +48,7 @@ class ExportCallback(Callback):
         self.min_delta = float(min_delta)
         self._best = tf.Variable(math.inf if mode == "min" else -math.inf, dtype=tf.float64,
                                  trainable=False, name="best")
-        #: The epochs (1-based) this fit exported, in order.
+        #: The epochs (1-based) this fit exported in, in order.
         self.exported: list[int] = []
 
     def state(self, trainer) -> dict:
@@ -66,7 +67,8 @@ class ExportCallback(Callback):
         preparation_ops(trainer.data)
         self.exported = []
 
-    def on_epoch_end(self, trainer, epoch, logs):
+    def on_validation_end(self, trainer, global_step, logs):
+        # Every validation: the epochs' ends, and the steps of trainer.val_every_n_steps.
         if self.monitor not in logs:
             if self.monitor.startswith("val_swa/") and trainer.averages is not None:
                 return  # SWA's average is evaluated from the end of its first cycle on
@@ -83,5 +85,5 @@ class ExportCallback(Callback):
         path = resolve(trainer, self.directory)
         with averages.swapped(trainer.data) if averaged else contextlib.nullcontext():
             write_saved_model(trainer.models["model"], trainer.data, path)
-        self.exported.append(epoch + 1)
+        self.exported.append(logs["epoch"])
         log.info("best %s=%.4g: exported %s", self.monitor, value, path)

@@ -10,11 +10,9 @@ EPOCH = "epoch/"
 
 
 def epoch_points(logs: dict) -> dict:
-    """The points an epoch's end adds at its step: its ``val/`` (``val_ema/``, ``val_swa/``)
-    logs under their own keys, and its ``train/`` and ``val/`` logs under ``epoch/<key>``."""
-    points = {k: v for k, v in logs.items() if k.startswith(VAL)}
-    points.update({f"{EPOCH}{k}": v for k, v in logs.items() if k.startswith(("train/", *VAL))})
-    return points
+    """The points an epoch's end adds at its step besides its validation's: its ``train/``
+    and ``val/`` logs under ``epoch/<key>``."""
+    return {f"{EPOCH}{k}": v for k, v in logs.items() if k.startswith(("train/", *VAL))}
 
 
 class MetricLogger(Callback):
@@ -23,6 +21,8 @@ class MetricLogger(Callback):
 
     - every execution: its logs (``train/loss``, ``train/learning_rate``,
       ``time/steps_per_second``, ...) at the execution's last global step;
+    - every validation (each epoch's end, and the steps of ``trainer.val_every_n_steps``):
+      its ``val/`` (``val_ema/``, ``val_swa/``) logs at its step;
     - every epoch: ``epoch_points(logs)`` at the epoch's last global step.
 
     TensorBoard's run and tag are the key split at its first ``/`` (``train/loss`` is tag
@@ -37,6 +37,9 @@ class MetricLogger(Callback):
 
     def on_execution_end(self, trainer, global_step, logs):
         self.write(int(global_step), dict(logs))
+
+    def on_validation_end(self, trainer, global_step, logs):
+        self.write(int(global_step), {k: v for k, v in logs.items() if k.startswith(VAL)})
 
     def on_epoch_end(self, trainer, epoch, logs):
         self.write(int(logs["step"]), epoch_points(logs))
