@@ -240,6 +240,21 @@ def test_keras_early_stopping_ships_its_best_validation():
     assert trainer.final_logs["val/loss"] == seen.logs[0]["val/loss"]
 
 
+def test_metrics_csv_holds_each_validation_at_its_step(tmp_path):
+    import csv
+
+    from trainer.callbacks import CsvLogger
+
+    seen = Validations()
+    fit_linear(epochs=2, spe=2, val_every_n_steps=5, callbacks=[seen, CsvLogger()],
+               run_dir=str(tmp_path))
+    with (tmp_path / "metrics.csv").open() as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert [s for s, r in sorted(rows.items()) if r["val/loss"]] == seen.steps == [5, 7, 10, 14]
+    for step, logged in zip(seen.steps, seen.logs):
+        assert float(rows[step]["val/loss"]) == pytest.approx(logged["val/loss"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_tensorboard_draws_each_validation_at_its_step(make_cfg, tmp_path):
     from tests.tb_reader import load, scalars

@@ -282,7 +282,8 @@ def test_the_callback_exports_on_a_new_best_only(tmp_path):
     # val/loss by epoch: 0.5 (best), 0.7, 0.4 (best), 0.4 (not better), 0.45.
     for epoch, loss in enumerate([0.5, 0.7, 0.4, 0.4, 0.45]):
         kernel.assign(np.full(kernel.shape, float(epoch + 1), np.float32))
-        cb.on_epoch_end(trainer, epoch, {"val/loss": loss})
+        # Each epoch's validation, as the trainer reports it (before on_epoch_end).
+        cb.on_validation_end(trainer, epoch + 1, {"val/loss": loss, "epoch": epoch + 1})
     assert cb.exported == [1, 3] and cb.best == 0.4
     # The directory holds epoch 3's weights, and prepares raw inputs itself.
     kernel.assign(np.full(kernel.shape, 3.0, np.float32))
@@ -293,7 +294,7 @@ def test_the_callback_exports_on_a_new_best_only(tmp_path):
     np.testing.assert_allclose(served, expected, atol=1e-5, rtol=0)
     assert not list((tmp_path / "export").glob(".*"))  # no temporary directory left
     with pytest.raises(UserError, match=r"callbacks.export.monitor='val/acc' is not logged"):
-        ExportCallback(monitor="val/acc").on_epoch_end(trainer, 0, {"val/loss": 1.0})
+        ExportCallback(monitor="val/acc").on_validation_end(trainer, 1, {"val/loss": 1.0})
 
 
 @pytest.mark.parametrize(("monitor", "overrides"), [
