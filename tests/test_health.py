@@ -180,6 +180,26 @@ def test_non_finite_gradient_entries_are_counted_and_alerted():
                for a in health.raised)
 
 
+def test_a_loss_scale_skipping_an_overflowed_update_raises_no_alert():
+    # Under mixed float16 a scale of 2**40 overflows the first updates: the loss scale skips
+    # them and halves; the health records the non-finite entries but raises no alert.
+    from trainer.step.optimizers import LossScale
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        record, health = Record(), HealthCallback(every_n_steps=1, min_interval_seconds=0.0)
+        step = TapeStep(model=_model(), optimizer=keras.optimizers.SGD(0.1), task="regression")
+        step.use_loss_scale(LossScale(initial_scale=2.0**40))
+        trainer = Trainer(epochs=1, max_steps=3, steps_per_execution=1, jit_compile=False,
+                          callbacks=[health, record])
+        trainer.fit(step, _data())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert int(step.loss_scale.overflows.numpy()) == 3
+    assert record.rows[0][1]["health/sequential/head/nonfinite_fraction"] > 0
+    assert health.raised == []
+
+
 def test_gradient_thresholds_raise_vanishing_and_exploding_alerts():
     _, health, _ = _fit(steps=3, exploding_grad_norm=1e-3, vanishing_grad_norm=1e-4)
     assert [a.split(": exploding")[0] for a in health.raised] == [

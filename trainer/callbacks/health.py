@@ -191,7 +191,8 @@ class HealthCallback(Callback):
         if health is None:
             return
         if trainer.health_logs:
-            self._record(trainer.health_logs, trainer.health_step)
+            self._record(trainer.health_logs, trainer.health_step,
+                         loss_scaled=trainer.step.loss_scale is not None)
         health.request(self._when.due(global_step))
 
     def on_fit_end(self, trainer, logs):
@@ -200,8 +201,12 @@ class HealthCallback(Callback):
         if self._writer is not None:
             self._writer.flush()
 
-    def _record(self, values: dict, step: int) -> None:
-        new = self.alerts.check(values, step)
+    def _record(self, values: dict, step: int, *, loss_scaled: bool = False) -> None:
+        # Under a loss scale (mixed float16) an update with non-finite gradients is skipped
+        # and the scale halves (counted in train/precision/overflows): routine, no alert.
+        skipped = loss_scaled and any(v > 0 for k, v in values.items()
+                                      if k.endswith("/nonfinite_fraction"))
+        new = [] if skipped else self.alerts.check(values, step)
         for line in new:
             log.warning("health alert: %s", line)
         self.raised += new
