@@ -153,6 +153,32 @@ def test_trace_count_stays_constant_after_the_first_epoch(in_memory, jit_compile
     assert traces(5) == first
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_executions_call_their_traced_graph_without_the_tf_function_dispatch(
+        monkeypatch, jit_compile):
+    # A tf.function's own dispatch (binding the arguments, looking up the trace) costs about
+    # as much as a few steps of a small model; an execution pays it on its first call only.
+    from tensorflow.python.eager.polymorphic_function import polymorphic_function
+
+    calls = []
+    dispatch = polymorphic_function.Function.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(self._name)
+        return dispatch(self, *args, **kwargs)
+
+    monkeypatch.setattr(polymorphic_function.Function, "__call__", counted)
+    data = regression_data(n=100, batch_size=16, in_memory=True)
+    trainer, _, _ = fit_linear(data=data, epochs=1, spe=2, jit_compile=jit_compile)
+    first = len(calls)
+    assert first > 0  # the first calls trace through the tf.function
+    trainer.epochs = 6
+    trainer.fit(trainer.step, data)
+    # Five more epochs of executions and evaluations: no dispatch at all.
+    assert trainer.current_step == 6 * trainer.steps_per_epoch
+    assert len(calls) == first, calls[first:]
+
+
 def test_fit_again_continues_with_the_compiled_functions(recorder):
     trainer, _, _ = fit_linear(epochs=2, spe=4)
     traces = trainer.trace_count
