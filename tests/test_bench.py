@@ -56,6 +56,19 @@ def test_quick_benchmark_reports_every_case(tmp_path):
 
 
 @pytest.mark.slow
+def test_dispatch_script_times_the_wrapper_and_the_concrete_function():
+    p = subprocess.run([sys.executable, "-m", "benchmarks.dispatch", "--calls", "3",
+                        "--rounds", "2"], capture_output=True, text=True, cwd=ROOT, timeout=180,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("20 captured variables; best of 2 rounds of 3 calls"), lines
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "through the tf.function wrapper", "the concrete function directly",
+        "the wrapper's dispatch"]
+    assert all(line.endswith(" us per call") for line in lines[1:])
+
+
 def test_group_f_runs_every_kind_of_variant_on_toy_sizes(tmp_path):
     """Each kind of group F variant sets up and runs (precision policies with the hand-written
     loops, TFRecord shards, the tf.data iterator, accumulation, jit_compile=auto's

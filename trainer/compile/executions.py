@@ -260,8 +260,8 @@ def make_execution(step_functions: StepFunctions, next_batch: Callable, plan: Co
         out = traced(count)  # the first call traces (and creates what the step creates)
         # From then on the traced graph is called directly: every call has the same
         # signature (a scalar int32), and the tf.function's own dispatch (binding the
-        # arguments, looking the trace up by their types) cost 0.15 ms per call here,
-        # as much as a few steps of a small model.
+        # arguments, looking the trace up by their types) costs about a small model's step
+        # per call (python -m benchmarks.dispatch).
         made["functions"][loop] = (traced if plan.run_eagerly
                                    else traced.get_concrete_function(count))
         return out
