@@ -353,3 +353,16 @@ def test_limits_on_tfrecord_shards_stream_on_and_resume(make_cfg, tmp_path):
     for a, b in zip(weights(straight), weights(resumed)):
         np.testing.assert_array_equal(a, b)
     assert resumed.trainer.history == straight.trainer.history
+
+
+def test_keras_names_map_back_to_the_trainers_keys():
+    # Keras' EarlyStopping names its monitor as keras_logs does; the best validation is
+    # found under the trainer's key, weight averages' and regularizers' included.
+    from trainer.callbacks.keras_adapter import _trainer_key, keras_logs
+
+    logs = {"train/loss": 1.0, "train/reg/gp": 0.1, "val/loss": 2.0, "val_ema/loss": 3.0,
+            "epoch": 1, "step": 5}
+    assert {_trainer_key(name, logs) for name in keras_logs(logs)} == \
+        {"train/loss", "train/reg/gp", "val/loss", "val_ema/loss"}
+    assert _trainer_key("val_ema_loss", logs) == "val_ema/loss"
+    assert _trainer_key("val_auc", logs) is None

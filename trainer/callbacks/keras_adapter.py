@@ -24,16 +24,17 @@ def keras_logs(logs: dict) -> dict:
     """The trainer's logs under the names Keras callbacks expect: ``train/loss`` ->
     ``loss``, ``val/accuracy`` -> ``val_accuracy``, ``reg/x`` -> ``reg_x``; the epoch
     and step counters left out."""
-    out = {}
-    for key, value in logs.items():
-        if key in ("epoch", "step") or not isinstance(value, int | float):
-            continue
-        if key.startswith("train/"):
-            key = key[len("train/"):]
-        elif key.startswith("val/"):
-            key = "val_" + key[len("val/"):]
-        out[key.replace("/", "_")] = value
-    return out
+    return {keras_name(key): value for key, value in logs.items()
+            if key not in ("epoch", "step") and isinstance(value, int | float)}
+
+
+def keras_name(key: str) -> str:
+    """The name Keras callbacks know a trainer log by (``keras_logs``)."""
+    if key.startswith("train/"):
+        key = key[len("train/"):]
+    elif key.startswith("val/"):
+        key = "val_" + key[len("val/"):]
+    return key.replace("/", "_")
 
 
 class _OptimizerView:
@@ -229,7 +230,7 @@ class KerasCallbacks(Callback):
                 # Keras' EarlyStopping gave the model the weights of its best epoch: with
                 # trainer.val_every_n_steps, of its best validation, found by its value.
                 if trainer.val_every_n_steps:
-                    ship_best(trainer, _trainer_key(cb.monitor), float(cb.best))
+                    ship_best(trainer, _trainer_key(cb.monitor, logs), float(cb.best))
                 else:
                     trainer.weights_epoch = cb.best_epoch + 1
 
@@ -278,12 +279,10 @@ class _KerasState(tf.train.experimental.PythonState):
             self.callback.best_weights = self._kept = [v.numpy() for v in self.weights]
 
 
-def _trainer_key(keras_key: str) -> str:
-    """The trainer's name of a Keras log name (``keras_logs`` backwards): ``val_loss`` ->
-    ``val/loss``, ``loss`` -> ``train/loss``."""
-    if keras_key.startswith("val_"):
-        return "val/" + keras_key[len("val_"):]
-    return "train/" + keras_key
+def _trainer_key(keras_key: str, logs: dict) -> str | None:
+    """The key of ``logs`` that Keras knows as ``keras_key`` (``keras_name`` backwards:
+    ``val_loss`` -> ``val/loss``, ``val_ema_loss`` -> ``val_ema/loss``); None if none is."""
+    return next((key for key in logs if keras_name(key) == keras_key), None)
 
 
 def _plain(value):

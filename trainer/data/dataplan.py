@@ -110,19 +110,19 @@ class DataPlan:
         available = (data.steps_per_epoch("train"), data.steps_per_epoch("val"))
         common = dict(data=data, num_outputs=outputs or None, weighted=bool(data.weighted),
                       limits=limits, available=available)
+        steps = limits.train_steps(available[0])
         if limits.overfit:
-            count = limits.steps("overfit", available[0])
-            train = FixedBatches.take(data.train_source(), count,
+            train = FixedBatches.take(data.train_source(), steps,
                                       f"{_KEYS['overfit']}={limits.overfit!r}")
             return cls(train=train, val=train.again(), probe=train.batch(0),
-                       steps_per_epoch=count, val_steps=count, **common)
+                       steps_per_epoch=steps, val_steps=steps, **common)
         val, val_steps = data.val_source(), limits.steps("val", available[1])
         if val_steps < available[1] and isinstance(val, IteratorSource):
             # A stream of the validation set, endlessly repeated: every evaluation must
             # start at its first batch, not where the last (cut) one stopped.
             val = IteratorSource(val.dataset.take(val_steps).repeat())
         return cls(train=data.train_source(), val=val, probe=data.probe_batch(),
-                   steps_per_epoch=limits.steps("train", available[0]), val_steps=val_steps,
+                   steps_per_epoch=steps, val_steps=val_steps,
                    **common)
 
     def describe(self) -> str | None:

@@ -228,8 +228,8 @@ class FixedBatches(Source):
         for them, ``trainer.overfit_batches=4``)."""
         # An in-memory source wraps around after its last full batch (next() never draws
         # the short one): more would repeat batches silently.
-        full = getattr(source, "full_batches", count)
-        batches = [source.next() for _ in range(min(count, full))]
+        batches = [source.next() for _ in range(min(count, getattr(source, "full_batches",
+                                                                    count)))]
         shape = [t.shape for t in tf.nest.flatten(batches[0])]
         full = next((i for i, batch in enumerate(batches)
                      if [t.shape for t in tf.nest.flatten(batch)] != shape), len(batches))
